@@ -1,0 +1,3 @@
+from fedmrg.cli import main
+
+main()

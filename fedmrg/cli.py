@@ -1,0 +1,160 @@
+"""The `fedmrg` command. It only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fedmrg.config import ConfigError, describe_keys, load_config
+from fedmrg.data.shards import DatasetError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Turns the library's user-facing errors into one clear line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, DatasetError) as e:
+            _fail(str(e))
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="fedmrg")
+def main() -> None:
+    """fedmrg: federated LLM-driven medical report generation on Ray."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@main.command("config")
+@click.option("--config", "config", default="default", show_default=True,
+              help="preset name or YAML path")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a key, e.g. --set federation.rounds=5")
+@click.option("--keys", is_flag=True, help="list every key with its default and help")
+def config_cmd(config: str, overrides: tuple[str, ...], keys: bool) -> None:
+    """Print the resolved, validated configuration."""
+    if keys:
+        for key, default, help_ in describe_keys():
+            click.echo(f"{key:40s} {default:24s} {help_}")
+        return
+    import yaml
+
+    cfg = load_config(config, overrides)
+    click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@main.group(cls=_Group)
+def data() -> None:
+    """Create, import and validate datasets."""
+
+
+@data.command("phantom")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="output folder")
+@click.option("--centers", default=4, show_default=True, type=click.IntRange(1, 26))
+@click.option("--studies-per-center", default=300, show_default=True, type=click.IntRange(10))
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(32, 1024))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--heldout/--no-heldout", default=True, show_default=True,
+              help="also write an unseen-style center 'heldout'")
+def data_phantom(out: Path, centers: int, studies_per_center: int, image_size: int, seed: int,
+                 heldout: bool) -> None:
+    """Generate the phantom multi-center benchmark."""
+    from fedmrg.data.phantom import generate_phantom
+
+    manifest = generate_phantom(out, centers=centers, studies_per_center=studies_per_center,
+                                image_size=image_size, seed=seed, heldout_center=heldout)
+    _print_counts(manifest)
+
+
+@data.command("import")
+@click.option("--format", "fmt", required=True, type=click.Choice(["r2gen", "csv", "jsonl"]))
+@click.option("--input", "inputs", required=True, multiple=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="annotation.json / .csv / .jsonl; repeat to merge several datasets")
+@click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
+              help="folder image paths are relative to (one per --input, or one for all; "
+                   "default: the input file's folder)")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--centers-from", default="column", show_default=True,
+              type=click.Choice(["column", "origin", "dirichlet"]),
+              help="column: a 'center' field; origin: one center per --input; "
+                   "dirichlet: seeded label-skew partition")
+@click.option("--center-names", default="", help="comma-separated names for --centers-from "
+                                                 "origin (default: input file stems)")
+@click.option("--num-centers", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(min=0.0,
+                                                                                 min_open=True),
+              help="Dirichlet concentration (smaller: more skew)")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--on-error", default="raise", show_default=True,
+              type=click.Choice(["raise", "skip"]),
+              help="bad entries: stop with an error naming them, or skip and count them")
+def data_import(fmt: str, inputs: tuple[Path, ...], image_roots: tuple[Path, ...], out: Path,
+                centers_from: str, center_names: str, num_centers: int, alpha: float, seed: int,
+                on_error: str) -> None:
+    """Convert a real dataset (R2Gen annotation.json, CSV, JSONL) to the fedmrg layout."""
+    from fedmrg.data.importers import ImportOptions, import_dataset
+
+    options = ImportOptions(
+        fmt=fmt, inputs=list(inputs), image_roots=list(image_roots), centers_from=centers_from,
+        center_names=[c for c in center_names.split(",") if c], num_centers=num_centers,
+        alpha=alpha, seed=seed, on_error=on_error,
+    )
+    manifest = import_dataset(options, out)
+    _print_counts(manifest)
+    skipped = manifest["skipped"]
+    if skipped["total"]:
+        click.echo(f"skipped {skipped['total']} entries: {skipped['by_reason']}")
+        for line in skipped["examples"]:
+            click.echo(f"  {line}")
+
+
+@data.command("validate")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def data_validate(root: Path, as_json: bool) -> None:
+    """Check a dataset against its manifest; print counts and label frequencies."""
+    from fedmrg.data.schema import OBSERVATIONS
+    from fedmrg.data.shards import validate_dataset
+
+    summary = validate_dataset(root)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{root}: OK")
+    header = f"{'center':10s} {'train':>6s} {'val':>6s} {'test':>6s}  " + " ".join(
+        f"{o[:6]:>6s}" for o in OBSERVATIONS)
+    click.echo(header)
+    for center, info in summary["centers"].items():
+        rows = info["rows"]
+        n = max(1, sum(rows.values()))
+        freqs = " ".join(f"{info['positive'][o] / n:6.2f}" for o in OBSERVATIONS)
+        click.echo(f"{center:10s} {rows['train']:6d} {rows['val']:6d} {rows['test']:6d}  {freqs}")
+    click.echo("(label columns: fraction of studies positive)")
+    if summary["skipped"].get("total"):
+        click.echo(f"skipped at import: {summary['skipped']['by_reason']}")
+
+
+def _print_counts(manifest: dict) -> None:
+    for center, info in sorted(manifest["centers"].items()):
+        rows = info["rows"]
+        click.echo(f"center {center}: train {rows['train']}, val {rows['val']}, "
+                   f"test {rows['test']}, {len(info['files'])} file(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Typed experiment configuration.
+
+One `ExperimentConfig` made of small dataclasses (data, model, train, federation, resources,
+tracking). Every default is written once, here. Presets live in `fedmrg/configs/*.yaml` and only
+override; `--set section.key=value` overrides on top. An unknown key, a wrong type or an
+out-of-range value raises `ConfigError` naming the key and what is allowed.
+
+Field metadata: `help` (shown by `fedmrg config --help-keys`), `choices`, `min`, `max`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None) -> Any:
+    """A dataclass field with help text and validation bounds."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class PhantomConfig:
+    """The embedded phantom multi-center benchmark (generated when missing)."""
+
+    centers: int = _f(4, "number of training centers", min=1, max=26)
+    studies_per_center: int = _f(300, "studies per center (all splits)", min=10)
+    image_size: int = _f(64, "base image side in pixels (centers rescale around it)", min=32,
+                         max=1024)
+    heldout_center: bool = _f(True, "also generate an unseen-style center 'heldout'")
+    seed: int = _f(0, "generator seed (same seed, byte-identical shards)", min=0)
+
+
+@dataclass
+class DataConfig:
+    root: str = _f("data/phantom-v1", "dataset root (<root>/center=<id>/, manifest.json)")
+    source: str = _f("phantom", "where the dataset comes from when `root` is missing",
+                     choices=("phantom", "path"))
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    centers: list[str] = _f([], "centers that take part (empty: every center in the manifest "
+                                 "except 'heldout')")
+    image_size: int = _f(64, "side the stream resizes images to", min=16, max=1024)
+    max_views: int = _f(2, "views per study fed to the encoder (extra dropped, missing padded)",
+                        min=1, max=8)
+    max_report_tokens: int = _f(96, "report tokens kept (longer reports are truncated)", min=8)
+    batch_size: int = _f(16, "training batch size per client", min=1)
+    augment: bool = _f(True, "train-time augmentation (random crop/shift, contrast jitter)")
+    on_error: str = _f("raise", "bad rows: 'raise' names file and row, 'skip' skips and counts",
+                       choices=("raise", "skip"))
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; 0 switches a term off."""
+
+    lm_generic: float = _f(1.0, "LM loss of the generic-adapter path", min=0)
+    lm_personal: float = _f(1.0, "LM loss of the generic+specialized path", min=0)
+    mutual: float = _f(0.5, "dual-adapter mutual boosting (two-way KL) weight", min=0)
+    mutual_temperature: float = _f(2.0, "KL temperature", min=0.05)
+    diagnosis: float = _f(1.0, "diagnosis classification loss weight", min=0)
+    contrastive_global: float = _f(0.1, "global head: supervised contrastive vs prototypes",
+                                   min=0)
+    contrastive_local: float = _f(0.1, "local head: client-aware contrastive", min=0)
+    contrastive_temperature: float = _f(0.1, "contrastive temperature", min=0.01)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = _f("resnet10t", "timm model name of the vision encoder")
+    encoder_kwargs: dict = _f({}, "extra kwargs for timm.create_model (e.g. widths)")
+    pretrained: bool = _f(False, "load pretrained encoder weights (local cache or hub)")
+    in_chans: int = _f(1, "image channels fed to the encoder", choices=(1, 3))
+    freeze_encoder: bool = _f(False, "freeze the encoder (paper scale: true)")
+    encoder_lora_rank: int = _f(0, "LoRA rank on a frozen encoder (0: none)", min=0)
+    visual_tokens: int = _f(4, "visual tokens the projector produces", min=1, max=256)
+    lm: str = _f("builtin:tiny-llama", "causal LM: 'builtin:tiny-llama', an HF id or a path")
+    lm_cache: str = _f("~/.cache/fedmrg/lm", "where the builtin base LM is cached")
+    lm_hidden_size: int = _f(128, "builtin LM hidden size", min=16)
+    lm_layers: int = _f(2, "builtin LM layers", min=1)
+    lm_heads: int = _f(4, "builtin LM attention heads", min=1)
+    lm_vocab_size: int = _f(1024, "builtin LM tokenizer vocabulary", min=64)
+    lm_warmup_steps: int = _f(300, "builtin LM warm-up steps on the neutral corpus", min=0)
+    lora_rank: int = _f(8, "rank of the generic and specialized decoder adapters", min=1)
+    lora_alpha: float = _f(16.0, "LoRA alpha", min=0)
+    lora_dropout: float = _f(0.0, "LoRA dropout", min=0, max=1)
+    lora_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                 "decoder modules that get the adapters")
+    specialized_adapter: bool = _f(True, "train a private specialized adapter")
+    diagnosis_prompts: bool = _f(True, "prepend the diagnosis prompt to the visual tokens")
+    prompt_teacher_forcing: float = _f(1.0, "probability of ground-truth labels as the prompt "
+                                            "during training", min=0, max=1)
+    projection_dim: int = _f(64, "contrastive projection head output", min=4)
+    losses: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Local training (one client round, or a whole centralized/local baseline)."""
+
+    lr: float = _f(2e-3, "AdamW learning rate", min=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = _f(10, "linear warm-up steps", min=0)
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0)
+    local_steps: int = _f(20, "optimizer steps per round per client", min=1)
+    fedprox_mu: float = _f(0.0, "FedProx proximal weight (strategy fedprox sets it)", min=0)
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = _f("fedmrg", "federated strategy",
+                       choices=("fedmrg", "fedavg", "fedprox", "local", "centralized"))
+    rounds: int = _f(10, "federated rounds", min=1)
+    fraction: float = _f(1.0, "fraction of clients sampled per round", min=0, max=1)
+    min_clients: int = _f(1, "replies needed to close a round", min=1)
+    round_deadline_s: float = _f(0.0, "round deadline in seconds (0: wait for all)", min=0)
+    aggregation: str = _f("exact", "LoRA aggregation", choices=("exact", "fedavg", "stack"))
+    dense_update_rank: int = _f(8, "truncated-SVD rank of dense shared updates (0: dense)",
+                                min=0)
+    server_optimizer: str = _f("none", "server optimizer on the aggregated update",
+                               choices=("none", "adam"))
+    server_lr: float = _f(1.0, "server learning rate", min=0)
+    eval_every: int = _f(0, "evaluate every N rounds (0: only at the end)", min=0)
+    max_update_norm: float = _f(0.0, "reject updates above this norm (0: no bound)", min=0)
+
+
+@dataclass
+class ResourcesConfig:
+    num_cpus_per_client: float = _f(0.5, "CPUs reserved per client actor", min=0)
+    num_gpus_per_client: float = _f(0.0, "GPUs per client actor (fractional allowed)", min=0)
+    pin_centers: bool = _f(False, "require custom resource center_<id> on a client's node")
+    max_restarts: int = _f(2, "client actor restarts after a crash", min=0)
+    ray_address: str = _f("", "Ray cluster address (empty: RAY_ADDRESS or a local cluster)")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI")
+    artifact_location: str = _f("mlartifacts", "artifact folder for a new experiment")
+    experiment: str = _f("fedmrg", "MLflow experiment name")
+    run_name: str = _f("", "run name (empty: generated); reusing one resumes it")
+    storage_path: str = _f("runs", "checkpoints and outputs (shared storage on a cluster)")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _f(0, "seed for sampling, initialization and aggregation order", min=0)
+    device: str = _f("auto", "torch device", choices=("auto", "cpu", "cuda"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key` -> value, e.g. for MLflow params."""
+        return flatten(self)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A config section -> {`section.key`: value}; dict-valued keys stay whole."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
+    """Coerce `value` to `tp` where lossless (int -> float), else raise ConfigError."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+        origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        if item is not Any:
+            value = [_check_value(f"{key}[{i}]", item, v, {}) for i, v in enumerate(value)]
+    elif (origin is dict or tp is dict) and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; allowed keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check_value(key, tp, value, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def _validate_cross(cfg: ExperimentConfig) -> None:
+    """Constraints between keys."""
+    if cfg.model.lm_hidden_size % cfg.model.lm_heads:
+        raise ConfigError(
+            f"model.lm_hidden_size ({cfg.model.lm_hidden_size}) must be divisible by "
+            f"model.lm_heads ({cfg.model.lm_heads})"
+        )
+    if cfg.data.source == "phantom" and cfg.data.centers:
+        n = cfg.data.phantom.centers
+        known = {chr(ord("a") + i) for i in range(n)} | {"heldout"}
+        bad = [c for c in cfg.data.centers if c not in known]
+        if bad:
+            raise ConfigError(f"data.centers: unknown center {bad[0]!r}; the phantom benchmark "
+                              f"has {sorted(known)}")
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, data, "")
+    _validate_cross(cfg)
+    return cfg
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(name_or_path: str) -> dict[str, Any]:
+    """A preset name (`default`, `paper`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name_or_path!r}; presets: {preset_names()} "
+                              f"(or give a path to a .yaml file)")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(config: str | None = "default", overrides: typing.Sequence[str] = ()) -> (
+        ExperimentConfig):
+    """Preset or YAML file, then `--set` overrides, validated."""
+    data = read_yaml(config) if config else {}
+    for item in overrides:
+        data = deep_merge(data, parse_override(item))
+    return config_from_dict(data)
+
+
+def describe_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf key, for `fedmrg config --keys`."""
+    rows = []
+    hints = get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, key + ".")
+            continue
+        meta = f.metadata
+        extra = ""
+        if meta.get("choices"):
+            extra = f" {list(meta['choices'])}"
+        rows.append((key, repr(getattr(default, f.name)), f"{meta.get('help', '')}{extra}"))
+    return rows
