@@ -10,6 +10,7 @@ Field metadata: `help` (shown by `fedmrg config --help-keys`), `choices`, `min`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -215,6 +216,9 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)

@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    the main job on the embedded default (creates .venv on first use)
+#   make test   the test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedmrg-installed
+
+# Offline-safe defaults: no hub calls (each miss costs 25-50 s of retries), no telemetry.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# torch/torchvision first and pinned: a bare `torch` requirement can pull a multi-GB build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch torchvision -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/fedmrg run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check fedmrg tests benchmarks ray_jobs
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_stream.py
+
+clean:
+	rm -rf $(VENV) data runs mlruns mlartifacts mlflow.db
