@@ -78,10 +78,17 @@ class LossConfig:
     mutual: float = _f(0.5, "dual-adapter mutual boosting (two-way KL) weight", min=0)
     mutual_temperature: float = _f(2.0, "KL temperature", min=0.05)
     diagnosis: float = _f(1.0, "diagnosis classification loss weight", min=0)
+    diagnosis_logit_adjust_tau: float = _f(1.0, "logit adjustment strength for the diagnosis "
+                                                "loss (0: plain CE)", min=0)
+    diagnosis_prior_smoothing: float = _f(1.0, "Laplace smoothing of the label prior counts",
+                                          min=1e-6)
     contrastive_global: float = _f(0.1, "global head: supervised contrastive vs prototypes",
                                    min=0)
     contrastive_local: float = _f(0.1, "local head: client-aware contrastive", min=0)
     contrastive_temperature: float = _f(0.1, "contrastive temperature", min=0.01)
+    local_positive_jaccard: float = _f(0.5, "local head: min Jaccard of positive findings for "
+                                            "a positive pair (1.0: exact pattern)", min=1e-6,
+                                       max=1.0)
 
 
 @dataclass
