@@ -455,9 +455,11 @@ def read_csv(path: Path, image_root: Path, name: str, policy: _Policy) -> Parsed
         where = f"{path}: line {line}"
         try:
             if None in row or None in row.values():  # DictReader: too many / too few fields
-                raise EntryError("malformed_entry", f"{where}: {len(header)} columns in the "
-                                                    "header, a different number in this row")
-            cells = {k: (v if v.strip() else None) for k, v in row.items()}
+                n_fields = len(header) + len(row.get(None, [])) - list(row.values()).count(None)
+                raise EntryError("malformed_entry", f"{where}: {n_fields} fields, the header "
+                                                    f"has {len(header)}")
+            # a blank cell is an absent value, except a blank report, which is an empty one
+            cells = {k: (v if v.strip() or k == "report" else None) for k, v in row.items()}
             studies.append(_table_entry(cells, where, number, name, image_root, seps=True))
         except EntryError as e:
             policy.fail(e)

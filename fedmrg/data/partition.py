@@ -80,8 +80,8 @@ def dirichlet_label_skew(
             return centers
     empty = [f"c{k}" for k in np.flatnonzero(covered == 0)]
     raise PartitionError(f"Dirichlet partition (alpha={alpha}, seed={seed}) left center(s) "
-                         f"{empty} without a training study in {max_draws} draws: "
-                         f"{n_required} training studies in "
+                         f"{empty} without an eligible (training) study in {max_draws} "
+                         f"draws: {n_required} eligible studies in "
                          f"{len(np.unique(classes[required]))} primary classes for "
                          f"{num_centers} centers; use a larger alpha or fewer centers")
 
