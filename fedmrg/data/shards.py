@@ -185,11 +185,30 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{path}: schema_version {version!r}, this fedmrg reads "
                            f"{SCHEMA_VERSION}")
+    _check_manifest_structure(path, manifest)
     return manifest
+
+
+def _check_manifest_structure(path: Path, manifest: dict[str, Any]) -> None:
+    """Fail with the manifest's name rather than a KeyError deep in a reader."""
+    centers = manifest.get("centers")
+    if not isinstance(centers, dict):
+        raise DatasetError(f"{path}: no 'centers' object")
+    for center, info in centers.items():
+        rows = info.get("rows") if isinstance(info, dict) else None
+        if not isinstance(rows, dict) or any(not isinstance(rows.get(sp), int) for sp in SPLITS):
+            raise DatasetError(f"{path}: center {center!r} has no 'rows' counts for {SPLITS}")
+        files = info.get("files")
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and {"path", "rows", "sha256"} <= f.keys() for f in files):
+            raise DatasetError(f"{path}: center {center!r} has no 'files' list of "
+                               "{path, rows, sha256}")
 
 
 def manifest_hash(root: str | Path) -> str:
@@ -251,14 +270,24 @@ def validate_dataset(root: str | Path) -> dict[str, Any]:
             if bad_center:
                 problems.append(f"{path}: {bad_center} rows belong to another center")
             counts.update(table["split"].to_pylist())
+            # a wrong-length list would make the label matrix ragged: report it, do not crash
+            bad_length = pc.sum(pc.not_equal(pc.list_value_length(table["labels"]),
+                                             NUM_OBSERVATIONS)).as_py()
+            if bad_length:
+                problems.append(f"{path}: {bad_length} rows with a labels list of length != "
+                                f"{NUM_OBSERVATIONS}")
+                continue
             labels = np.array(table["labels"].to_pylist(), dtype=np.int64).reshape(
                 -1, NUM_OBSERVATIONS)
+            if labels.size and (labels.min() < 0 or labels.max() >= len(LABEL_NAMES)):
+                problems.append(f"{path}: label codes outside 0..{len(LABEL_NAMES) - 1} "
+                                f"({', '.join(LABEL_NAMES)})")
             for code in range(len(LABEL_NAMES)):
                 label_counts[:, code] += (labels == code).sum(axis=0)
         for sp in SPLITS:
             if counts[sp] != info["rows"][sp]:
-                problems.append(f"center {center!r}: {counts[sp]} {sp} rows, manifest says "
-                                f"{info['rows'][sp]}")
+                problems.append(f"{root / MANIFEST}: center {center!r}: {counts[sp]} {sp} "
+                                f"rows, manifest says {info['rows'][sp]}")
         summary[center] = {
             "rows": {sp: counts[sp] for sp in SPLITS},
             "positive": {o: int(label_counts[i, POSITIVE]) for i, o in enumerate(OBSERVATIONS)},
