@@ -44,6 +44,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,8 @@ from fedmrg.data.partition import dirichlet_label_skew
 from fedmrg.data.schema import LABEL_NAMES, NUM_OBSERVATIONS, SPLITS
 from fedmrg.data.shards import DatasetError, SkipLog, Study, write_dataset
 from fedmrg.data.shards import _sha256 as sha256_file
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("r2gen", "csv", "jsonl")
 CENTER_SOURCES = ("column", "origin", "dirichlet")
@@ -615,6 +618,9 @@ def import_dataset(options: ImportOptions, out: str | Path) -> dict[str, Any]:
     }
     if options.centers_from == "dirichlet":
         source |= {"num_centers": options.num_centers, "alpha": options.alpha}
+    if policy.skipped.total:
+        log.warning("import skipped %d entries: %s", policy.skipped.total,
+                    dict(policy.skipped.counts))
     records = [Study(study_id=s.study_id, center=s.center, split=s.split, images=s.images,
                      view=s.view, report=s.report, labels=s.labels) for s in studies]
     return write_dataset(out, records, source, skipped=policy.skipped)
