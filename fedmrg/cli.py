@@ -87,7 +87,7 @@ def data_phantom(out: Path, centers: int, studies_per_center: int, image_size: i
               help="annotation.json / .csv / .jsonl; repeat to merge several datasets")
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(path_type=Path),
               help="folder image paths are relative to (one per --input, or one for all; "
-                   "default: the input file's folder)")
+                   "default: <input folder>/images if it exists, else the input folder)")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--centers-from", default="column", show_default=True,
               type=click.Choice(["column", "origin", "dirichlet"]),

@@ -59,8 +59,7 @@ from fedmrg.config import ConfigError
 from fedmrg.data.partition import center_names as dirichlet_center_names
 from fedmrg.data.partition import dirichlet_label_skew
 from fedmrg.data.schema import LABEL_NAMES, NUM_OBSERVATIONS, SPLITS
-from fedmrg.data.shards import DatasetError, SkipLog, Study, write_dataset
-from fedmrg.data.shards import _sha256 as sha256_file
+from fedmrg.data.shards import DatasetError, SkipLog, Study, sha256_file, write_dataset
 
 log = logging.getLogger(__name__)
 

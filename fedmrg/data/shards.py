@@ -93,7 +93,7 @@ class SkipLog:
                 "examples": self.examples}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +153,7 @@ def write_dataset(
             path = folder / f"part-{part:05d}.parquet"
             pq.write_table(_table(chunk), path, compression="zstd")
             files.append({"path": str(path.relative_to(root)), "rows": len(chunk),
-                          "sha256": _sha256(path)})
+                          "sha256": sha256_file(path)})
         centers[center] = {
             "rows": {sp: sum(r.split == sp for r in rows) for sp in SPLITS},
             "files": files,
@@ -213,7 +213,7 @@ def _check_manifest_structure(path: Path, manifest: dict[str, Any]) -> None:
 
 def manifest_hash(root: str | Path) -> str:
     """Identifies a dataset's exact contents (the manifest holds every file's sha256)."""
-    return _sha256(Path(root) / MANIFEST)
+    return sha256_file(Path(root) / MANIFEST)
 
 
 def center_files(root: str | Path, center: str, manifest: dict[str, Any] | None = None
@@ -253,7 +253,7 @@ def validate_dataset(root: str | Path) -> dict[str, Any]:
             if not path.exists():
                 problems.append(f"{path}: listed in the manifest but missing")
                 continue
-            if _sha256(path) != f["sha256"]:
+            if sha256_file(path) != f["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest (file changed)")
             try:
                 table = pq.read_table(path)
