@@ -1,0 +1,291 @@
+"""The frozen base causal LM and its tokenizer.
+
+`model.lm` names it: an HF hub id or a local path (paper scale), or `builtin:tiny-llama` (the
+CPU default). No pretrained LM can be downloaded offline, so the builtin one is built here: a
+WordPiece tokenizer fitted to a public corpus (phantom reports in a neutral style no center
+uses, plus the prompt vocabulary), a small Llama built from config, and a short causal-LM
+warm-up on that corpus ("pretraining on a public corpus"). The result is cached on disk under a
+key that hashes everything that determines it, and written atomically (built in a temporary
+folder, then renamed) so racing processes never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fedmrg.config import ModelConfig
+from fedmrg.model.prompts import prompt_corpus, prompt_vocabulary
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+BUILD_INFO = "fedmrg_base_lm.json"  # written last inside a cache entry: its presence = complete
+RECIPE_VERSION = 1  # bump when the build code changes what it produces
+
+
+class BaseLMError(ValueError):
+    """The base LM or its tokenizer cannot be loaded; the message names what and why."""
+
+
+@dataclass(frozen=True)
+class WarmupRecipe:
+    """How the builtin LM is built, beyond the `model.lm_*` config keys (all part of the key)."""
+
+    corpus_size: int = 2000  # neutral reports generated for tokenizer + warm-up
+    corpus_seed: int = 0
+    intermediate_ratio: int = 3  # MLP width / hidden size (Llama uses ~2.7 with SwiGLU)
+    batch_size: int = 16
+    max_tokens: int = 128  # warm-up sequence length (reports are shorter)
+    lr: float = 3e-3
+    seed: int = 0
+    max_position_embeddings: int = 1024
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer with <pad>/<s>/</s>/<unk>, fitted to `texts`.
+
+    The vocabulary is every character seen (a-z, 0-9 and ASCII punctuation always), each also
+    as a `##` continuation, then the most frequent words (ties broken alphabetically), so any
+    ASCII word tokenizes. Chosen by hand rather than with `tokenizers`' WordPieceTrainer because
+    that trainer is not deterministic (token ids and even the token set change from run to run),
+    and every center must get the same base LM.
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # words and single punctuation marks
+    counts: Counter[str] = Counter()
+    for text in texts:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        counts.update(w for w, _ in words)
+    always = string.ascii_lowercase + string.digits + string.punctuation
+    chars = sorted({c for w in counts for c in w} | set(always))
+    base = [PAD, BOS, EOS, UNK] + chars + ["##" + c for c in chars]
+    if vocab_size <= len(base):
+        raise BaseLMError(f"model.lm_vocab_size={vocab_size} is too small: the corpus's "
+                          f"{len(chars)} characters alone need {len(base)} tokens")
+    ranked = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab = {tok: i for i, tok in enumerate(base + ranked[: vocab_size - len(base)])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # "normal ." -> "normal."
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        padding_side="right", clean_up_tokenization_spaces=False,
+    )
+
+
+def tokenize_reports(tokenizer: PreTrainedTokenizerBase, reports: Sequence[str],
+                     max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reports -> (input_ids, attention_mask), int64 (B, max_tokens).
+
+    [BOS] tokens [EOS] when the tokenizer has them (added here explicitly, because HF tokenizers
+    disagree on whether they add EOS), truncated to `max_tokens`, right-padded with pad_token_id.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    room = max_tokens - len(bos) - len(eos)
+    if room < 1:
+        raise ValueError(f"max_tokens={max_tokens} leaves no room for report tokens")
+    if tokenizer.pad_token_id is None:
+        raise BaseLMError("the tokenizer has no pad token; load it with load_base_lm")
+    encoded = tokenizer(list(reports), add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(encoded), max_tokens), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), max_tokens), dtype=torch.long)
+    for i, toks in enumerate(encoded):
+        row = bos + toks[:room] + eos
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- builtin LM
+
+
+def default_corpus(recipe: WarmupRecipe) -> list[str]:
+    """The public warm-up corpus: neutral-style phantom reports (imported lazily)."""
+    from fedmrg.data.phantom import neutral_corpus
+
+    return list(neutral_corpus(recipe.corpus_size, recipe.corpus_seed))
+
+
+def builtin_lm_key(cfg: ModelConfig, corpus: Sequence[str], recipe: WarmupRecipe) -> str:
+    """Hash of everything that determines the builtin LM (config, corpus, recipe, libraries)."""
+    inputs = {
+        "lm": cfg.lm, "hidden": cfg.lm_hidden_size, "layers": cfg.lm_layers,
+        "heads": cfg.lm_heads, "vocab": cfg.lm_vocab_size, "warmup_steps": cfg.lm_warmup_steps,
+        "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
+        "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+        "prompt_vocabulary": prompt_vocabulary(),
+        "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str],
+            steps: int, recipe: WarmupRecipe) -> list[float]:
+    """Seeded causal-LM training on `corpus`; returns the loss of every step."""
+    if steps == 0:
+        return []
+    ids, mask = tokenize_reports(tokenizer, corpus, recipe.max_tokens)
+    labels = ids.masked_fill(mask == 0, -100)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(corpus), (recipe.batch_size,), generator=gen)
+        width = int(mask[idx].sum(1).max())  # trim the batch to its longest row
+        out = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
+                    labels=labels[idx, :width])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[str], recipe: WarmupRecipe) -> (
+        tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]):
+    """Tokenizer + Llama from config + warm-up. Returns (model, tokenizer, build info)."""
+    t0 = time.perf_counter()
+    texts = list(corpus) + prompt_corpus() * 20 + [" ".join(prompt_vocabulary())]
+    tokenizer = train_tokenizer(texts, cfg.lm_vocab_size)
+    lm_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden_size,
+        intermediate_size=cfg.lm_hidden_size * recipe.intermediate_ratio,
+        num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
+        num_key_value_heads=cfg.lm_heads, max_position_embeddings=recipe.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = LlamaForCausalLM(lm_config)
+    t1 = time.perf_counter()
+    losses = warm_up(model, tokenizer, corpus, cfg.lm_warmup_steps, recipe)
+    t2 = time.perf_counter()
+    info = {
+        "lm": cfg.lm, "vocab": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "warmup_steps": cfg.lm_warmup_steps, "corpus_size": len(corpus),
+        "loss_first": losses[0] if losses else None,
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "setup_s": round(t1 - t0, 3), "warmup_s": round(t2 - t1, 3),
+    }
+    return model, tokenizer, info
+
+
+def _builtin_path(cfg: ModelConfig, corpus: Sequence[str] | None, recipe: WarmupRecipe) -> Path:
+    """The cache entry for the builtin LM, building it first if missing."""
+    corpus = default_corpus(recipe) if corpus is None else list(corpus)
+    if not corpus:
+        raise BaseLMError("the builtin LM needs a non-empty warm-up corpus")
+    cache = Path(os.path.expanduser(cfg.lm_cache))
+    entry = cache / builtin_lm_key(cfg, corpus, recipe)
+    if (entry / BUILD_INFO).exists():
+        return entry
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        log.info("building the builtin base LM into %s", entry)
+        t0 = time.perf_counter()
+        model, tokenizer, info = build_builtin_lm(cfg, corpus, recipe)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info["build_s"] = round(time.perf_counter() - t0, 3)
+        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
+        try:
+            os.rename(tmp, entry)  # atomic; fails if another process got there first
+        except OSError:
+            if not (entry / BUILD_INFO).exists():
+                raise
+            log.info("another process built %s first; using it", entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def builtin_build_info(cfg: ModelConfig, corpus: Sequence[str] | None = None,
+                       recipe: WarmupRecipe = WarmupRecipe()) -> dict:
+    """What the cached builtin LM's build recorded (time, losses, size); builds it if missing."""
+    return json.loads((_builtin_path(cfg, corpus, recipe) / BUILD_INFO).read_text())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_pretrained_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An HF causal LM + tokenizer from a hub id (must be cached offline) or a folder, frozen."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except OSError as e:
+        raise BaseLMError(
+            f"cannot load causal LM {str(path)!r}: not a local folder with a model, and not in the "
+            f"Hugging Face cache (downloads are off when HF_HUB_OFFLINE=1). Use model.lm="
+            f"{BUILTIN_TINY_LLAMA!r} or a local path. Cause: {e}") from e
+    if tokenizer.pad_token is None:
+        # Padding positions are masked everywhere, so EOS can stand in for a pad token.
+        if tokenizer.eos_token is None:
+            raise BaseLMError(f"tokenizer of {str(path)!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return _freeze(model), tokenizer
+
+
+def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[str] | None = None,
+                 recipe: WarmupRecipe = WarmupRecipe()) -> (
+        tuple[PreTrainedModel, PreTrainedTokenizerBase]):
+    """The frozen base LM and its tokenizer for `cfg.lm` (builtin: built once, then cached).
+
+    `corpus` overrides the builtin's warm-up corpus (default: the phantom neutral corpus).
+    """
+    if cfg.lm.startswith("builtin:"):
+        if cfg.lm != BUILTIN_TINY_LLAMA:
+            raise BaseLMError(f"model.lm: unknown builtin LM {cfg.lm!r}; the builtin one is "
+                              f"{BUILTIN_TINY_LLAMA!r}")
+        return load_pretrained_lm(_builtin_path(cfg, corpus, recipe))
+    return load_pretrained_lm(cfg.lm)
