@@ -1,0 +1,72 @@
+"""Session-wide test fixtures.
+
+The environment is fixed before anything imports transformers, MLflow or Ray: a missed Hugging
+Face hub call costs 25-50 s of retries, and Ray reads its variables when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on 127.0.0.1
+
+import pytest  # noqa: E402
+
+# Logical CPUs of the shared test cluster: more than the 2 real cores on purpose, so client
+# actors holding fractional CPUs leave room for Ray Data tasks (DESIGN.md section 6).
+RAY_TEST_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE local Ray for the whole test session (ray.init takes 4-6 s); yields its resources.
+
+    Tests that need Ray take this fixture; it starts on first use and shuts down at the end.
+    """
+    import ray
+    import ray.data
+
+    ray.init(
+        num_cpus=RAY_TEST_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        object_store_memory=512 * 1024 * 1024,  # plenty for the tiny test datasets
+        # workers are forked by the local raylet and inherit the environment set above
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+# Words of the tiny tokenizer's vocabulary (anything else maps to <unk>).
+REPORT_WORDS = (
+    "heart", "size", "normal", "no", "focal", "consolidation", "pleural", "effusion",
+    "pneumothorax", "is", "are", "the", "mild", "moderate", "severe", "cardiomegaly",
+    "opacity", "lungs", "clear", "left", "right", "lower", "lobe", "report", "enlarged",
+    "silhouette", "stable", "support", "devices", "fracture", "edema", "atelectasis", "lesion",
+    "of", "and",
+)
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A tiny word-level Hugging Face fast tokenizer with pad/bos/eos/unk, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(REPORT_WORDS)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
