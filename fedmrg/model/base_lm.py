@@ -258,22 +258,39 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_pretrained_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An HF causal LM + tokenizer from a hub id (must be cached offline) or a folder, frozen."""
+def _load_error(what: str, path: str | Path, e: Exception) -> BaseLMError:
+    return BaseLMError(
+        f"cannot load the {what} {str(path)!r}: not a local folder with one, and not in the "
+        f"Hugging Face cache (downloads are off when HF_HUB_OFFLINE=1). Use model.lm="
+        f"{BUILTIN_TINY_LLAMA!r} or a local path. Cause: {type(e).__name__}: {e}")
+
+
+def load_causal_lm(path: str | Path) -> PreTrainedModel:
+    """An HF causal LM from a hub id (cached offline) or a folder, in float32, frozen."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise _load_error("causal LM", path, e) from e
+    return _freeze(model)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """An HF tokenizer from a hub id (cached offline) or a folder, with a pad token."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except OSError as e:
-        raise BaseLMError(
-            f"cannot load causal LM {str(path)!r}: not a local folder with a model, and not in the "
-            f"Hugging Face cache (downloads are off when HF_HUB_OFFLINE=1). Use model.lm="
-            f"{BUILTIN_TINY_LLAMA!r} or a local path. Cause: {e}") from e
+    except (OSError, ValueError) as e:
+        raise _load_error("tokenizer", path, e) from e
     if tokenizer.pad_token is None:
         # Padding positions are masked everywhere, so EOS can stand in for a pad token.
         if tokenizer.eos_token is None:
             raise BaseLMError(f"tokenizer of {str(path)!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
-    return _freeze(model), tokenizer
+    return tokenizer
+
+
+def load_pretrained_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_causal_lm` + `load_tokenizer` from the same id or folder."""
+    return load_causal_lm(path), load_tokenizer(path)
 
 
 def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[str] | None = None,
