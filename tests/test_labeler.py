@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,11 @@ def test_find_mentions_explains_labels() -> None:
     assert ("pleural effusion", NEGATIVE) in got
     assert ("pneumothorax", UNCERTAIN) in got
     assert find_mentions("") == []
+
+
+def test_pathological_inputs_are_fast_and_safe() -> None:
+    for text in ["no effusion, " * 3000, "heart " * 3000, "x" * 100_000, "a\x00b no effusion"]:
+        t0 = time.perf_counter()
+        labels = label_report(text)
+        assert time.perf_counter() - t0 < 5.0
+        assert len(labels) == NUM_OBSERVATIONS

@@ -64,6 +64,10 @@ Conventions (documented decisions; see also the comments in the tables):
   persist); "X or Y" between two findings -> both UNCERTAIN; "likely X" -> UNCERTAIN; old/healed
   fractures -> fracture POSITIVE; consolidation does not imply lung opacity.
 * "Blunting of the costophrenic angle" -> pleural effusion UNCERTAIN (effusion or thickening).
+* A finding explained as a mimic ("nodular opacity likely a nipple shadow", "opacity may represent
+  superimposed vessels") -> UNCERTAIN; "mass-like" -> lung lesion UNCERTAIN (a shape, not a
+  diagnosis); "fractures could be missed" -> UNCERTAIN.
+* Cue scope is at most 250 characters and never crosses a sentence or clause boundary.
 * "Post-surgical / postoperative changes", "sternotomy", "CABG", "clips" -> support devices
   POSITIVE; "extubated", "has been removed" -> support devices NEGATIVE. External ECG leads are
   not support devices.
@@ -76,6 +80,7 @@ and ``python benchmarks/labeler_accuracy.py``.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -166,7 +171,8 @@ LUNG_OPACITY = (
 LUNG_LESION = (
     _p(r"nodul(?:e|es|i)"),
     _p(r"nodular\s+(?:opacit\w+|densit\w+|lesions?|foc(?:us|i))"),
-    _p(r"mass(?:es)?|mass-?like"),
+    _p(r"mass(?:es)?"),
+    _p(r"mass-?like", UNCERTAIN),  # describes a shape, not a diagnosis
     _p(r"lesions?"),  # bone / skin lesions are excluded below
     _p(r"tumou?rs?|neoplasms?|carcinoma|malignanc\w+|cancer"),
     _p(r"(?:pulmonary\s+|lung\s+)?metastas[ie]s|metastatic\s+(?:disease|nodules|lesions)"),
@@ -550,6 +556,12 @@ UNCERTAINTY_POST = (
     r"|favou?red|a\s+consideration|in\s+the\s+differential)" + _UNC_END,
     r"\b(?:suspected|questioned)" + _UNC_END,
     r"\b(?:may|might|could|can)\s+(?:also\s+)?(?:be\s+)?(?:present|seen|exist)\b",
+    r"\b(?:may|might|could|can)\s+(?:easily\s+)?be\s+(?:missed|occult|obscured)\b",
+    # A finding explained away as a mimic is uncertain ("nodule likely a nipple shadow").
+    r"\b(?:likely|probably|possibly|may|might|could|most\s+likely)\s+(?:represents?|reflects?"
+    r"|be|be\s+due\s+to|due\s+to|related\s+to|from)\s+(?:an?\s+|the\s+)?(?:nipple|overlapping"
+    r"|overlying|superimposed|superimposition|summation|artifact|skin\s+folds?|vessels?"
+    r"|vascular\s+shadows?|soft\s+tissues?|costochondral|confluence)",
     r"\b(?:difficult|hard)\s+to\s+(?:exclude|rule\s+out|assess|evaluate)\b",
     r"\bin\s+the\s+(?:appropriate|proper|correct|right)\s+clinical\s+(?:setting|context)\b",
 )
@@ -636,7 +648,7 @@ _RX_PREDICATE_START = re.compile(rf"^\s*(?::\s*)?(?:{_BE}\s+)?")
 _FILLER = r"(?:(?!(?:is|are|with|or|no|not)\b|and\s+(?:the|there|a|an|no)\b)[\w-]+,?\s+){0,3}?"
 _WORD = r"(?!(?:is|are|was|were|and|or|but|with|of|the|no|to|in|on|at|a|an)\b)[\w-]+"
 _RX_PREFIX = re.compile(
-    rf"(?P<adj>(?:{_WORD}\s+){{1,3}})(?:(?:appearance|size|configuration|contours?|caliber)"
+    rf"(?<![\w-])(?P<adj>(?:{_WORD}\s+){{1,3}})(?:(?:appearance|size|configuration|contours?|caliber)"
     rf"\s+of\s+)?(?:the\s+)?$"
 )
 _RX_STABLE = re.compile(r"\b(?:stable|unchanged|similar|stably)\b")
@@ -665,6 +677,7 @@ def _strip_sections(text: str) -> str:
 
 
 def _normalize(text: str) -> str:
+    text = text.replace("\x00", " ")  # NUL marks mentions internally
     text = _strip_sections(text.replace("\r\n", "\n").replace("\r", "\n"))
     text = text.lower()
     # A blank line, or a line starting with a bullet / number, starts a new sentence; other
@@ -726,6 +739,7 @@ _LIST_COMMA = re.compile(r",(?!\s*(?:(?:and|or|and/or)\s+)?(?:[\w-]+\s+){0,2}\x0
 _LIST_JOIN = re.compile(
     r"^\x00\s*,?\s*(?:(?:and|or|and/or|as\s+well\s+as)\s+)?(?:[\w-]+\s+){0,2}\x00"
 )
+_MAX_SCOPE = 250  # characters; a cue never reaches further (and long run-ons stay fast)
 _TRAILING_COPULA = re.compile(r"\b(?:is|are|was|were|remains?|has|have|had)\s+(?:been\s+)?$")
 
 
@@ -742,14 +756,16 @@ class _Context:
         self.unc_post = _spans(_RX_UNC_POST, masked)
         conj = _spans(_RX_CONJ, clause)
         self.pre_breaks = conj
-        self.strong_breaks = conj + _spans(_RX_COPULA, clause)
+        self.strong_breaks = sorted(conj + _spans(_RX_COPULA, clause))
         self.mentions: list[tuple[int, int]] = []
 
     def _region(self, a: int, b: int, lead: bool, trail: bool) -> str:
         """clause[a:b] with every mention inside it replaced by NUL (and one at each end)."""
         parts, pos = [], a
-        for s, e in sorted(self.mentions):
-            if s >= a and e <= b and s >= pos:
+        for s, e in self.mentions[bisect_left(self.mentions, (a, -1)) :]:
+            if s >= b:
+                break
+            if e <= b and s >= pos:
                 parts += [self.clause[pos:s], "\x00"]
                 pos = e
         parts.append(self.clause[pos:b])
@@ -762,20 +778,29 @@ class _Context:
         pneumothorax, or consolidation"); a post-cue only reaches back over other findings when
         they are listed with the mention ("effusion and pneumothorax are not seen").
         """
-        if any(a <= s and e <= b for s, e in breaks):
-            return False
+        for s, e in breaks[bisect_left(breaks, (a, -1)) :]:  # sorted by start
+            if s >= b:
+                break
+            if e <= b:
+                return False
         region = self._region(a, b, lead=post, trail=not post)
         if _LIST_COMMA.search(region):
             return False
         return not (post and region.count("\x00") > 1 and not _LIST_JOIN.match(region))
 
     def _pre(self, cues: list[tuple[int, int]], breaks: list[tuple[int, int]], start: int) -> bool:
-        return any(e <= start and self._in_scope(e, start, breaks, post=False) for _, e in cues)
+        # Cues are sorted by start and short (< 60 characters).
+        for s, e in cues[bisect_left(cues, (start - _MAX_SCOPE - 60, -1)) :]:
+            if s >= start:
+                break
+            if start - _MAX_SCOPE <= e <= start and self._in_scope(e, start, breaks, post=False):
+                return True
+        return False
 
     def _post(self, cues: list[tuple[int, int]], end: int) -> bool:
-        for s, _ in cues:
-            if s < end:
-                continue
+        for s, _ in cues[bisect_left(cues, (end, -1)) :]:
+            if s > end + _MAX_SCOPE:
+                break
             copula = _TRAILING_COPULA.search(self.clause, end, s)  # "X is not seen"
             if copula and copula.end() == s:
                 s = copula.start()
@@ -824,7 +849,16 @@ def _phrase_mentions(clause: str) -> list[_Raw]:
             else:
                 mode = "context"
             found.append(_Raw(s, e, obs, phrase.affirmed, mode))
-    return found
+    # Within one observation the longest phrase wins ("mass-like" is not also "mass"): sweep
+    # by start (longest first) and drop a mention that ends inside an earlier, longer one.
+    kept: list[_Raw] = []
+    reach: dict[str, int] = {}
+    for r in sorted(found, key=lambda r: (r.start, -r.end)):
+        if r.end <= reach.get(r.observation, -1):
+            continue
+        reach[r.observation] = max(reach.get(r.observation, -1), r.end)
+        kept.append(r)
+    return kept
 
 
 def _state(anat: Anatomy, text: str, anchored: bool) -> tuple[int, re.Match[str]] | None:
@@ -863,11 +897,13 @@ def _anatomy_mentions(clause: str) -> list[_Raw]:
                 if rx.match(sm.group(0)):
                     subjects.append(anat)
                     break
-        after = clause[lst.end() :]
+        # Bounded windows keep long run-on clauses linear (a state is within a few words).
+        after = clause[lst.end() : lst.end() + 160]
         pred_start = _RX_PREDICATE_START.match(after)
         offset = pred_start.end() if pred_start else 0
         predicate = after[offset:]
-        prefix = _RX_PREFIX.search(clause[: lst.start()])
+        prefix_from = max(0, lst.start() - 120)
+        prefix = _RX_PREFIX.search(clause, prefix_from, lst.start())
         for anat in subjects:
             if not anat.observations:
                 continue
@@ -906,7 +942,7 @@ def _clause_mentions(clause: str) -> list[tuple[int, int, str, int]]:
     """(start, end, observation, code) for every mention in one clause."""
     ctx = _Context(clause)
     raws = _phrase_mentions(clause) + _anatomy_mentions(clause)
-    ctx.mentions = [(r.start, r.end) for r in raws if r.mode != "negated_only"]
+    ctx.mentions = sorted((r.start, r.end) for r in raws if r.mode != "negated_only")
     out = []
     for r in raws:
         if r.mode == "fixed":
