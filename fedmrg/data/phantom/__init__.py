@@ -4,6 +4,22 @@ See docs/phantom.md. `PHANTOM_VERSION` names the benchmark: any change to what t
 writes for a given seed (images, reports, labels, splits) must bump it.
 """
 
+from fedmrg.data.phantom.acquisition import Acquisition, decode_png, encode_png
+from fedmrg.data.phantom.anatomy import render_lateral, render_pa
+from fedmrg.data.phantom.centers import (
+    CENTER_PROFILES,
+    HELDOUT,
+    CenterProfile,
+    center_ids,
+    center_profiles,
+)
+from fedmrg.data.phantom.generator import (
+    PHANTOM_VERSION,
+    PhantomSample,
+    assign_splits,
+    generate_phantom,
+    make_sample,
+)
 from fedmrg.data.phantom.labels import (
     FindingDetails,
     LabelSkew,
@@ -22,19 +38,31 @@ from fedmrg.data.phantom.styles import (
     report_from_labels,
 )
 
-PHANTOM_VERSION = "1"
-
 __all__ = [
-    "PHANTOM_VERSION",
+    "CENTER_PROFILES",
+    "HELDOUT",
     "NEUTRAL_STYLE",
+    "PHANTOM_VERSION",
     "STYLE_NAMES",
     "STYLES",
+    "Acquisition",
+    "CenterProfile",
     "FindingDetails",
     "LabelSkew",
+    "PhantomSample",
     "ReportStyle",
+    "assign_splits",
+    "center_ids",
+    "center_profiles",
     "check_labels",
+    "decode_png",
+    "encode_png",
+    "generate_phantom",
     "get_style",
+    "make_sample",
     "neutral_corpus",
+    "render_lateral",
+    "render_pa",
     "report_from_labels",
     "sample_details",
     "sample_labels",

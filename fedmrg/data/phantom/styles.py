@@ -146,8 +146,14 @@ def _hedge(style: ReportStyle, noun: str, ctx: dict[str, str], rng: np.random.Ge
     return _cap(_pick(rng, style.hedges).format(x=noun, X=_cap(noun), **ctx))
 
 
-def _device_noun(style: ReportStyle, details: FindingDetails, ctx: dict[str, str]) -> str:
+def _noun(obs: int, code: int, style: ReportStyle, details: FindingDetails,
+          ctx: dict[str, str], rng: np.random.Generator) -> str:
+    """Noun phrase of a present observation (impression items and hedges)."""
+    if obs != DEVICES:
+        return _pick(rng, style.nouns[obs]).format(**ctx)
     kinds = details.devices or ("central_line",)
+    if code == UNCERTAIN:  # one questionable device, not a hedged list of several
+        kinds = kinds[:1]
     return _join_list([style.device_nouns[k].format(**ctx) for k in kinds], "and")
 
 
@@ -175,8 +181,7 @@ def _findings_sentences(labels: Sequence[int], details: FindingDetails, style: R
             if obs in OPACITY_CHILDREN:  # the opacity is seen; only its cause is in doubt
                 written.append((obs, _cap(_pick(rng, style.opacity_desc[obs]).format(**ctx))
                                 + "."))
-            noun = (_device_noun(style, details, ctx) if obs == DEVICES
-                    else _pick(rng, style.nouns[obs]).format(**ctx))
+            noun = _noun(obs, code, style, details, ctx, rng)
             written.append((obs, _hedge(style, noun, ctx, rng)))
         elif code == NEGATIVE:
             written.append((obs, _cap(_pick(rng, style.negative[obs]).format(**ctx))))
@@ -200,8 +205,7 @@ def _impression_items(labels: Sequence[int], details: FindingDetails, style: Rep
         if code not in (POSITIVE, UNCERTAIN) or (obs == OPACITY and children_present):
             continue
         ctx = finding_context(obs, details)
-        noun = (_device_noun(style, details, ctx) if obs == DEVICES
-                else _pick(rng, style.nouns[obs]).format(**ctx))
+        noun = _noun(obs, code, style, details, ctx, rng)
         if code == UNCERTAIN:
             items.append(_hedge(style, noun, ctx, rng))
         elif obs == DEVICES:
@@ -272,7 +276,7 @@ ACADEMIC = ReportStyle(
         OPACITY: ("patchy opacity in {the_lobe}",),
         PNEUMONIA: ("patchy airspace opacities in {the_lobe}",),
         CONSOL: ("dense opacity in {the_lobe}",),
-        EDEMA: ("{grade} perihilar haziness and interstitial opacities",),
+        EDEMA: ("{grade} bilateral interstitial opacities",),
         ATELECT: ("linear opacities at {the_base}",),
         LESION: ("rounded opacity in {the_lobe}",),
     },
