@@ -154,6 +154,7 @@ LUNG_OPACITY = (
     _p(r"air[\s-]?space\s+(?:disease|process|filling)"),  # NOT bare "airspace": see consolidation
     _p(r"haz(?:e|iness|y)"),  # "perihilar haze" is excluded below: it is edema
     _p(r"ground[\s-]glass"),
+    _p(r"shadowing"),  # British: "patchy airspace shadowing"
     _p(
         r"(?:increased|patchy|hazy|focal|ill-defined|streaky|linear|airspace|parenchymal"
         r"|retrocardiac|basilar|basal|bibasilar|perihilar)\s+densit(?:y|ies)"
@@ -180,7 +181,7 @@ LUNG_LESION = (
 )
 
 EDEMA = (
-    _p(r"edema"),
+    _p(r"o?edema"),  # British "oedema"
     _p(r"(?:congestive\s+)?heart\s+failure|chf"),  # CheXpert: CHF is an edema mention
     _p(r"(?:fluid|volume)\s+overload"),
     _p(r"perihilar\s+haz(?:e|iness)"),
@@ -310,7 +311,7 @@ EXCLUSIONS: dict[str, tuple[str, ...]] = {
         r"soft[\s-]tissue\s+mass(?:es)?",
         r"(?:lytic|sclerotic|blastic|osseous|bony|bone|skin|cutaneous)\s+lesions?",
     ),
-    "edema": (r"(?:soft[\s-]tissue|subcutaneous|extremity)\s+edema",),
+    "edema": (r"(?:soft[\s-]tissue|subcutaneous|extremity)\s+o?edema",),
     "atelectasis": (r"(?:vertebral|compression)\s+(?:body\s+)?collapse",),
     "pleural effusion": (r"(?:pericardial|joint|knee|shoulder)\s+effusions?",),
     "pleural other": (),
@@ -467,7 +468,7 @@ OTHER_FINDINGS: tuple[Phrase, ...] = (
         r"|demineraliz\w+|compression\s+deformit\w+|deformit(?:y|ies)"
     ),
     _p(r"(?:lytic|sclerotic|blastic)\s+(?:lesions?|foc(?:us|i)|metastas[ie]s)"),
-    _p(r"hernia|hematoma|contusion|hemorrhage|pulmonary\s+(?:arterial\s+)?hypertension"),
+    _p(r"hernia|ha?ematoma|contusion|ha?emorrhage|pulmonary\s+(?:arterial\s+)?hypertension"),
 )
 
 # ----------------------------------------------------------------------------------------------

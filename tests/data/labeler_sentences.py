@@ -258,6 +258,11 @@ CASES: list[tuple] = [
     ),
     ("Edema has improved but persists at the lung bases.", {EDEMA: POS, NF: BLANK}),
     ("Possible mild pulmonary edema.", {EDEMA: UNC, NF: BLANK}),
+    (
+        "Bilateral perihilar airspace shadowing, in keeping with pulmonary oedema.",
+        {OPAC: POS, EDEMA: POS, NF: BLANK},
+    ),
+    ("Pulmonary oedema cannot be excluded.", {EDEMA: UNC, NF: BLANK}),
     ("Pulmonary edema is no longer present.", {EDEMA: NEG, NF: POS}),
     ("Findings are suggestive of early pulmonary edema.", {EDEMA: UNC, NF: BLANK}),
     # ------------------------------------------------------------------ consolidation
