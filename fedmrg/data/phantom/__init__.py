@@ -19,6 +19,7 @@ from fedmrg.data.phantom.generator import (
     assign_splits,
     generate_phantom,
     make_sample,
+    sample_record,
 )
 from fedmrg.data.phantom.labels import (
     FindingDetails,
@@ -66,5 +67,6 @@ __all__ = [
     "report_from_labels",
     "sample_details",
     "sample_labels",
+    "sample_record",
     "study_rng",
 ]

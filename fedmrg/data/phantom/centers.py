@@ -96,8 +96,8 @@ BASE_PROFILES: tuple[CenterProfile, ...] = (
         center="d",
         description="community emergency department: tight field of view, blurred, clipped "
                     "window; trauma and infections",
-        acquisition=Acquisition(zoom=1.15, rotation_deg=3.0, window=(0.1, 0.9), blur_sigma=1.0,
-                                noise_std=0.025, markers=("side_letter",)),
+        acquisition=Acquisition(zoom=1.15, rotation_deg=3.0, window=(0.1, 0.9), blur_sigma=1.2,
+                                noise_std=0.012, markers=("side_letter",)),
         style=NARRATIVE,
         skew=LabelSkew({"heart_failure": 0.15, "infection": 0.22, "critical_care": 0.08,
                         "trauma": 0.28, "neoplasm": 0.04, "chronic": 0.12}),

@@ -39,25 +39,36 @@ class PhantomSample:
     report: str
 
 
-def make_sample(profile: CenterProfile, seed: int, index: int, image_size: int
-                ) -> PhantomSample:
-    """Study `index` of a center (a pure function of its arguments)."""
+def _rngs(profile: CenterProfile, seed: int, index: int) -> list[np.random.Generator]:
     seq = np.random.SeedSequence([seed, profile.stream, index])
-    label_rng, image_rng, text_rng = (np.random.default_rng(s) for s in seq.spawn(3))
+    return [np.random.default_rng(s) for s in seq.spawn(3)]  # labels, pixels, text
+
+
+def sample_record(profile: CenterProfile, seed: int, index: int
+                  ) -> tuple[list[int], FindingDetails, list[str], str]:
+    """Labels, details, views and report of study `index`, without rendering its images
+    (the same values `make_sample` returns: the text never depends on the pixels)."""
+    label_rng, _, text_rng = _rngs(profile, seed, index)
     labels = sample_labels(label_rng, profile.skew, profile.style.negative_mention)
     details = sample_details(label_rng, labels)
     ap = bool(label_rng.random() < profile.ap_rate)
     lateral = bool(label_rng.random() < profile.two_view_rate)
-
-    size = profile.acquisition.output_size(image_size)
-    views = ["AP" if ap else "PA"]
-    images = [profile.acquisition.apply(render_pa(labels, details, image_rng, size, ap=ap),
-                                        image_rng)]
-    if lateral:
-        views.append("LATERAL")
-        images.append(profile.acquisition.apply(
-            render_lateral(labels, details, image_rng, size), image_rng))
+    views = ["AP" if ap else "PA"] + (["LATERAL"] if lateral else [])
     report = report_from_labels(labels, profile.style, text_rng, details=details)
+    return labels, details, views, report
+
+
+def make_sample(profile: CenterProfile, seed: int, index: int, image_size: int
+                ) -> PhantomSample:
+    """Study `index` of a center (a pure function of its arguments)."""
+    labels, details, views, report = sample_record(profile, seed, index)
+    image_rng = _rngs(profile, seed, index)[1]
+    size = profile.acquisition.output_size(image_size)
+    acquire = profile.acquisition.apply
+    images = [acquire(render_pa(labels, details, image_rng, size, ap=views[0] == "AP"),
+                      image_rng)]
+    if len(views) > 1:
+        images.append(acquire(render_lateral(labels, details, image_rng, size), image_rng))
     return PhantomSample(labels=labels, details=details, views=views, images=images,
                          report=report)
 
