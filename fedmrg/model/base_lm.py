@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from fedmrg.config import ModelConfig
+from fedmrg.data.transforms import tokenize_reports
 from fedmrg.model.prompts import prompt_corpus, prompt_vocabulary
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 BUILD_INFO = "fedmrg_base_lm.json"  # written last inside a cache entry: its presence = complete
-RECIPE_VERSION = 1  # bump when the build code changes what it produces
+RECIPE_VERSION = 2  # bump when the build code changes what it produces
 
 
 class BaseLMError(ValueError):
@@ -97,35 +98,14 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # "normal ." -> "normal."
+    tok.decoder = decoders.Sequence([  # "normal ." -> "normal.", "findings :" -> "findings:"
+        decoders.WordPiece(prefix="##", cleanup=True),
+        decoders.Replace(" :", ":"), decoders.Replace(" ;", ";"),
+    ])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
         padding_side="right", clean_up_tokenization_spaces=False,
     )
-
-
-def tokenize_reports(tokenizer: PreTrainedTokenizerBase, reports: Sequence[str],
-                     max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reports -> (input_ids, attention_mask), int64 (B, max_tokens).
-
-    [BOS] tokens [EOS] when the tokenizer has them (added here explicitly, because HF tokenizers
-    disagree on whether they add EOS), truncated to `max_tokens`, right-padded with pad_token_id.
-    """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    room = max_tokens - len(bos) - len(eos)
-    if room < 1:
-        raise ValueError(f"max_tokens={max_tokens} leaves no room for report tokens")
-    if tokenizer.pad_token_id is None:
-        raise BaseLMError("the tokenizer has no pad token; load it with load_base_lm")
-    encoded = tokenizer(list(reports), add_special_tokens=False)["input_ids"]
-    ids = torch.full((len(encoded), max_tokens), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), max_tokens), dtype=torch.long)
-    for i, toks in enumerate(encoded):
-        row = bos + toks[:room] + eos
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- builtin LM
@@ -157,7 +137,7 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, corpus:
     """Seeded causal-LM training on `corpus`; returns the loss of every step."""
     if steps == 0:
         return []
-    ids, mask = tokenize_reports(tokenizer, corpus, recipe.max_tokens)
+    ids, mask = map(torch.from_numpy, tokenize_reports(tokenizer, corpus, recipe.max_tokens))
     labels = ids.masked_fill(mask == 0, -100)
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
@@ -280,10 +260,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise _load_error("tokenizer", path, e) from e
+    return ensure_pad_token(tokenizer, str(path))
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the tokenizer") -> (
+        PreTrainedTokenizerBase):
+    """Give a tokenizer without a pad token EOS as its pad token (in place)."""
     if tokenizer.pad_token is None:
         # Padding positions are masked everywhere, so EOS can stand in for a pad token.
         if tokenizer.eos_token is None:
-            raise BaseLMError(f"tokenizer of {str(path)!r} has neither a pad nor an EOS token")
+            raise BaseLMError(f"{name}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -74,7 +74,7 @@ def save_model(model: MRGModel, directory: str | Path, *,
         manifest = {
             "format": FORMAT_VERSION, "model_config": dataclasses.asdict(model.cfg),
             "seed": model.seed, "max_report_tokens": model.max_report_tokens,
-            "logit_adjust_tau": model.logit_adjust_tau, "adapters": model.adapter_names,
+            "adapters": model.adapter_names,
             "base_lm": "base_lm" if include_base_lm else model.cfg.lm,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -116,8 +116,7 @@ def load_model(directory: str | Path) -> MRGModel:
     else:
         base_lm, _ = load_base_lm(cfg)
     model = MRGModel.from_config(cfg, base_lm, tokenizer, seed=manifest["seed"],
-                                 max_report_tokens=manifest["max_report_tokens"],
-                                 logit_adjust_tau=manifest["logit_adjust_tau"])
+                                 max_report_tokens=manifest["max_report_tokens"])
     if sorted(manifest["adapters"]) != sorted(model.adapter_names):
         raise ModelIOError(f"{directory / MANIFEST}: adapters {manifest['adapters']} do not match "
                            f"the config's {model.adapter_names}")

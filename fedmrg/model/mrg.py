@@ -33,7 +33,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from fedmrg.config import ModelConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS
-from fedmrg.model.base_lm import load_base_lm, tokenize_reports
+from fedmrg.data.transforms import tokenize_reports
+from fedmrg.model.base_lm import ensure_pad_token, load_base_lm
 from fedmrg.model.encoder import VisionEncoder
 from fedmrg.model.heads import DiagnosisHead, ProjectionHead, Projector
 from fedmrg.model.losses import (
@@ -73,7 +74,7 @@ class MRGModel(nn.Module):
                  diagnosis_head: DiagnosisHead, global_head: ProjectionHead,
                  local_head: ProjectionHead, decoder: PeftModel,
                  tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
-                 max_report_tokens: int = 96, logit_adjust_tau: float = 1.0):
+                 max_report_tokens: int = 96):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -85,7 +86,6 @@ class MRGModel(nn.Module):
         self.tokenizer = tokenizer
         self.seed = seed
         self.max_report_tokens = max_report_tokens
-        self.logit_adjust_tau = logit_adjust_tau
         self.generator = torch.Generator().manual_seed(seed)  # teacher forcing when none given
         self._prompt_ids: dict[tuple[int, ...], list[int]] = {}
         self._active: tuple[str, ...] = ()
@@ -96,7 +96,7 @@ class MRGModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, base_lm: PreTrainedModel | None = None,
                     tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0,
-                    max_report_tokens: int = 96, logit_adjust_tau: float = 1.0) -> MRGModel:
+                    max_report_tokens: int = 96) -> MRGModel:
         """Build the whole model; `seed` fixes every initialization (same seed, same weights).
 
         `base_lm` (frozen, then wrapped in place by peft) and `tokenizer` default to
@@ -106,6 +106,7 @@ class MRGModel(nn.Module):
             base_lm, tokenizer = load_base_lm(cfg)
         elif tokenizer is None:
             raise ModelInputError("from_config: a base_lm needs its tokenizer")
+        ensure_pad_token(tokenizer)
         base_lm.requires_grad_(False)
         lm_hidden = base_lm.get_input_embeddings().embedding_dim
         with torch.random.fork_rng(devices=[]):
@@ -118,8 +119,7 @@ class MRGModel(nn.Module):
             local_head = ProjectionHead(n_feat, cfg.projection_dim)
             decoder = wrap_decoder(base_lm, cfg)
         return cls(cfg, encoder, projector, diagnosis_head, global_head, local_head, decoder,
-                   tokenizer, seed=seed, max_report_tokens=max_report_tokens,
-                   logit_adjust_tau=logit_adjust_tau)
+                   tokenizer, seed=seed, max_report_tokens=max_report_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -229,8 +229,8 @@ class MRGModel(nn.Module):
             ids = self._batch_tensor(batch, "input_ids", torch.long)
             mask = self._batch_tensor(batch, "attention_mask", torch.long)
         elif "report" in batch:
-            ids, mask = tokenize_reports(self.tokenizer, batch["report"], self.max_report_tokens)
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = (torch.from_numpy(a).to(self.device) for a in tokenize_reports(
+                self.tokenizer, batch["report"], self.max_report_tokens))
         else:
             raise ModelInputError(f"batch needs 'input_ids'/'attention_mask' or 'report'; keys: "
                                   f"{sorted(batch)}")
@@ -282,7 +282,7 @@ class MRGModel(nn.Module):
                                                          w.mutual_temperature)
         if w.diagnosis > 0:
             terms["diagnosis"] = logit_adjusted_diagnosis_loss(
-                diagnosis_logits, labels, log_prior, self.logit_adjust_tau)
+                diagnosis_logits, labels, log_prior, w.diagnosis_logit_adjust_tau)
         if w.contrastive_global > 0 and prototypes is not None:
             if proto_counts is None:
                 raise ModelInputError("prototypes given without proto_counts")
@@ -292,7 +292,7 @@ class MRGModel(nn.Module):
         if w.contrastive_local > 0:
             terms["contrastive_local"] = client_aware_contrastive_loss(
                 self.local_head(features), labels, w.contrastive_temperature,
-                center_ids=batch.get("center"))
+                center_ids=batch.get("center"), min_jaccard=w.local_positive_jaccard)
         if not terms:
             raise ModelInputError("no loss term to compute: every weight in model.losses is 0 "
                                   "(or only contrastive_global, without prototypes)")
