@@ -12,8 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from fedmrg.cli import main
 from fedmrg.data.labeler import label_report
 from fedmrg.data.phantom import (
     CENTER_PROFILES,
@@ -36,6 +39,8 @@ from fedmrg.data.phantom import (
     sample_labels,
     sample_record,
 )
+from fedmrg.data.phantom.doc_tables import fill, sections
+from fedmrg.data.phantom.figure import render_centers_figure
 from fedmrg.data.phantom.labels import (
     CARDIO,
     DEVICES,
@@ -396,3 +401,29 @@ def test_markers_are_burned_in_where_expected():
         Acquisition(markers=("logo",))
     with pytest.raises(ValueError, match="gamma = 0.0"):
         Acquisition(gamma=0.0)
+
+
+# --- docs, figure, CLI ------------------------------------------------------------------------
+
+
+def test_docs_tables_are_what_the_code_computes():
+    doc = (Path(__file__).parents[1] / "docs" / "phantom.md").read_text()
+    assert fill(doc, sections()) == doc, "run: python -m fedmrg.data.phantom.doc_tables " \
+                                         "docs/phantom.md"
+    assert f"version {PHANTOM_VERSION}" in doc
+
+
+def test_centers_figure_is_written(tmp_path):
+    out = render_centers_figure(tmp_path / "fig.png", seed=0, image_size=32, centers=1)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 1000 and im.height > 300
+
+
+def test_cli_generates_the_benchmark(tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["data", "phantom", "--out", str(out), "--centers", "1",
+                                       "--studies-per-center", "10", "--image-size", "32",
+                                       "--no-heldout"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["centers"]) == ["a"] and manifest["source"]["heldout_center"] is False

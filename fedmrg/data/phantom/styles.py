@@ -231,8 +231,9 @@ def report_from_labels(labels: Sequence[int], style: ReportStyle, rng: np.random
         details = sample_details(rng, labels)
     findings = _findings_sentences(labels, details, style, rng)
     impression = _impression_items(labels, details, style, rng) if style.has_impression else []
-    if not findings:
-        findings = [_pick(rng, style.normal)]
+    if not findings:  # say it differently from the impression when the style can
+        others = tuple(n for n in style.normal if n not in impression) or style.normal
+        findings = [_pick(rng, others)]
     if not style.has_impression and labels[NO_FINDING] == POSITIVE and \
             findings[-1] not in style.normal:
         findings.append(_pick(rng, style.normal))
