@@ -54,9 +54,8 @@ from fedmrg.data.schema import NEGATIVE, POSITIVE, UNCERTAIN
 T = tuple[str, ...]  # alternative templates; one is drawn per use
 
 # Anatomical order most reports follow; ICU-style reports put the devices first.
-ANATOMICAL_ORDER: tuple[int, ...] = (DEVICES, CARDIO, ECM, OPACITY, CONSOL, PNEUMONIA, EDEMA,
-                                     ATELECT, LESION, EFFUSION, PTX, PLEURAL_OTHER, FRACTURE)
-ANATOMICAL_ORDER = ANATOMICAL_ORDER[1:] + ANATOMICAL_ORDER[:1]
+ANATOMICAL_ORDER: tuple[int, ...] = (CARDIO, ECM, OPACITY, CONSOL, PNEUMONIA, EDEMA, ATELECT,
+                                     LESION, EFFUSION, PTX, PLEURAL_OTHER, FRACTURE, DEVICES)
 DEVICES_FIRST: tuple[int, ...] = (DEVICES,) + ANATOMICAL_ORDER[:-1]
 
 
