@@ -31,7 +31,7 @@ class Acquisition:
     window: tuple[float, float] = (0.0, 1.0)  # attenuation mapped to black..white
     gamma: float = 1.0
     contrast: float = 1.0  # around mid-gray
-    blur_sigma: float = 0.0  # in output pixels
+    blur_sigma: float = 0.0  # gaussian sigma in pixels of a 64-px image (scales with the side)
     noise_std: float = 0.01  # gaussian, on the [0, 1] scale
     invert: bool = False  # exported with inverted polarity (air white)
     markers: tuple[str, ...] = ()  # subset of MARKERS

@@ -27,7 +27,7 @@ def _records(profile: CenterProfile) -> list[tuple]:
 
 
 def acquisition_table(profiles: list[CenterProfile]) -> str:
-    rows = ["| center | side (px) | zoom | window | gamma | contrast | blur (px) | noise | "
+    rows = ["| center | side (px) | zoom | window | gamma | contrast | blur (px at 64) | noise | "
             "polarity | burned-in | AP films | lateral view |",
             "|---|---:|---:|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for p in profiles:
