@@ -369,7 +369,9 @@ def wrap_decoder(base_lm: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
     try:
-        decoder = get_peft_model(base_lm, lora, adapter_name=GENERIC)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            decoder = get_peft_model(base_lm, lora, adapter_name=GENERIC)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in base_lm.named_modules()
                         if isinstance(m, nn.Linear)})
