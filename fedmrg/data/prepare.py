@@ -48,9 +48,12 @@ def _check_phantom_matches(root: Path, manifest: dict, cfg: DataConfig) -> None:
     source = manifest.get("source", {})
     if cfg.source != "phantom" or source.get("kind") != "phantom":
         return
+    from fedmrg.data.phantom import PHANTOM_VERSION
+
     p = cfg.phantom
-    wanted = {"seed": p.seed, "centers": p.centers, "studies_per_center": p.studies_per_center,
-              "image_size": p.image_size}
+    wanted = {"version": PHANTOM_VERSION, "seed": p.seed, "centers": p.centers,
+              "studies_per_center": p.studies_per_center, "image_size": p.image_size,
+              "heldout_center": p.heldout_center}
     diff = {k: (source.get(k), v) for k, v in wanted.items() if source.get(k) != v}
     if diff:
         detail = ", ".join(f"data.phantom.{k}: dataset has {a!r}, config asks {b!r}"
