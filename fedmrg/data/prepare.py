@@ -56,8 +56,8 @@ def _check_phantom_matches(root: Path, manifest: dict, cfg: DataConfig) -> None:
               "heldout_center": p.heldout_center}
     diff = {k: (source.get(k), v) for k, v in wanted.items() if source.get(k) != v}
     if diff:
-        detail = ", ".join(f"data.phantom.{k}: dataset has {a!r}, config asks {b!r}"
-                           for k, (a, b) in diff.items())
+        detail = ", ".join(f"{'generator ' if k == 'version' else 'data.phantom.'}{k}: "
+                           f"dataset has {a!r}, config asks {b!r}" for k, (a, b) in diff.items())
         raise DatasetError(f"{root}: existing phantom dataset differs from the config ({detail});"
                            f" point data.root elsewhere or delete the folder")
 
