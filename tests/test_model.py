@@ -428,6 +428,7 @@ def test_save_load_round_trip(make_model, batch, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model"]
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # inside peft
 def test_saved_generic_adapter_loads_with_peft(make_model, tmp_path):
     model = make_model()
     perturb_adapter(model, GENERIC)

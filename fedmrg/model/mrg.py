@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedmrg.config import ModelConfig
+from fedmrg.config import DataConfig, ModelConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS
 from fedmrg.data.transforms import tokenize_reports
 from fedmrg.model.base_lm import ensure_pad_token, load_base_lm
@@ -48,6 +48,7 @@ from fedmrg.model.prompts import diagnosis_prompt
 
 GENERIC, SPECIALIZED = "generic", "specialized"
 IGNORE = -100  # HF convention for "no LM loss here"
+REPORT_TOKENS = DataConfig().max_report_tokens  # when the batch brings no input_ids
 LOSS_TERMS = ("lm_generic", "lm_personal", "mutual", "diagnosis", "contrastive_global",
               "contrastive_local")
 
@@ -66,7 +67,7 @@ class SequenceLayout:
     labels: torch.Tensor  # (B, T) int64, IGNORE on prompt, visual and padding positions
     prompt_len: int  # Lp (left-padded prompt width)
     visual_len: int  # N_v
-    report_len: int  # T_r (0 when building a generation prefix without a report)
+    report_len: int  # T_r (1 for a generation prefix: just the report's BOS)
 
 
 class MRGModel(nn.Module):
@@ -74,7 +75,7 @@ class MRGModel(nn.Module):
                  diagnosis_head: DiagnosisHead, global_head: ProjectionHead,
                  local_head: ProjectionHead, decoder: PeftModel,
                  tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
-                 max_report_tokens: int = 96):
+                 max_report_tokens: int = REPORT_TOKENS):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -96,7 +97,7 @@ class MRGModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, base_lm: PreTrainedModel | None = None,
                     tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0,
-                    max_report_tokens: int = 96) -> MRGModel:
+                    max_report_tokens: int = REPORT_TOKENS) -> MRGModel:
         """Build the whole model; `seed` fixes every initialization (same seed, same weights).
 
         `base_lm` (frozen, then wrapped in place by peft) and `tokenizer` default to
@@ -322,7 +323,7 @@ class MRGModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, view_mask: torch.Tensor, personalized: bool = False,
-                 num_beams: int = 3, max_new_tokens: int = 96, min_new_tokens: int = 0,
+                 num_beams: int = 3, max_new_tokens: int = REPORT_TOKENS, min_new_tokens: int = 0,
                  repetition_penalty: float = 1.0, states: torch.Tensor | None = None,
                  return_states: bool = False) -> list[str] | tuple[list[str], torch.Tensor]:
         """Reports for a batch of studies (greedy when num_beams=1; no sampling).
