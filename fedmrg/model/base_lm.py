@@ -201,8 +201,11 @@ def _builtin_path(cfg: ModelConfig, corpus: Sequence[str] | None, recipe: Warmup
     entry = cache / builtin_lm_key(cfg, corpus, recipe)
     if (entry / BUILD_INFO).exists():
         return entry
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    except OSError as e:
+        raise BaseLMError(f"model.lm_cache: cannot write the builtin LM cache {cache}: {e}") from e
     try:
         log.info("building the builtin base LM into %s", entry)
         t0 = time.perf_counter()
