@@ -343,9 +343,10 @@ class CenterStream:
         return {"num_cpus": self.num_cpus_per_task,
                 "compute": ray.data.TaskPoolStrategy(size=tasks)}
 
-    def _read(self, file_seed: int | None) -> ray.data.Dataset:
+    def _read(self, file_seed: int | None, rows_per_block: int | None = None
+              ) -> ray.data.Dataset:
         """Stage A as a lazy dataset: this center's files (shuffled by `file_seed`), this
-        split, decoded."""
+        split, decoded; one block per file, or blocks of `rows_per_block` rows."""
         source = self.source
         if file_seed is not None:
             order = np.random.default_rng(file_seed).permutation(len(self.files))
@@ -363,7 +364,7 @@ class CenterStream:
         return dataset.filter(expr=col("split") == self.split, **tasks).map_batches(
             decode_rows,
             batch_format="pyarrow",
-            batch_size=None,  # a whole block (one file's rows of this split) per call
+            batch_size=rows_per_block,  # None: a whole file's rows of this split per call
             fn_kwargs={"center": self.center, "image_size": self.image_size,
                        "max_views": self.max_views, "on_error": self.on_error},
             **tasks,
@@ -377,7 +378,11 @@ class CenterStream:
         return self._decoded
 
     def _materialize_decoded(self) -> ray.data.Dataset:
-        decoded = self._read(file_seed=None).materialize()
+        # As many blocks as concurrent tasks: every pass over a materialized dataset pays
+        # ~0.15 s of fixed Ray Data cost plus a task round trip per block, so 2 big blocks
+        # make an epoch of the phantom's 210 rows ~2x faster than one block per file.
+        rows_per_block = math.ceil(self.manifest_rows / self.max_concurrent_tasks)
+        decoded = self._read(file_seed=None, rows_per_block=rows_per_block).materialize()
         if decoded.count() == 0:
             raise DatasetError(f"{self.root}: center {self.center!r} has no {self.split!r} "
                                f"rows in {self.files} (the manifest says "
