@@ -1,0 +1,429 @@
+"""Low-rank updates: LoRA aggregation on the server, truncated-SVD + error feedback on clients.
+
+Server side, per LoRA module (update of W = scaling * B @ A, A (r, k), B (d, r)):
+
+- `fedavg`: weighted mean of the A's and of the B's separately. Cheap, but the mean of products
+  is not the product of means, so it is inexact unless clients agree.
+- `exact`: the best rank-`rank` approximation (Frobenius / spectral, Eckart-Young) of
+  M = sum_k w_k B_k A_k, from QR of the stacked factors and an SVD of a small R x R core
+  (R = sum_k r_k), never forming the dense d x k matrix M.
+- `stack`: FLoRA-style concatenation, A = [A_1; ...; A_K], B = [w_1 B_1 | ... | w_K B_K].
+  B @ A equals M exactly, but the rank is R = sum_k r_k (see `aggregate_lora_stack`).
+
+Client side, every other shared (dense) tensor: `ErrorFeedback.compress` sends a truncated SVD
+of the round's update plus the residual it failed to send last round.
+
+Scaling: all three methods combine products B_k A_k, i.e. they assume every client's adapter
+has the same `scaling` (lora_alpha / r). With heterogeneous ranks and a fixed lora_alpha the
+scalings differ: pass `B_k * scaling_k` and divide the resulting B by the receiving adapter's
+scaling.
+
+Pure functions on CPU or GPU tensors; no Ray. Factorizations run in float64 and the results
+come back in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LORA_METHODS = ("exact", "fedavg", "stack")
+COMPUTE_DTYPE = torch.float64  # QR/SVD precision; the cost is a few small matrices per module
+
+# `<module>.lora_A.<adapter>.weight`, as peft names them in a state dict
+_LORA_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.weight$")
+_LORA_MARK = re.compile(r"(^|\.)lora_[AB]\.")
+
+
+class LowRankError(ValueError):
+    """Inconsistent factors, weights or ranks; the message names the client/tensor/value."""
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def normalize_weights(weights: Sequence[float] | torch.Tensor, n: int | None = None,
+                      dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+    """Client weights (sample counts) -> (K,) tensor summing to 1.
+
+    Zero weights are allowed (the client contributes nothing); negative, non-finite or an
+    all-zero set are errors, as is a count different from `n` when given.
+    """
+    w = torch.as_tensor(weights, dtype=dtype).flatten().cpu()
+    if n is not None and w.numel() != n:
+        raise LowRankError(f"got {w.numel()} weights for {n} clients")
+    if w.numel() == 0:
+        raise LowRankError("no clients to aggregate (empty weights)")
+    for i, v in enumerate(w.tolist()):
+        if not math.isfinite(v) or v < 0:
+            raise LowRankError(f"client {i}: weight {v} is not a finite non-negative number")
+    total = float(w.sum())
+    if total <= 0:
+        raise LowRankError(f"weights {w.tolist()} sum to 0; at least one client needs samples")
+    return w / total
+
+
+# --------------------------------------------------------------------------- LoRA aggregation
+
+
+def _check_factors(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """Every A_k (r_k, k), B_k (d, r_k), same d and k for all clients; returns (d, k)."""
+    if len(As) != len(Bs):
+        raise LowRankError(f"{len(As)} A factors but {len(Bs)} B factors")
+    if not As:
+        raise LowRankError("no clients to aggregate (empty factor lists)")
+    for i, (a, b) in enumerate(zip(As, Bs, strict=True)):
+        if a.dim() != 2 or b.dim() != 2:
+            raise LowRankError(f"client {i}: factors must be 2-D, got A {tuple(a.shape)} and "
+                               f"B {tuple(b.shape)} (reshape conv factors with lora_matrices)")
+        if a.shape[0] != b.shape[1]:
+            raise LowRankError(f"client {i}: A {tuple(a.shape)} and B {tuple(b.shape)} have "
+                               f"different ranks ({a.shape[0]} vs {b.shape[1]})")
+    d, k = Bs[0].shape[0], As[0].shape[1]
+    for i, (a, b) in enumerate(zip(As, Bs, strict=True)):
+        if (b.shape[0], a.shape[1]) != (d, k):
+            raise LowRankError(f"client {i}: B @ A has shape {(b.shape[0], a.shape[1])}, "
+                               f"client 0's has {(d, k)}")
+    return d, k
+
+
+def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
+
+
+def aggregate_lora_fedavg(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                          weights: Sequence[float] | torch.Tensor,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted means: A = sum_k w_k A_k (r, k), B = sum_k w_k B_k (d, r).
+
+    B @ A != sum_k w_k B_k A_k in general (cross terms B_i A_j); equal when clients agree.
+    All clients must have the same rank (use `exact` or `stack` for heterogeneous ranks).
+    """
+    _check_factors(As, Bs)
+    ranks = [a.shape[0] for a in As]
+    if len(set(ranks)) > 1:
+        raise LowRankError(f"fedavg needs one rank for all clients, got ranks {ranks}; "
+                           f"use aggregation 'exact' or 'stack' for heterogeneous ranks")
+    w = normalize_weights(weights, len(As))
+    dtype = _result_dtype([*As, *Bs])
+    A = sum(wi * a.to(COMPUTE_DTYPE) for wi, a in zip(w.tolist(), As, strict=True))
+    B = sum(wi * b.to(COMPUTE_DTYPE) for wi, b in zip(w.tolist(), Bs, strict=True))
+    return A.to(dtype), B.to(dtype)
+
+
+def aggregate_lora_stack(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                         weights: Sequence[float] | torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA-style stacking: A = [A_1; ...; A_K] (R, k), B = [w_1 B_1 | ... | w_K B_K] (d, R).
+
+    B @ A = sum_k w_k B_k A_k exactly, with R = sum_k r_k. The rank grows: the next round's
+    adapter has rank R, not the clients' r. A receiver must either merge scaling * B @ A into
+    its frozen base weight and start a fresh rank-r adapter (what FLoRA does), or be built with
+    rank R; fed back as the clients' starting factors round after round, R grows by sum_k r_k
+    each round. The weights go on B, so the A rows are the clients' own.
+    """
+    _check_factors(As, Bs)
+    w = normalize_weights(weights, len(As))
+    dtype = _result_dtype([*As, *Bs])
+    A = torch.cat([a.to(COMPUTE_DTYPE) for a in As], dim=0)  # (R, k)
+    B = torch.cat([wi * b.to(COMPUTE_DTYPE) for wi, b in zip(w.tolist(), Bs, strict=True)],
+                  dim=1)  # (d, R)
+    return A.to(dtype), B.to(dtype)
+
+
+def aggregate_lora_exact(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                         weights: Sequence[float] | torch.Tensor, rank: int,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` approximation of M = sum_k w_k B_k A_k, as factors A (rank, k), B (d, rank).
+
+    M = Bs @ As with Bs = [w_1 B_1 | ... | w_K B_K] (d, R) and As = [A_1; ...; A_K] (R, k).
+    QR: Bs = Qb Rb, As^T = Qa Ra, so M = Qb (Rb Ra^T) Qa^T, and the SVD of the small core
+    C = Rb Ra^T = U S V^T gives the SVD of M = (Qb U) S (Qa V)^T. Cost O((d + k) R^2 + R^3)
+    instead of O(d k R + d k min(d, k)) for the dense route; it pays while R << min(d, k).
+
+    Split of S between the factors: balanced, B = Qb U_r sqrt(S_r), A = sqrt(S_r) V_r^T Qa^T,
+    so column i of B and row i of A have the same norm sqrt(s_i). This keeps the two factors
+    equally conditioned for the next round's gradients (dL/dB = G A^T, dL/dA = B^T G), whereas
+    putting S on one side leaves the other orthonormal and the gradient scales lopsided.
+    Directions beyond the rank of M (when rank > R or M is rank-deficient) come out as zero
+    rows of A and zero columns of B: the output always has exactly `rank` components, so the
+    receiving adapter keeps its shape.
+
+    Clients may have different ranks r_k; the output has the requested `rank`.
+    """
+    d, k = _check_factors(As, Bs)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise LowRankError(f"rank must be a positive integer, got {rank!r}")
+    w = normalize_weights(weights, len(As))
+    dtype, device = _result_dtype([*As, *Bs]), Bs[0].device
+    B_stack = torch.cat([wi * b.to(device, COMPUTE_DTYPE)
+                         for wi, b in zip(w.tolist(), Bs, strict=True)], dim=1)  # (d, R)
+    A_stack = torch.cat([a.to(device, COMPUTE_DTYPE) for a in As], dim=0)  # (R, k)
+    Qb, Rb = torch.linalg.qr(B_stack, mode="reduced")  # (d, p), (p, R), p = min(d, R)
+    Qa, Ra = torch.linalg.qr(A_stack.T, mode="reduced")  # (k, q), (q, R), q = min(k, R)
+    core = Rb @ Ra.T  # (p, q)
+    U, S, Vh = torch.linalg.svd(core, full_matrices=False)  # (p, m), (m,), (m, q)
+    kept = min(rank, S.numel())
+    root = S[:kept].sqrt()  # (kept,)
+    B = (Qb @ U[:, :kept]) * root  # (d, kept)
+    A = root[:, None] * (Vh[:kept] @ Qa.T)  # (kept, k)
+    if kept < rank:  # pad to the requested rank with inert zero components
+        B = torch.cat([B, B.new_zeros(d, rank - kept)], dim=1)
+        A = torch.cat([A, A.new_zeros(rank - kept, k)], dim=0)
+    return A.to(dtype), B.to(dtype)
+
+
+def aggregate_lora(method: str, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                   weights: Sequence[float] | torch.Tensor, rank: int | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on `method` (federation.aggregation): "exact" | "fedavg" | "stack".
+
+    `rank` is used by "exact" only; None means the largest client rank.
+    """
+    if method == "exact":
+        _check_factors(As, Bs)
+        target = max(a.shape[0] for a in As) if rank is None else rank
+        return aggregate_lora_exact(As, Bs, weights, target)
+    if method == "fedavg":
+        return aggregate_lora_fedavg(As, Bs, weights)
+    if method == "stack":
+        return aggregate_lora_stack(As, Bs, weights)
+    raise LowRankError(f"unknown LoRA aggregation {method!r}; choose one of {list(LORA_METHODS)}")
+
+
+# --------------------------------------------------------------------------- LoRA in state dicts
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The two factor names of one LoRA adapter on one module."""
+
+    module: str  # e.g. "decoder.base_model.model.model.layers.0.self_attn.q_proj"
+    adapter: str  # e.g. "generic"
+    a_key: str
+    b_key: str
+
+
+def is_lora_factor(name: str) -> bool:
+    """True for state-dict names of LoRA factors (`...lora_A.<adapter>...`, `...lora_B...`)."""
+    return _LORA_MARK.search(name) is not None
+
+
+def lora_pairs(names: Mapping[str, object] | Sequence[str], adapters: Sequence[str] | None = None,
+               ) -> dict[str, LoraPair]:
+    """Group LoRA factor names into pairs, keyed `"<module>.<adapter>"`, in first-seen order.
+
+    `names`: a state dict or its keys. Only adapters in `adapters` are taken (None: all).
+    A factor without its partner, or a LoRA name not of the form
+    `<module>.lora_{A,B}.<adapter>.weight` (e.g. a peft lora bias), is an error.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for name in names:
+        if not is_lora_factor(name):
+            continue
+        match = _LORA_NAME.match(name)
+        if match is None:
+            raise LowRankError(f"{name}: unsupported LoRA tensor (expected "
+                               f"'<module>.lora_A.<adapter>.weight' or lora_B)")
+        if adapters is not None and match["adapter"] not in adapters:
+            continue
+        key = f"{match['module']}.{match['adapter']}"
+        found.setdefault(key, {})[match["factor"]] = name
+    pairs = {}
+    for key, factors in found.items():
+        if set(factors) != {"A", "B"}:
+            have, lack = next(iter(factors.items())), "B" if "A" in factors else "A"
+            raise LowRankError(f"{have[1]}: LoRA factor without its lora_{lack} partner")
+        module, adapter = key.rsplit(".", 1)
+        pairs[key] = LoraPair(module, adapter, factors["A"], factors["B"])
+    return pairs
+
+
+def lora_matrices(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft factors as matrices: A (r, k) and B (d, r), with delta W = B @ A (times scaling).
+
+    Linear: A (r, in), B (out, r) as they are. Conv2d: A (r, in, kh, kw) -> (r, in*kh*kw) and
+    B (out, r, 1, 1) -> (out, r); the delta reshapes back to (out, in, kh, kw).
+    """
+    if A.dim() < 2 or B.dim() < 2:
+        raise LowRankError(f"LoRA factors need >= 2 dims, got A {tuple(A.shape)}, "
+                           f"B {tuple(B.shape)}")
+    if any(s != 1 for s in B.shape[2:]):
+        raise LowRankError(f"LoRA B {tuple(B.shape)}: trailing dims must be 1 (a 1x1 conv)")
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+
+
+def lora_delta_shape(A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the base weight the factors update: (d, k) or (out, in, kh, kw)."""
+    return (B.shape[0], *A.shape[1:])
+
+
+def aggregate_lora_states(method: str, states: Sequence[Mapping[str, torch.Tensor]],
+                          weights: Sequence[float] | torch.Tensor, rank: int | None = None,
+                          adapters: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Aggregate every LoRA pair of the clients' state dicts -> {a_key: A, b_key: B}.
+
+    Pairs come from client 0 (`lora_pairs`); every client must hold both factors of every
+    pair with matching non-rank dims. Conv factors are aggregated as matrices and reshaped back
+    to peft's layout with the new rank. Non-LoRA tensors are ignored (the caller averages them).
+    """
+    if not states:
+        raise LowRankError("no client states to aggregate")
+    pairs = lora_pairs(states[0], adapters)
+    for i, state in enumerate(states[1:], start=1):
+        other = lora_pairs(state, adapters)
+        if other.keys() != pairs.keys():
+            diff = sorted(set(pairs).symmetric_difference(other))
+            raise LowRankError(f"client {i}: LoRA modules differ from client 0's, "
+                               f"first: {diff[0]!r} ({len(diff)} in all)")
+    out: dict[str, torch.Tensor] = {}
+    for key, pair in pairs.items():
+        ref_A, ref_B = states[0][pair.a_key], states[0][pair.b_key]
+        As, Bs = [], []
+        for i, state in enumerate(states):
+            A, B = state[pair.a_key], state[pair.b_key]
+            if A.shape[1:] != ref_A.shape[1:] or B.shape[2:] != ref_B.shape[2:]:
+                raise LowRankError(f"client {i}: {key}: factors A {tuple(A.shape)}, "
+                                   f"B {tuple(B.shape)} do not match client 0's "
+                                   f"A {tuple(ref_A.shape)}, B {tuple(ref_B.shape)}")
+            try:
+                a, b = lora_matrices(A, B)
+            except LowRankError as e:
+                raise LowRankError(f"client {i}: {key}: {e}") from None
+            As.append(a)
+            Bs.append(b)
+        try:
+            A, B = aggregate_lora(method, As, Bs, weights, rank)  # checks ranks and d
+        except LowRankError as e:
+            raise LowRankError(f"{key}: {e}") from None
+        r = A.shape[0]
+        out[pair.a_key] = A.reshape(r, *ref_A.shape[1:]).to(ref_A.dtype)
+        out[pair.b_key] = B.reshape(ref_B.shape[0], r, *ref_B.shape[2:]).to(ref_B.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- dense updates
+
+
+@dataclass
+class LowRankUpdate:
+    """A dense update of `shape` sent as U (m, r) @ V (r, n), with m = shape[0] and
+    n = prod(shape[1:]) (a conv weight (out, in, kh, kw) is the matrix (out, in*kh*kw))."""
+
+    U: torch.Tensor  # (m, r), singular values folded in
+    V: torch.Tensor  # (r, n), orthonormal rows
+    shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return (self.U @ self.V).reshape(self.shape)
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(m, n) of the matrix view of a >= 2-D tensor: (shape[0], prod(shape[1:]))."""
+    if len(shape) < 2:
+        raise LowRankError(f"shape {tuple(shape)}: a matrix view needs >= 2 dims")
+    return shape[0], math.prod(shape[1:])
+
+
+def factorizes(shape: Sequence[int], rank: int) -> bool:
+    """Whether an update of `shape` travels as rank-`rank` factors rather than dense.
+
+    Rule: rank > 0, at least 2 dims, and the factors hold fewer numbers than the tensor,
+    rank * (m + n) < m * n. So 1-D tensors (biases, norms, BatchNorm statistics), rank 0
+    (dense mode) and small or thin matrices go dense. (rank >= min(m, n) never factorizes.)
+    """
+    if rank <= 0 or len(shape) < 2:
+        return False
+    m, n = matrix_shape(shape)
+    return rank * (m + n) < m * n
+
+
+def truncated_svd(delta: torch.Tensor, rank: int) -> LowRankUpdate:
+    """Best rank-`rank` approximation of a >= 2-D tensor: U = U_r S_r (m, r), V = V_r^T (r, n).
+
+    Computed in float64 by a full (thin) SVD, factors returned in delta's dtype. Ranks above
+    min(m, n) are clipped to it.
+    """
+    if delta.dim() < 2:
+        raise LowRankError(f"truncated_svd needs a >= 2-D tensor, got shape {tuple(delta.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise LowRankError(f"rank must be a positive integer, got {rank!r}")
+    m, n = matrix_shape(delta.shape)
+    dtype = delta.dtype if delta.is_floating_point() else torch.get_default_dtype()
+    M = delta.reshape(m, n).to(COMPUTE_DTYPE)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n)
+    r = min(rank, S.numel())
+    return LowRankUpdate(U=(U[:, :r] * S[:r]).to(dtype), V=Vh[:r].to(dtype),
+                         shape=tuple(delta.shape))
+
+
+def compress(delta: torch.Tensor, rank: int) -> LowRankUpdate | torch.Tensor:
+    """`truncated_svd(delta, rank)` when `factorizes(delta.shape, rank)`, else delta (dense)."""
+    return truncated_svd(delta, rank) if factorizes(delta.shape, rank) else delta
+
+
+def decompress(update: LowRankUpdate | torch.Tensor) -> torch.Tensor:
+    """The dense delta a message stands for (a dense tensor is returned as it is)."""
+    if isinstance(update, LowRankUpdate):
+        return update.dense()
+    if isinstance(update, torch.Tensor):
+        return update
+    raise LowRankError(f"cannot decompress a {type(update).__name__}; expected a LowRankUpdate "
+                       f"or a tensor")
+
+
+class ErrorFeedback:
+    """Per-tensor truncation residuals kept on the client across rounds.
+
+    compress(name, delta, rank): corrected = delta + residual[name]; send the rank-`rank`
+    factors of `corrected` (or corrected dense, see `factorizes`); keep
+    residual[name] = corrected - transmitted. What is not sent this round is sent later, so
+    the sum of transmitted updates tracks the sum of true updates within the last residual.
+    Residuals are float32 (float64 for float64 deltas) whatever the wire dtype.
+    """
+
+    def __init__(self) -> None:
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def compress(self, name: str, delta: torch.Tensor, rank: int) -> LowRankUpdate | torch.Tensor:
+        dtype = torch.promote_types(delta.dtype, torch.float32)
+        corrected = delta.to(dtype)
+        residual = self.residuals.get(name)
+        if residual is not None:
+            if residual.shape != delta.shape:
+                raise LowRankError(f"{name}: update shape {tuple(delta.shape)} differs from the "
+                                   f"stored residual's {tuple(residual.shape)}")
+            corrected = corrected + residual.to(corrected.device, dtype)
+        update = compress(corrected, rank)
+        if isinstance(update, LowRankUpdate):
+            self.residuals[name] = corrected - update.dense().to(dtype)
+        else:  # sent exactly: nothing left over
+            self.residuals.pop(name, None)
+        return update
+
+    def compress_all(self, deltas: Mapping[str, torch.Tensor], rank: int,
+                     ) -> dict[str, LowRankUpdate | torch.Tensor]:
+        """`compress` every tensor of a dict of updates, keyed by name."""
+        return {name: self.compress(name, delta, rank) for name, delta in deltas.items()}
+
+    def residual_norm(self) -> float:
+        """Frobenius norm of all stored residuals together (0 when nothing is pending)."""
+        return math.sqrt(sum(float(r.double().pow(2).sum()) for r in self.residuals.values()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Residuals for a client checkpoint (copies)."""
+        return {n: r.detach().clone() for n, r in self.residuals.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.residuals = {n: r.detach().clone() for n, r in state.items()}
