@@ -1,0 +1,192 @@
+"""Byte accounting of federated messages, and the wire dtype of their floating tensors.
+
+`message_bytes(payload)` walks any message (nested dicts, lists, tuples, dataclasses of tensors,
+`LowRankUpdate`s, numpy arrays, numbers, strings) and counts what it carries:
+
+- tensor and array data: numel * element size, by dtype (`float32`, `bfloat16`, ...);
+- numbers 8 bytes (`int64` / `float64`), bools 1 byte, strings and bytes their (UTF-8) length,
+  None nothing; mapping keys and dataclass field names count as strings: names travel too
+  (a state dict's names can outweigh a tiny model's LoRA factors);
+- `dense_equivalent_bytes`: what the same update would cost sent dense. A LoRA pair
+  (`<m>.lora_A.<a>.weight` (r, k) and `<m>.lora_B.<a>.weight` (d, r) in one mapping) counts as
+  the full d x k delta, a `LowRankUpdate` as its original shape, anything else as itself; all
+  in the factors' element size.
+
+Framing (pickle headers, tensor shapes and strides) is not counted: it is the same whatever the
+compression and small next to the data. `to_wire(payload, "bf16")` casts floating tensors for
+sending; `from_wire(payload)` casts them back (to float32 by default) on arrival.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmrg.fl.lowrank import LowRankUpdate, is_lora_factor, lora_delta_shape, lora_pairs
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCALAR_BYTES = 8  # a Python int/float as int64/float64
+
+
+class WireError(ValueError):
+    """A message holds something that cannot be counted or cast; the message names its path."""
+
+
+@dataclass
+class WireSize:
+    """Bytes of one message (or of several, summed with `+`)."""
+
+    bytes: int = 0
+    dense_equivalent_bytes: int = 0
+    by_dtype: dict[str, int] = field(default_factory=dict)
+    tensors: int = 0  # tensors and arrays; a LowRankUpdate is 2
+
+    @property
+    def compression(self) -> float:
+        """dense_equivalent_bytes / bytes (1.0 for an empty message)."""
+        return self.dense_equivalent_bytes / self.bytes if self.bytes else 1.0
+
+    def __add__(self, other: WireSize) -> WireSize:
+        by_dtype = dict(self.by_dtype)
+        for dtype, n in other.by_dtype.items():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+        return WireSize(self.bytes + other.bytes,
+                        self.dense_equivalent_bytes + other.dense_equivalent_bytes,
+                        by_dtype, self.tensors + other.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for logging/JSON."""
+        return {"bytes": self.bytes, "dense_equivalent_bytes": self.dense_equivalent_bytes,
+                "by_dtype": dict(sorted(self.by_dtype.items())), "tensors": self.tensors}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.size = WireSize()
+
+    def data(self, dtype: str, nbytes: int, dense_bytes: int | None = None,
+             tensors: int = 0) -> None:
+        s = self.size
+        s.bytes += nbytes
+        s.dense_equivalent_bytes += nbytes if dense_bytes is None else dense_bytes
+        s.by_dtype[dtype] = s.by_dtype.get(dtype, 0) + nbytes
+        s.tensors += tensors
+
+    def factors(self, tensors: list[torch.Tensor], dense_numel: int) -> None:
+        """Low-rank factors: their own bytes, and the dense tensor they stand for as the
+        dense equivalent (in the widest factor's element size)."""
+        nbytes = 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            self.data(_dtype_name(t.dtype), n, tensors=1)
+            nbytes += n
+        elem = max(t.element_size() for t in tensors)
+        self.size.dense_equivalent_bytes += dense_numel * elem - nbytes
+
+    def walk(self, obj: Any, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            self.data(_dtype_name(obj.dtype), obj.numel() * obj.element_size(), tensors=1)
+        elif isinstance(obj, LowRankUpdate):
+            self.factors([obj.U, obj.V], math.prod(obj.shape))
+        elif isinstance(obj, np.ndarray):
+            self.data(str(obj.dtype), int(obj.nbytes), tensors=1)
+        elif isinstance(obj, Mapping):
+            self.mapping(obj, path)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            self.mapping({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, path)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for i, item in enumerate(obj):
+                self.walk(item, f"{path}[{i}]")
+        else:
+            self.scalar(obj, path)
+
+    def scalar(self, obj: Any, path: str) -> None:
+        if obj is None:
+            return
+        if isinstance(obj, (bool, np.bool_)):
+            self.data("bool", 1)
+        elif isinstance(obj, (int, np.integer)):
+            self.data("int64", SCALAR_BYTES)
+        elif isinstance(obj, (float, np.floating)):
+            self.data("float64", SCALAR_BYTES)
+        elif isinstance(obj, str):
+            self.data("str", len(obj.encode("utf-8")))
+        elif isinstance(obj, (bytes, bytearray)):
+            self.data("bytes", len(obj))
+        else:
+            raise WireError(f"{path or 'payload'}: cannot count a {type(obj).__name__} "
+                            f"(tensors, LowRankUpdate, arrays, containers, numbers, strings)")
+
+    def mapping(self, obj: Mapping, path: str) -> None:
+        lora_names = [k for k, v in obj.items()
+                      if isinstance(k, str) and isinstance(v, torch.Tensor) and is_lora_factor(k)]
+        try:
+            pairs = lora_pairs(lora_names) if lora_names else {}
+        except ValueError:  # an unpaired factor: count it as itself rather than guess
+            pairs = {}
+        paired = set()
+        for pair in pairs.values():
+            A, B = obj[pair.a_key], obj[pair.b_key]
+            if A.dim() >= 2 and B.dim() >= 2 and A.shape[0] == B.shape[1]:
+                self.factors([A, B], math.prod(lora_delta_shape(A, B)))
+                paired.update((pair.a_key, pair.b_key))
+        for key, value in obj.items():
+            self.walk(key, f"{path}.<key>")
+            if key not in paired:
+                self.walk(value, f"{path}[{key!r}]")
+
+
+def message_bytes(payload: Any) -> WireSize:
+    """Bytes a message carries, by dtype, and its dense-equivalent size (module docstring)."""
+    counter = _Counter()
+    counter.walk(payload, "")
+    return counter.size
+
+
+# --------------------------------------------------------------------------- wire dtype
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    """"fp32" | "bf16" -> the torch dtype; anything else is an error naming the choices."""
+    if name not in WIRE_DTYPES:
+        raise WireError(f"unknown wire dtype {name!r}; choose one of {list(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, LowRankUpdate):
+        return LowRankUpdate(_cast(obj.U, dtype), _cast(obj.V, dtype), tuple(obj.shape))
+    if isinstance(obj, Mapping):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _cast(getattr(obj, f.name), dtype)
+                   for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, (list, tuple)):
+        items = [_cast(item, dtype) for item in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj  # numbers, strings, arrays: unchanged
+
+
+def to_wire(payload: Any, dtype: str = "fp32") -> Any:
+    """A copy of the message with every floating tensor (LowRankUpdate factors included) cast to
+    the wire dtype; integer tensors, numpy arrays and scalars are left as they are."""
+    return _cast(payload, wire_dtype(dtype))
+
+
+def from_wire(payload: Any, dtype: str = "fp32") -> Any:
+    """The receiving side of `to_wire`: floating tensors back to `dtype` (float32 by default)
+    for aggregation/loading. Precision lost on the wire stays lost."""
+    return _cast(payload, wire_dtype(dtype))
