@@ -362,9 +362,13 @@ class RunTracker:
         params = config_params(cfg)
         tags = cls._provenance_tags(cfg, centers, dataset_root)
 
-        parent = cls._find_parent(client, experiment_id, name) if resume else None
+        existing = cls._find_parents(client, experiment_id, name)
+        parent = existing[0] if resume and existing else None
+        if len(existing) > 1 and parent is not None:
+            log.warning("%d MLflow runs are named %r; resuming the newest (%s)", len(existing),
+                        name, parent.info.run_id)
         if parent is None:
-            if not resume and cls._find_parent(client, experiment_id, name) is not None:
+            if existing and not resume:
                 log.warning("MLflow run %r already exists in experiment %r; starting another "
                             "(pass resume=True to continue it)", name, tcfg.experiment)
             parent = client.create_run(experiment_id, run_name=name,
@@ -399,16 +403,22 @@ class RunTracker:
         return {k: v[:MAX_TAG_CHARS] for k, v in tags.items()}
 
     @staticmethod
-    def _find_parent(client: MlflowClient, experiment_id: str, name: str) -> Run | None:
-        quoted = name.replace("'", "\\'")
-        runs = client.search_runs([experiment_id],
-                                  f"attributes.run_name = '{quoted}' and "
-                                  f"tags.`{ROLE_TAG}` = 'parent'",
-                                  order_by=["attributes.start_time DESC"], max_results=10)
-        if len(runs) > 1:
-            log.warning("%d MLflow runs are named %r; resuming the newest (%s)", len(runs), name,
-                        runs[0].info.run_id)
-        return runs[0] if runs else None
+    def _find_parents(client: MlflowClient, experiment_id: str, name: str) -> list[Run]:
+        """Active parent runs named `name`, newest first."""
+        role = f"tags.`{ROLE_TAG}` = 'parent'"
+        order = ["attributes.start_time DESC"]
+        if "'" not in name:
+            return list(client.search_runs([experiment_id], f"{role} and attributes.run_name = "
+                                           f"'{name}'", order_by=order, max_results=100))
+        # MLflow's filter language cannot quote a name holding ': match names here instead
+        found, token = [], None
+        while True:
+            page = client.search_runs([experiment_id], role, order_by=order, max_results=1000,
+                                      page_token=token)
+            found += [r for r in page if r.info.run_name == name]
+            token = page.token
+            if not token:
+                return found
 
     @classmethod
     def _reattach(cls, client: MlflowClient, experiment_id: str, parent: Run,
@@ -656,8 +666,11 @@ class RunTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish("FINISHED")
-        else:
+            return
+        try:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        except Exception:  # noqa: BLE001 - the exception that ended the run matters more
+            log.exception("could not mark MLflow run %r as ended", self.run_name)
 
     def _check_open(self) -> None:
         if self._finished:

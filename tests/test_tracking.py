@@ -422,6 +422,9 @@ def test_resume_reattaches_without_duplicates(store, dataset_root):
     assert not fresh.resumed and fresh.last_logged_round() is None
     again = start(store, dataset_root, run_name="new")
     assert again.run_id != fresh.run_id
+    # a name MLflow's filter language cannot quote is still found
+    odd = start(store, dataset_root, run_name="it's \"odd\"")
+    assert start(store, dataset_root, run_name="it's \"odd\"", resume=True).run_id == odd.run_id
 
 
 # --------------------------------------------------------------------------- a real server
