@@ -41,6 +41,7 @@ from fedmrg.config import ExperimentConfig, TrackingConfig
 from fedmrg.data.shards import MANIFEST, DatasetError, manifest_hash
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -213,7 +214,7 @@ def _line(ax, points: Sequence[tuple[int, float]], label: str | None = None, sca
     ax.plot(steps, values, marker="o", markersize=3, label=label)
 
 
-def figure_round_metrics(history: History):
+def figure_round_metrics(history: History) -> Figure | None:
     """One panel per round metric of the parent run (no bytes, no evaluation); None if none."""
     keys = sorted(k for k in history if k != ROUND_METRIC and not is_bytes_key(k)
                   and not is_evaluation_key(k) and history[k])
@@ -227,7 +228,7 @@ def figure_round_metrics(history: History):
     return fig
 
 
-def figure_communication(history: History):
+def figure_communication(history: History) -> Figure | None:
     """Bytes per round (up/down) and cumulative, in MB; None if no bytes were logged."""
     per_round = sorted(k for k in history if is_bytes_key(k) and "cumulative" not in k
                        and not is_evaluation_key(k) and history[k])
@@ -248,7 +249,7 @@ def figure_communication(history: History):
     return fig
 
 
-def figure_evaluation(history: History):
+def figure_evaluation(history: History) -> Figure | None:
     """Mean evaluation metrics (`<view>/<metric>`) over steps, one line per view; None if none."""
     by_metric: dict[str, dict[str, Sequence[tuple[int, float]]]] = {}
     for key, points in history.items():
@@ -267,7 +268,7 @@ def figure_evaluation(history: History):
     return fig
 
 
-def figure_centers(center_history: Mapping[str, History]):
+def figure_centers(center_history: Mapping[str, History]) -> Figure | None:
     """Per-center round metrics, one panel per metric, one line per center; None if none."""
     keys = sorted({k for h in center_history.values() for k, pts in h.items()
                    if pts and not is_evaluation_key(k)})
