@@ -6,6 +6,7 @@ Face hub call costs 25-50 s of retries, and Ray reads its variables when it star
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +43,8 @@ def ray_cluster():
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data logs at DEBUG; pytest would print hundreds of those lines with every failure.
+    logging.getLogger("ray.data").setLevel(logging.INFO)
     try:
         yield ray.cluster_resources()
     finally:

@@ -125,10 +125,11 @@ def test_only_the_requested_split_appears(ray_cluster, dataset, split):
 # --------------------------------------------------------------------------- determinism
 
 
-def test_same_seed_and_epoch_repeat_and_epochs_differ(ray_cluster, dataset):
+@pytest.mark.parametrize("cache_decoded", [True, False])
+def test_same_seed_and_epoch_repeat_and_epochs_differ(ray_cluster, dataset, cache_decoded):
     def make(batch_size: int = 4) -> CenterStream:
         return CenterStream(dataset, "a", "train", image_size=16, batch_size=batch_size,
-                            augment=True, shuffle=True, seed=3)
+                            augment=True, shuffle=True, seed=3, cache_decoded=cache_decoded)
 
     stream = make()
     first, again = run(stream, epoch=0), run(stream, epoch=0)
@@ -236,6 +237,17 @@ def test_bad_rows_are_skipped_and_counted(ray_cluster, bad_dataset, cache_decode
     # Counted once per pass, not accumulated across passes.
     run(stream, epoch=1)
     assert stream.skipped.total == 2
+
+
+def test_a_split_with_only_bad_rows_is_an_error_even_when_skipping(ray_cluster, tmp_path):
+    root = tmp_path / "ds"
+    studies = [make_study("a", i, split="val") for i in range(2)]
+    for study in studies:
+        study.images = [b"broken"]
+    write_dataset(root, studies, {"kind": "t"})
+    stream = CenterStream(root, "a", "val", image_size=8, on_error="skip")
+    with pytest.raises(DatasetError, match=r"center 'a' split 'val': all 2 rows are bad"):
+        run(stream)
 
 
 def test_empty_split_and_unknown_center_are_clear_errors(ray_cluster, dataset):
