@@ -242,7 +242,7 @@ class CenterStream:
 
     def __init__(
         self,
-        root: str,
+        root: str | Path,
         center: str,
         split: str,
         *,
