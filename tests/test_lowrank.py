@@ -78,13 +78,10 @@ def test_exact_equals_dense_svd_reference(d, k, ranks, rank):
     A, B = aggregate_lora_exact(As, Bs, weights, rank)
     assert A.shape == (rank, k) and B.shape == (d, rank) and A.dtype == F64
     M = product_sum(As, Bs, weights)
-    if sum(ranks) >= rank and min(d, k) >= rank:
-        ref = dense_top_r(M, rank)
-        assert rel(B @ A, ref) < 1e-10
-        # the singular values of B @ A are the top ones of M
-        S_ref = torch.linalg.svdvals(M)[:rank]
-        torch.testing.assert_close(torch.linalg.svdvals(B @ A)[:rank], S_ref, rtol=1e-10,
-                                   atol=1e-12)
+    assert rel(B @ A, dense_top_r(M, rank)) < 1e-10
+    # the singular values of B @ A are the top ones of M
+    torch.testing.assert_close(torch.linalg.svdvals(B @ A)[:rank],
+                               torch.linalg.svdvals(M)[:rank], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("ranks,rank", [([3, 2], 5), ([4], 4), ([2, 2, 1], 8), ([8, 8], 16)])
@@ -93,10 +90,28 @@ def test_exact_reproduces_the_sum_when_its_rank_fits(ranks, rank):
     A, B = aggregate_lora_exact(As, Bs, weights, rank)
     assert A.shape == (rank, 40) and B.shape == (64, rank)
     torch.testing.assert_close(B @ A, product_sum(As, Bs, weights), rtol=1e-10, atol=1e-12)
-    # components beyond the true rank are zero (padded), not noise
+    # components beyond the true rank: B column 0, A row a fresh unit direction orthogonal to
+    # the others (trainable, as LoRA's init), not noise and not dead
     R = sum(ranks)
     if rank > R:
-        assert torch.count_nonzero(A[R:]) == 0 and torch.count_nonzero(B[:, R:]) == 0
+        assert torch.count_nonzero(B[:, R:]) == 0
+        eye = torch.eye(rank - R, dtype=F64)
+        torch.testing.assert_close(A[R:] @ A[R:].T, eye, atol=1e-12, rtol=0)
+        assert float((A[R:] @ A[:R].T).abs().max()) < 1e-12
+
+
+def test_exact_keeps_zero_energy_components_trainable():
+    """All B_k = 0 (no client trained B): balanced sqrt(0) splits would zero A as well, and a
+    LoRA pair with A = 0 and B = 0 gets zero gradients forever."""
+    As, Bs, weights = random_factors(24, 18, [4, 4], seed=6)
+    A, B = aggregate_lora_exact(As, [torch.zeros_like(b) for b in Bs], weights, 4)
+    assert torch.count_nonzero(B) == 0
+    torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=F64), atol=1e-12, rtol=0)
+    # rank above k: one orthogonal row is left, the rest are zero
+    As, Bs, weights = random_factors(10, 3, [2], seed=7)
+    A, B = aggregate_lora_exact(As, Bs, weights, 5)
+    torch.testing.assert_close(B @ A, Bs[0] @ As[0], rtol=1e-12, atol=1e-12)
+    assert [round(float(n), 9) for n in A[2:].norm(dim=1)] == [1.0, 0.0, 0.0]
 
 
 def test_exact_truncation_error_is_the_eckart_young_tail():

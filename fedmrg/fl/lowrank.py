@@ -138,6 +138,15 @@ def aggregate_lora_stack(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
     return A.to(dtype), B.to(dtype)
 
 
+def _orthogonal_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """n unit rows (n, k) orthogonal to the orthonormal `rows` (m, k) and to each other;
+    rows past k are zero. Deterministic (Householder QR of the existing rows)."""
+    m, k = rows.shape
+    Q, _ = torch.linalg.qr(rows.T, mode="complete")  # (k, k); columns m.. span the complement
+    extra = Q[:, m:m + n].T  # (min(n, k - m), k)
+    return torch.cat([extra, extra.new_zeros(n - extra.shape[0], k)], dim=0)
+
+
 def aggregate_lora_exact(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
                          weights: Sequence[float] | torch.Tensor, rank: int,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +161,12 @@ def aggregate_lora_exact(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
     so column i of B and row i of A have the same norm sqrt(s_i). This keeps the two factors
     equally conditioned for the next round's gradients (dL/dB = G A^T, dL/dA = B^T G), whereas
     putting S on one side leaves the other orthonormal and the gradient scales lopsided.
-    Directions beyond the rank of M (when rank > R or M is rank-deficient) come out as zero
-    rows of A and zero columns of B: the output always has exactly `rank` components, so the
-    receiving adapter keeps its shape.
+    Components without energy (s_i <= max(p, q) * eps * s_1, e.g. all B_k = 0, or rank > R)
+    get B column 0 and a unit-norm A row orthogonal to the others, as LoRA initializes (B = 0,
+    A != 0): the product is unchanged, and the component stays trainable (with A row and B
+    column both zero, both gradients would be zero forever). The output always has exactly
+    `rank` components, so the receiving adapter keeps its shape; past rank k the extra A rows
+    are zero (no orthogonal direction is left).
 
     Clients may have different ranks r_k; the output has the requested `rank`.
     """
@@ -169,14 +181,19 @@ def aggregate_lora_exact(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
     Qb, Rb = torch.linalg.qr(B_stack, mode="reduced")  # (d, p), (p, R), p = min(d, R)
     Qa, Ra = torch.linalg.qr(A_stack.T, mode="reduced")  # (k, q), (q, R), q = min(k, R)
     core = Rb @ Ra.T  # (p, q)
-    U, S, Vh = torch.linalg.svd(core, full_matrices=False)  # (p, m), (m,), (m, q)
-    kept = min(rank, S.numel())
-    root = S[:kept].sqrt()  # (kept,)
+    U, svals, Vh = torch.linalg.svd(core, full_matrices=False)  # (p, m), (m,), (m, q)
+    kept = min(rank, svals.numel())
+    svals, directions = svals[:kept], Vh[:kept] @ Qa.T  # (kept,), (kept, k) orthonormal rows
+    root = svals.sqrt()
     B = (Qb @ U[:, :kept]) * root  # (d, kept)
-    A = root[:, None] * (Vh[:kept] @ Qa.T)  # (kept, k)
-    if kept < rank:  # pad to the requested rank with inert zero components
+    A = root[:, None] * directions  # (kept, k)
+    tol = max(core.shape) * torch.finfo(COMPUTE_DTYPE).eps * svals[0]  # descending
+    dead = svals <= tol
+    B[:, dead] = 0.0
+    A[dead] = directions[dead]
+    if kept < rank:  # more components asked than M has: pad with fresh trainable ones
+        A = torch.cat([A, _orthogonal_rows(directions, rank - kept)], dim=0)
         B = torch.cat([B, B.new_zeros(d, rank - kept)], dim=1)
-        A = torch.cat([A, A.new_zeros(rank - kept, k)], dim=0)
     return A.to(dtype), B.to(dtype)
 
 
