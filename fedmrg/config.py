@@ -67,6 +67,12 @@ class DataConfig:
     augment: bool = _f(True, "train-time augmentation (random crop/shift, contrast jitter)")
     on_error: str = _f("raise", "bad rows: 'raise' names file and row, 'skip' skips and counts",
                        choices=("raise", "skip"))
+    cache_decoded: bool | None = _f(None, "keep decoded pixels in the object store across "
+                                          "epochs (null: when they fit in 512 MiB)")
+    stream_cpus_per_task: float = _f(0.25, "logical CPUs each Ray Data task of a stream asks "
+                                           "for (small, so client actors cannot starve it)",
+                                     min=0)
+    stream_max_tasks: int = _f(2, "Ray Data tasks of one stream running at once", min=1)
 
 
 @dataclass

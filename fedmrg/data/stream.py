@@ -296,7 +296,9 @@ class CenterStream:
             image_size=data_cfg.image_size, max_views=data_cfg.max_views, in_chans=in_chans,
             batch_size=data_cfg.batch_size, augment=data_cfg.augment and train,
             tokenizer=tokenizer, max_report_tokens=data_cfg.max_report_tokens, shuffle=train,
-            seed=seed, on_error=data_cfg.on_error,
+            seed=seed, on_error=data_cfg.on_error, cache_decoded=data_cfg.cache_decoded,
+            num_cpus_per_task=data_cfg.stream_cpus_per_task,
+            max_concurrent_tasks=data_cfg.stream_max_tasks,
         )
         options.update(kwargs)
         return cls(data_cfg.root, center, split, **options)
