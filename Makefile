@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/fedmrg run $(ARGS)
+	$(BIN)/fedmrg data check $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check fedmrg tests benchmarks ray_jobs

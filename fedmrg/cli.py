@@ -149,6 +149,26 @@ def data_validate(root: Path, as_json: bool) -> None:
         click.echo(f"skipped at import: {summary['skipped']['by_reason']}")
 
 
+@data.command("check")
+@click.option("--config", "config", default="default", show_default=True,
+              help="preset name or YAML path")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a key")
+def data_check(config: str, overrides: tuple[str, ...]) -> None:
+    """The data pipeline end to end: generate if missing, validate, stream every center."""
+    from fedmrg.data.pipeline_check import check_pipeline
+    from fedmrg.ray_cluster import connect
+
+    cfg = load_config(config, overrides)
+    resources = connect(cfg.resources)
+    click.echo(f"ray: {resources.get('CPU', 0):g} logical CPUs, {resources.get('GPU', 0):g} GPUs")
+    report = check_pipeline(cfg)
+    click.echo(f"dataset {report['root']}: validated against its manifest")
+    click.echo(f"{'center':10s} {'split':6s} {'rows':>6s} {'batches':>8s} {'rows/s':>8s}  skipped")
+    for s in report["streams"]:
+        click.echo(f"{s.center:10s} {s.split:6s} {s.rows:6d} {s.batches:8d} "
+                   f"{s.rows_per_s:8.0f}  {sum(s.skipped.values()) or '-'}")
+
+
 def _print_counts(manifest: dict) -> None:
     for center, info in sorted(manifest["centers"].items()):
         rows = info["rows"]

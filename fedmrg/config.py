@@ -149,6 +149,8 @@ class FederationConfig:
     aggregation: str = _f("exact", "LoRA aggregation", choices=("exact", "fedavg", "stack"))
     dense_update_rank: int = _f(8, "truncated-SVD rank of dense shared updates (0: dense)",
                                 min=0)
+    wire_dtype: str = _f("fp32", "dtype of floating tensors in messages (bf16 halves the bytes)",
+                         choices=("fp32", "bf16"))
     server_optimizer: str = _f("none", "server optimizer on the aggregated update",
                                choices=("none", "adam"))
     server_lr: float = _f(1.0, "server learning rate", min=0)
