@@ -1,0 +1,100 @@
+"""The messages of a federated round: what goes down to a client, what comes back, what a round
+leaves in the history.
+
+- `RoundPlan` (server -> client): the round id, the global shared state (None for the `local`
+  strategy), the merged diagnosis prototypes and the global label prior, and the local-training
+  knobs of the round.
+- `ClientUpdate` (client -> server): the ONLY thing a client sends after training. Model-level
+  aggregates only: adapter factors, low-rank (or dense) updates of shared tensors, the center's
+  diagnosis prototypes and label-state counts, scalar metrics. Never rows, report text, image
+  bytes or per-sample tensors (issue 5 inspects every message for that).
+- `EvalReply` (client -> server): metrics of one evaluation and a few sample generations.
+  Generated text is the one piece of text that leaves a center, and only on evaluation, as
+  DESIGN.md's MLflow samples table asks; a deployment that forbids it sets no samples.
+- `RoundSummary`: bookkeeping of one round for the history, MLflow and the progress bar.
+
+Plain dataclasses of tensors and numbers: picklable for Ray, countable by `fl.wire.message_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from fedmrg.fl.lowrank import LowRankUpdate
+
+
+@dataclass
+class RoundPlan:
+    """What one client gets for one round."""
+
+    round_id: int
+    global_state: dict[str, Tensor] | None  # shared tensors by state-dict name; None: keep own
+    prototypes: Tensor | None = None  # (14, P) merged diagnosis prototypes, None before round 1
+    prototype_counts: Tensor | None = None  # (14,) samples behind each prototype row
+    log_prior: Tensor | None = None  # (14, 4) global log prior of the label states
+    local_steps: int = 1
+    fedprox_mu: float = 0.0
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after a round of local training (and nothing else)."""
+
+    round_id: int
+    center: str
+    num_samples: int  # samples seen this round: the aggregation weight
+    lora: dict[str, Tensor]  # generic adapter factors after training, as they are
+    # every other shared tensor: trained - global, a LowRankUpdate (rank dense_update_rank,
+    # error feedback on the client) or a dense tensor (rank 0, 1-D, or too small to factorize)
+    dense: dict[str, LowRankUpdate | Tensor]
+    prototypes: Tensor | None = None  # (14, P) local diagnosis prototypes (global head)
+    prototype_counts: Tensor | None = None  # (14,)
+    label_counts: Tensor | None = None  # (14, 4) label-state counts of the center's train split
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReply:
+    """One evaluation on one client: `view` is "generalization" or "personalization"."""
+
+    center: str  # the dataset evaluated (the held-out center for an unseen-center evaluation)
+    view: str
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)  # {study_id, reference, generated}
+
+
+@dataclass
+class RoundSummary:
+    """One finished round, as the coordinator records it."""
+
+    round_id: int
+    participants: list[str]  # centers whose update was aggregated, sorted
+    rejected: dict[str, str]  # center -> why its reply was not aggregated
+    bytes_up: int
+    bytes_down: int
+    dense_equivalent_up: int  # what the same updates would have cost sent dense
+    aggregation_time_s: float
+    round_time_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round_id": self.round_id, "participants": list(self.participants),
+                "rejected": dict(self.rejected), "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down, "dense_equivalent_up": self.dense_equivalent_up,
+                "aggregation_time_s": self.aggregation_time_s, "round_time_s": self.round_time_s,
+                "metrics": dict(self.metrics)}
+
+
+class ClientFailure(RuntimeError):
+    """A client call failed (exception in the client, actor died); names the center."""
+
+    def __init__(self, center: str, message: str):
+        super().__init__(f"client {center!r}: {message}")
+        self.center = center
+        self.message = message
+
+    def __reduce__(self):  # picklable across Ray
+        return (type(self), (self.center, self.message))
