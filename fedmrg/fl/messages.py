@@ -2,8 +2,11 @@
 leaves in the history.
 
 - `RoundPlan` (server -> client): the round id, the global shared state (None for the `local`
-  strategy), the merged diagnosis prototypes and the global label prior, and the local-training
-  knobs of the round.
+  strategy: the client keeps its own model and sends no model update), the merged diagnosis
+  prototypes and the global label prior, the local-training knobs of the round and which
+  statistics to send back. A global state may hold `stacked.`-prefixed LoRA factors
+  (aggregation `stack`, FLoRA): a cumulative update the client merges into its frozen base
+  weights (`strategies.STACKED`).
 - `ClientUpdate` (client -> server): the ONLY thing a client sends after training. Model-level
   aggregates only: adapter factors, low-rank (or dense) updates of shared tensors, the center's
   diagnosis prototypes and label-state counts, scalar metrics. Never rows, report text, image
@@ -37,6 +40,8 @@ class RoundPlan:
     log_prior: Tensor | None = None  # (14, 4) global log prior of the label states
     local_steps: int = 1
     fedprox_mu: float = 0.0
+    # statistics the strategy wants back besides the update: "prototypes", "label_counts"
+    collect: tuple[str, ...] = ()
 
 
 @dataclass
