@@ -28,6 +28,8 @@ from torch import Tensor
 
 from fedmrg.fl.lowrank import LowRankUpdate
 
+STACKED = "stacked."  # prefix of cumulative FLoRA factors in a global state (aggregation stack)
+
 
 @dataclass
 class RoundPlan:

@@ -66,11 +66,10 @@ from fedmrg.fl.lowrank import (
     lora_pairs,
     normalize_weights,
 )
-from fedmrg.fl.messages import ClientUpdate, RoundPlan
+from fedmrg.fl.messages import STACKED, ClientUpdate, RoundPlan
 from fedmrg.fl.server_optim import ServerSGD, make_server_optimizer
 from fedmrg.model.losses import log_prior_from_counts, merge_prototypes
 
-STACKED = "stacked."  # prefix of the cumulative FLoRA factors in a `stack` global state
 FEDPROX_MU = 0.01  # used when strategy fedprox meets train.fedprox_mu = 0 (see FedProx)
 STATISTICS = ("running_mean", "running_var")  # averaged, never moved by a server optimizer
 PROTOTYPES, LABEL_COUNTS = "prototypes", "label_counts"  # RoundPlan.collect entries

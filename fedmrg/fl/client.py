@@ -1,0 +1,332 @@
+"""A federated client as a plain class: one center's model, data stream and local training.
+
+    client = FederatedClient(cfg, "a", dataset_root=root, seed=cfg.seed)
+    update = client.fit(plan)                     # RoundPlan -> ClientUpdate
+    reply = client.evaluate("test", personalized=True, global_state=state)
+
+`cfg` must be the strategy's configured config (`make_strategy(cfg).cfg`): it decides the
+model's switches (specialized adapter, loss terms) and the update's form (dense_update_rank,
+wire_dtype). Everything is built once and stays resident across rounds: the frozen base LM
+(`load_base_lm`) wrapped into an `MRGModel` from `seed` (identical initial weights in every
+client, so the run's initial global state is any client's shared state), the train stream, the
+`LocalTrainer` (AdamW state of the private tensors survives rounds), the `ErrorFeedback`
+residuals, and the stream position (epochs continue across rounds). The Ray actor wrapper is
+`fedmrg.fl.actors.ClientHost`; no Ray here except what the Ray Data stream does.
+
+One round (`fit`):
+1. load the plan's global state into the shared group (`load_global_state`), forget the Adam
+   moments of the shared tensors (they describe a trajectory the model left);
+2. train `plan.local_steps` steps on the next batches of the stream (FedProx term when
+   `plan.fedprox_mu` > 0, prototypes and global log prior from the plan; without a global
+   prior, the center's own label prior);
+3. send: the generic LoRA factors as trained, every other shared tensor's round update
+   (trained - global) through error feedback at `dense_update_rank` (dense when 0), the sample
+   count (the center's train rows: the aggregation weight), scalar metrics, and what
+   `plan.collect` asks for: diagnosis prototypes (global head, on this round's batches) and the
+   label-state counts of the train split. Private tensors are never read into a message.
+A plan without a global state (`local`) trains the client's own model and sends no tensors.
+
+Evaluation on another center's data (generalization on the held-out center): the client asked
+to evaluate builds that center's test stream itself, lazily (`dataset_center`). In simulation
+the coordinator asks a participating client (the first by id); in a deployment the held-out
+center would run its own evaluator client, which the pool can route to.
+
+Centralized baseline: `centers_for_data` pools the train (and default test) splits of several
+centers into one stream, interleaving their batches in a seeded order per epoch, every batch
+tagged with its `center` (the client-aware contrastive loss reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from fedmrg.config import ExperimentConfig
+from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
+from fedmrg.data.shards import DatasetError, center_files, read_manifest
+from fedmrg.data.stream import CenterStream
+from fedmrg.eval.evaluator import evaluate_model
+from fedmrg.fl.lowrank import ErrorFeedback, is_lora_factor, lora_matrices, lora_pairs
+from fedmrg.fl.messages import STACKED, ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.wire import from_wire, to_wire
+from fedmrg.model.base_lm import load_base_lm
+from fedmrg.model.losses import log_prior_from_counts
+from fedmrg.model.mrg import MRGModel
+from fedmrg.model.params import (
+    get_private_state,
+    get_shared_state,
+    load_private_state,
+    load_shared_state,
+)
+from fedmrg.model.trainer import LocalTrainer, TrainerError
+
+GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
+
+
+class ClientError(ValueError):
+    """A client cannot build or run; the message names the center and what is wrong."""
+
+
+def derive_seed(seed: int, *keys: str) -> int:
+    """A 32-bit seed from the run seed and names (center, purpose), stable across processes."""
+    words = [seed, *(zlib.crc32(k.encode()) for k in keys)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def train_label_counts(root: str, centers: Sequence[str]) -> Tensor:
+    """(14, 4) int64 counts of each label state over the train splits of `centers`, read from
+    the parquet `split` and `labels` columns only (no image is decoded)."""
+    manifest = read_manifest(root)
+    counts = np.zeros((NUM_OBSERVATIONS, NUM_STATES), dtype=np.int64)
+    for center in centers:
+        for path in center_files(root, center, manifest):
+            table = pq.read_table(path, columns=["split", "labels"])
+            splits = table.column("split").to_pylist()
+            labels = table.column("labels").to_pylist()
+            for row, (split, codes) in enumerate(zip(splits, labels, strict=True)):
+                if split != "train":
+                    continue
+                if codes is None or len(codes) != NUM_OBSERVATIONS:
+                    raise DatasetError(f"{path}, row {row}: labels {codes!r} are not "
+                                       f"{NUM_OBSERVATIONS} codes")
+                for obs, code in enumerate(codes):
+                    if not 0 <= code < NUM_STATES:
+                        raise DatasetError(f"{path}, row {row}: label code {code} of "
+                                           f"observation {obs} is not in [0, {NUM_STATES})")
+                    counts[obs, code] += 1
+    return torch.from_numpy(counts)
+
+
+class PooledStream:
+    """Several centers' streams as one: each epoch interleaves their batches in a seeded order
+    (every center's batches in its own order), each batch tagged with its `center`."""
+
+    def __init__(self, streams: Mapping[str, CenterStream], seed: int):
+        if not streams:
+            raise ClientError("PooledStream: no center to pool")
+        self.streams, self.seed = dict(streams), seed
+
+    @property
+    def manifest_rows(self) -> int:
+        return sum(s.manifest_rows for s in self.streams.values())
+
+    def iter_batches(self, epoch: int = 0) -> Iterator[dict[str, Any]]:
+        iters = {c: s.iter_batches(epoch) for c, s in self.streams.items()}
+        sizes = {c: -(-s.manifest_rows // s.batch_size) for c, s in self.streams.items()}
+        order = [c for c, n in sizes.items() for _ in range(n)]
+        np.random.default_rng([self.seed, epoch]).shuffle(order)
+        for c in order:  # ceil(rows / batch) is an upper bound: skipped rows only shorten it
+            batch = next(iters[c], None)
+            if batch is not None:
+                batch["center"] = [c] * len(batch["study_id"])
+                yield batch
+
+
+class FederatedClient:
+    """One center (or the pooled data of several) with its resident model (module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, center: str, *, dataset_root: str | None = None,
+                 centers_for_data: list[str] | None = None, seed: int = 0,
+                 generation: Mapping[str, Any] | None = None, eval_samples: int = 5):
+        self.cfg, self.center, self.seed = cfg, center, seed
+        self.root = str(dataset_root or cfg.data.root)
+        self.data_centers = list(centers_for_data) if centers_for_data else [center]
+        self.generation = dict(generation or {})  # evaluate_model overrides (beams, lengths)
+        self.eval_samples = eval_samples
+        self.data_cfg = dataclasses.replace(cfg.data, root=self.root)
+
+        lm, tokenizer = load_base_lm(cfg.model)
+        self.model = MRGModel.from_config(cfg.model, lm, tokenizer, seed=seed,
+                                          max_report_tokens=cfg.data.max_report_tokens)
+        self.model.to(_device(cfg.device))
+        self.trainer = LocalTrainer(self.model, cfg.train, seed=derive_seed(seed, center, "train"))
+        self.error_feedback = ErrorFeedback()
+        self.train_stream = self._stream(self.data_centers, "train")
+        self.num_samples = int(self.train_stream.manifest_rows)
+        self._eval_streams: dict[tuple[str, str], CenterStream | PooledStream] = {}
+        self._label_counts: Tensor | None = None
+        self._base_weights: dict[str, Tensor] = {}  # module -> original base weight (stack)
+        self.epoch, self.batch_in_epoch = 0, 0  # stream position, continues across rounds
+        self._batches = self._batch_iterator()
+
+    # ----------------------------------------------------------------- data
+
+    def _stream(self, centers: Sequence[str], split: str) -> CenterStream | PooledStream:
+        streams = {c: CenterStream.from_config(
+            self.data_cfg, c, split, self.cfg.model.in_chans, tokenizer=self.model.tokenizer,
+            seed=derive_seed(self.seed, c, "data")) for c in centers}
+        if len(centers) == 1 and centers[0] == self.center:
+            return streams[self.center]
+        return PooledStream(streams, derive_seed(self.seed, self.center, "pool"))
+
+    def _batch_iterator(self) -> Iterator[dict]:
+        """Endless batches from (epoch, batch_in_epoch) on; the position is kept for
+        checkpoints (a deterministic stream replays an epoch identically)."""
+        skip = self.batch_in_epoch
+        while True:
+            seen = 0
+            for i, batch in enumerate(self.train_stream.iter_batches(self.epoch)):
+                seen += 1
+                if i < skip:
+                    continue
+                self.batch_in_epoch = i + 1
+                yield batch
+            if seen == 0:
+                raise TrainerError(f"client {self.center!r}: epoch {self.epoch} of the train "
+                                   f"stream yielded no batch")
+            self.epoch, self.batch_in_epoch, skip = self.epoch + 1, 0, 0
+
+    def label_counts(self) -> Tensor:
+        """(14, 4) int64 label-state counts of the train split(s), computed once."""
+        if self._label_counts is None:
+            self._label_counts = train_label_counts(self.root, self.data_centers)
+        return self._label_counts
+
+    def eval_stream(self, dataset_center: str, split: str) -> CenterStream | PooledStream:
+        key = (dataset_center, split)
+        if key not in self._eval_streams:
+            centers = self.data_centers if dataset_center == self.center else [dataset_center]
+            self._eval_streams[key] = self._stream(centers, split)
+        return self._eval_streams[key]
+
+    # ----------------------------------------------------------------- state
+
+    def load_global_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load a global shared state; `stacked.` factors (aggregation `stack`) are merged into
+        the frozen base weights, every other tensor is copied into the shared group."""
+        stacked = {n[len(STACKED):]: t for n, t in state.items() if n.startswith(STACKED)}
+        load_shared_state(self.model, {n: t for n, t in state.items()
+                                       if not n.startswith(STACKED)})
+        self._merge_into_base(stacked)
+
+    @torch.no_grad()
+    def _merge_into_base(self, stacked: Mapping[str, Tensor]) -> None:
+        """base weight = original + scaling * B @ A for each stacked pair (FLoRA); modules
+        without one get their original weight back."""
+        merged = set()
+        for pair in lora_pairs(stacked).values():
+            layer = self.model.get_submodule(pair.module)
+            if getattr(layer, "fan_in_fan_out", False):
+                raise ClientError(f"{pair.module}: stack aggregation does not support "
+                                  f"fan_in_fan_out layers")
+            weight = layer.get_base_layer().weight
+            original = self._base_weights.setdefault(pair.module, weight.detach().clone())
+            A, B = lora_matrices(stacked[pair.a_key], stacked[pair.b_key])
+            delta = (B.double() @ A.double()).reshape(original.shape) * layer.scaling[pair.adapter]
+            weight.copy_((original.double() + delta.to(original.device)).to(weight.dtype))
+            merged.add(pair.module)
+        for module, original in self._base_weights.items():
+            if module not in merged:
+                self.model.get_submodule(module).get_base_layer().weight.copy_(original)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The client's own state for a checkpoint kept with the client: private tensors, the
+        shared tensors as they stand (the model itself under `local`), trainer and
+        error-feedback state, stream position."""
+        return {"center": self.center, "private": get_private_state(self.model),
+                "shared": get_shared_state(self.model), "trainer": self.trainer.state_dict(),
+                "error_feedback": self.error_feedback.state_dict(),
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("center") != self.center:
+            raise ClientError(f"client {self.center!r}: checkpoint of center "
+                              f"{state.get('center')!r}")
+        load_private_state(self.model, state["private"])
+        load_shared_state(self.model, state["shared"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.error_feedback.load_state_dict(state["error_feedback"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._batches = self._batch_iterator()
+
+    # ----------------------------------------------------------------- a round
+
+    def fit(self, plan: RoundPlan) -> ClientUpdate:
+        start_time = time.perf_counter()
+        plan = from_wire(plan)
+        federated = plan.global_state is not None
+        if federated:
+            self.load_global_state(plan.global_state)
+            self.trainer.reset_optimizer("shared")
+        start = get_shared_state(self.model)  # (the global state, as loaded)
+
+        round_batches: list[dict] = []
+        wants_prototypes = "prototypes" in plan.collect
+
+        def batches() -> Iterator[dict]:
+            for batch in self._batches:
+                if wants_prototypes:
+                    round_batches.append(batch)
+                yield batch
+
+        metrics = self.trainer.fit(
+            batches(), plan.local_steps, prototypes=plan.prototypes,
+            proto_counts=plan.prototype_counts, log_prior=self._log_prior(plan),
+            prox_reference=start if plan.fedprox_mu > 0 else None, mu=plan.fedprox_mu)
+
+        lora: dict[str, Tensor] = {}
+        dense: dict = {}
+        if federated:
+            trained = get_shared_state(self.model)
+            lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
+            deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
+            dense = self.error_feedback.compress_all(deltas,
+                                                     self.cfg.federation.dense_update_rank)
+        prototypes = counts = None
+        if wants_prototypes:
+            prototypes, counts = self.model.local_prototypes(round_batches)  # (14, P), (14,)
+            prototypes, counts = prototypes.cpu(), counts.cpu()
+        label_counts = self.label_counts() if "label_counts" in plan.collect else None
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(epoch=float(self.epoch), residual_norm=self.error_feedback.residual_norm(),
+                       fit_s=time.perf_counter() - start_time)
+        update = ClientUpdate(round_id=plan.round_id, center=self.center,
+                              num_samples=self.num_samples, lora=lora, dense=dense,
+                              prototypes=prototypes, prototype_counts=counts,
+                              label_counts=label_counts, metrics=metrics)
+        return to_wire(update, self.cfg.federation.wire_dtype)
+
+    def _log_prior(self, plan: RoundPlan) -> Tensor | None:
+        """The plan's global prior, else this center's own (no communication needed), else
+        None when the diagnosis loss does not use one."""
+        if plan.log_prior is not None:
+            return plan.log_prior
+        losses = self.cfg.model.losses
+        if losses.diagnosis > 0 and losses.diagnosis_logit_adjust_tau > 0:
+            return log_prior_from_counts(self.label_counts(), losses.diagnosis_prior_smoothing)
+        return None
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate(self, split: str = "test", personalized: bool = False,
+                 dataset_center: str | None = None,
+                 global_state: Mapping[str, Tensor] | None = None) -> EvalReply:
+        """Generate and score reports on `dataset_center`'s `split` (default: this client's
+        own data). `global_state` is loaded first (None: the model as it stands, e.g. under
+        `local`); the next `fit` loads its plan's state anyway. personalized=True uses generic
+        + specialized adapters; a model without a specialized adapter uses the generic one
+        (its own model is then its generic path)."""
+        if global_state is not None:
+            self.load_global_state(from_wire(dict(global_state)))
+        target = dataset_center or self.center
+        use_specialized = personalized and self.cfg.model.specialized_adapter
+        result = evaluate_model(self.model, self.eval_stream(target, split).iter_batches(0),
+                                use_specialized, num_samples=self.eval_samples,
+                                **self.generation)
+        metrics = {**result.metrics, "eval_s": result.wall_s}
+        return EvalReply(center=target, view=PERSONALIZATION if personalized else GENERALIZATION,
+                         metrics=metrics, samples=result.samples)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
