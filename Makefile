@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(BIN)/fedmrg data check $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check fedmrg tests benchmarks ray_jobs
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
