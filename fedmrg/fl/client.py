@@ -123,11 +123,12 @@ class PooledStream:
         sizes = {c: -(-s.manifest_rows // s.batch_size) for c, s in self.streams.items()}
         order = [c for c, n in sizes.items() for _ in range(n)]
         np.random.default_rng([self.seed, epoch]).shuffle(order)
+        order += list(self.streams)  # then run every iterator to its end (closes its pass)
         for c in order:  # ceil(rows / batch) is an upper bound: skipped rows only shorten it
-            batch = next(iters[c], None)
-            if batch is not None:
+            for batch in iters[c]:
                 batch["center"] = [c] * len(batch["study_id"])
                 yield batch
+                break
 
 
 class FederatedClient:
@@ -245,6 +246,14 @@ class FederatedClient:
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._batches.close()
+        self._batches = self._batch_iterator()
+
+    def close(self) -> None:
+        """End the train stream's pass in progress (a suspended Ray Data iterator); call before
+        Ray shuts down. The client can still train afterwards: the next fit resumes from the
+        stream position."""
+        self._batches.close()
         self._batches = self._batch_iterator()
 
     # ----------------------------------------------------------------- a round

@@ -114,7 +114,9 @@ class InProcessPool:
         try:
             return _Call(center, reply=fn(self.clients[center]))
         except Exception as e:  # a client's failure is the round's to judge, as over Ray
-            return _Call(center, error=ClientFailure(center, f"{type(e).__name__}: {e}"))
+            failure = ClientFailure(center, f"{type(e).__name__}: {e}")
+            failure.__cause__ = e  # the client's traceback, for debugging in process
+            return _Call(center, error=failure)
 
     def submit_fit(self, center: str, plan: RoundPlan) -> _Call:
         return self._run(center, lambda client: client.fit(plan))
@@ -265,20 +267,27 @@ class Coordinator:
 
     def run(self) -> FederatedResult:
         """Rounds from the one after `round_id` to `federation.rounds`, evaluations included."""
-        fed = self.cfg.federation
-        while self.round_id < fed.rounds:
-            round_id = self.round_id + 1
-            summary = self.run_round(round_id)
-            self.history.append(summary)
-            self.round_id = round_id
-            self.on_round(summary)
-            if fed.eval_every and round_id % fed.eval_every == 0 and round_id < fed.rounds:
-                self.evaluate(round_id)
+        while self.round_id < self.cfg.federation.rounds:
+            self.step()
         generalization, personalization = self.evaluate(self.round_id)
         return FederatedResult(self.history, self.strategy.global_state(), generalization,
                                personalization, list(self.evaluations))
 
+    def step(self) -> RoundSummary:
+        """The next round, recorded in the history and reported; evaluated every
+        `eval_every` rounds (the last round's evaluation is `run`'s)."""
+        fed = self.cfg.federation
+        round_id = self.round_id + 1
+        summary = self.run_round(round_id)
+        self.history.append(summary)
+        self.round_id = round_id
+        self.on_round(summary)
+        if fed.eval_every and round_id % fed.eval_every == 0 and round_id < fed.rounds:
+            self.evaluate(round_id)
+        return summary
+
     def run_round(self, round_id: int) -> RoundSummary:
+        """One round (module docstring), without touching the history."""
         started = time.perf_counter()
         fed = self.cfg.federation
         centers = self.strategy.configure_round(round_id, self.pool.centers(), self.rng)

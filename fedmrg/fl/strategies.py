@@ -259,7 +259,7 @@ class FedAvg(Strategy):
                     isinstance(u.num_samples, numbers.Integral) and u.num_samples > 0):
                 raise FederationError(f"center {u.center!r}: num_samples {u.num_samples!r} is "
                                       f"not a positive integer")
-        metrics = {"clients": float(len(updates)), "samples": float(sum(weights))}
+        metrics = {"clients": float(len(updates)), "weight_total": float(sum(weights))}
         metrics.update(self._aggregate_lora(updates, weights))
         metrics.update(self._aggregate_dense(updates, weights))
         self._plan_state = None
@@ -451,7 +451,7 @@ class Local(Strategy):
                 raise FederationError(f"center {u.center!r}: strategy local expects no model "
                                       f"update, got {len(u.lora) + len(u.dense)} tensors")
         return {"clients": float(len(updates)),
-                "samples": float(sum(u.num_samples for u in updates))}
+                "weight_total": float(sum(u.num_samples for u in updates))}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

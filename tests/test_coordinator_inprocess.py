@@ -1,0 +1,372 @@
+"""A real federated run in one process: plain `FederatedClient`s over Ray Data streams, the
+plain `Coordinator`, `InProcessPool`. Tiny model (32-wide 1-layer Llama, narrow resnet10t at
+32 px), 2 phantom centers of 20 studies + 'heldout', 2 local steps, 2 rounds.
+
+What is checked against the messages themselves (a recording pool keeps every plan and reply):
+the aggregated state equals the aggregation computed directly from the clients' factors, no
+private tensor name travels, strategies send what they are defined to send, bytes are counted,
+and both evaluation views come back per center and as a mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedmrg.config import ExperimentConfig
+from fedmrg.fl.client import FederatedClient
+from fedmrg.fl.coordinator import Coordinator, FederatedResult, InProcessPool
+from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, decompress, is_lora_factor
+from fedmrg.fl.messages import ClientUpdate, RoundPlan
+from fedmrg.fl.strategies import make_strategy
+from fedmrg.fl.wire import from_wire, message_bytes
+from fedmrg.model.params import get_private_state, get_shared_state
+
+CENTERS = ("a", "b")
+TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
+GENERATION = {"num_beams": 1, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from fedmrg.data.phantom import generate_phantom
+
+    root = tmp_path_factory.mktemp("fl") / "phantom"
+    generate_phantom(root, centers=len(CENTERS), studies_per_center=20, image_size=32, seed=0,
+                     heldout_center=True)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("lm_cache"))
+
+
+def tiny_config(strategy: str, root: str, lm_cache: str, **federation) -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.device = "cpu"
+    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = root, 32, 4
+    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 32, 1
+    m = cfg.model
+    m.lm_cache, m.lm_hidden_size, m.lm_layers, m.lm_heads = lm_cache, 32, 1, 2
+    m.lm_vocab_size, m.lm_warmup_steps, m.encoder_kwargs = 256, 5, TINY_ENCODER
+    m.visual_tokens, m.lora_rank, m.projection_dim = 3, 4, 8
+    cfg.train.local_steps, cfg.train.warmup_steps = 2, 1
+    f = cfg.federation
+    f.strategy, f.rounds, f.dense_update_rank = strategy, 2, 2
+    for k, v in federation.items():
+        setattr(f, k, v)
+    return cfg
+
+
+class RecordingPool(InProcessPool):
+    """Keeps every plan sent and every fit reply received, by round."""
+
+    def __init__(self, clients):
+        super().__init__(clients)
+        self.plans: dict[int, dict[str, RoundPlan]] = {}
+        self.updates: dict[int, dict[str, ClientUpdate]] = {}
+
+    def submit_fit(self, center, plan):
+        self.plans.setdefault(plan.round_id, {})[center] = plan
+        return super().submit_fit(center, plan)
+
+    def result(self, handle):
+        reply = super().result(handle)
+        if isinstance(reply, ClientUpdate):
+            self.updates.setdefault(reply.round_id, {})[reply.center] = reply
+        return reply
+
+
+def run(strategy_name: str, root: str, lm_cache: str, **federation,
+        ) -> tuple[FederatedResult, RecordingPool, dict]:
+    strategy = make_strategy(tiny_config(strategy_name, root, lm_cache, **federation))
+    cfg = strategy.cfg  # the strategy's configured config: what clients are built with
+    clients = {c: FederatedClient(cfg, c, dataset_root=root, seed=cfg.seed,
+                                  generation=GENERATION, eval_samples=2) for c in CENTERS}
+    pool = RecordingPool(clients)
+    initial = get_shared_state(clients["a"].model)
+    coordinator = Coordinator(cfg, strategy, pool, initial, np.random.default_rng(cfg.seed),
+                              heldout_centers=["heldout"])
+    return coordinator.run(), pool, clients
+
+
+def close(clients: dict) -> None:
+    for client in clients.values():
+        client.close()  # end the suspended stream passes while Ray is up
+
+
+@pytest.fixture(scope="module")
+def fedmrg_run(ray_cluster, dataset, lm_cache):
+    result, pool, clients = run("fedmrg", dataset, lm_cache)
+    yield result, pool, clients
+    close(clients)
+
+
+def test_fedmrg_run_completes_and_evaluates_both_views(fedmrg_run):
+    result, pool, _ = fedmrg_run
+    assert [s.round_id for s in result.history] == [1, 2]
+    assert all(s.participants == list(CENTERS) and s.rejected == {} for s in result.history)
+    assert all(math.isfinite(s.metrics["loss"]) and "a/loss" in s.metrics
+               for s in result.history)
+    gen, per = result.generalization, result.personalization
+    assert set(gen.per_center) == {"a", "b", "heldout"}
+    assert set(per.per_center) == set(CENTERS)
+    for evaluation in (gen, per):
+        for metrics in evaluation.per_center.values():
+            assert {"bleu4", "ce_f1_micro", "diag_acc", "num_studies"} <= set(metrics)
+            assert metrics["num_studies"] == 4  # 20 studies, 20% test
+        assert evaluation.mean["bleu1"] == pytest.approx(
+            np.mean([evaluation.per_center[c]["bleu1"] for c in CENTERS]))
+    assert {r.center for r in result.generalization_replies} == {"a", "b", "heldout"}
+    assert all(len(r.samples) == 2 for r in result.personalization_replies)
+
+
+def test_aggregated_state_equals_the_direct_aggregation_of_the_clients_messages(fedmrg_run):
+    result, pool, _ = fedmrg_run
+    updates = [from_wire(pool.updates[2][c]) for c in CENTERS]
+    weights = [u.num_samples for u in updates]
+    assert weights == [14, 14]  # the train rows of each center
+    direct = aggregate_lora_states("exact", [u.lora for u in updates], weights)
+    final = result.global_state
+    assert direct.keys() == {n for n in final if is_lora_factor(n)}
+    assert all(torch.allclose(final[n], direct[n], atol=1e-6) for n in direct)
+    start = pool.plans[2]["a"].global_state  # what round 2 started from
+    for name in final:
+        if is_lora_factor(name):
+            continue
+        mean_delta = sum(decompress(u.dense[name]) for u in updates) / 2
+        assert torch.allclose(final[name], start[name] + mean_delta, atol=1e-6), name
+
+
+def test_no_private_tensor_name_ever_travels(fedmrg_run):
+    _, pool, clients = fedmrg_run
+    private = set(get_private_state(clients["a"].model))
+    assert any("specialized" in n for n in private) and any("local_head" in n for n in private)
+    for round_updates in pool.updates.values():
+        for update in round_updates.values():
+            names = set(update.lora) | set(update.dense)
+            assert names and not names & private
+            assert not any("specialized" in n or n.startswith("local_head.") for n in names)
+    for round_plans in pool.plans.values():
+        for plan in round_plans.values():
+            assert not set(plan.global_state) & private
+
+
+def test_fedmrg_sends_low_rank_factors_prototypes_and_label_counts(fedmrg_run):
+    _, pool, _ = fedmrg_run
+    update = pool.updates[1]["a"]
+    # matrices travel as rank-2 factors, vectors (biases, norms, BN statistics) dense
+    for name in ("projector.net.0.weight", "diagnosis_head.linear.weight",
+                 "global_head.net.0.weight", "encoder.backbone.layer4.0.conv2.weight"):
+        assert isinstance(update.dense[name], LowRankUpdate) and update.dense[name].rank == 2
+    for name in ("projector.net.0.bias", "encoder.backbone.bn1.running_mean"):
+        assert isinstance(update.dense[name], torch.Tensor)
+    assert update.prototypes.shape == (14, 8) and update.prototype_counts.shape == (14,)
+    assert update.label_counts.dtype == torch.int64 and int(update.label_counts.sum()) == 14 * 14
+    first, second = pool.plans[1]["a"], pool.plans[2]["a"]
+    assert first.prototypes is None and first.log_prior is None
+    assert second.prototypes is not None and second.log_prior.shape == (14, 4)
+    assert pool.plans[2]["a"].global_state is pool.plans[2]["b"].global_state  # one state
+
+
+def test_bytes_up_and_down_are_the_messages_sizes(fedmrg_run):
+    result, pool, _ = fedmrg_run
+    for summary in result.history:
+        ups = pool.updates[summary.round_id].values()
+        downs = pool.plans[summary.round_id].values()
+        assert summary.bytes_up == sum(message_bytes(u).bytes for u in ups)
+        assert summary.bytes_down == sum(message_bytes(p).bytes for p in downs)
+        assert summary.dense_equivalent_up > summary.bytes_up  # low-rank saves bytes
+        assert summary.aggregation_time_s > 0 and summary.round_time_s > 0
+    totals = result.communication()
+    assert totals["bytes_up"] == sum(s.bytes_up for s in result.history)
+
+
+def test_fedavg_sends_dense_updates_and_no_prototypes(ray_cluster, dataset, lm_cache,
+                                                     fedmrg_run):
+    result, pool, clients = run("fedavg", dataset, lm_cache, rounds=1)
+    close(clients)
+    assert not clients["a"].model.cfg.specialized_adapter
+    update = from_wire(pool.updates[1]["a"])
+    assert update.prototypes is None and update.label_counts is None
+    assert update.dense and all(isinstance(t, torch.Tensor) for t in update.dense.values())
+    assert message_bytes(update.dense).compression == 1.0  # rank 0: dense deltas
+    assert pool.plans[1]["a"].prototypes is None and pool.plans[1]["a"].collect == ()
+    updates = [from_wire(pool.updates[1][c]) for c in CENTERS]
+    direct = aggregate_lora_states("fedavg", [u.lora for u in updates], [14, 14])
+    assert all(torch.allclose(result.global_state[n], direct[n], atol=1e-6) for n in direct)
+    fedmrg_result = fedmrg_run[0]
+    # same generic adapter in both; the dense part costs fedavg several times fedmrg's bytes
+    assert result.history[0].bytes_up > 3 * fedmrg_result.history[0].bytes_up
+    assert set(result.personalization.per_center) == set(CENTERS)
+
+
+def test_local_sends_no_tensors_and_evaluates_each_own_model(ray_cluster, dataset, lm_cache):
+    result, pool, clients = run("local", dataset, lm_cache, rounds=1)
+    close(clients)
+    assert result.global_state is None
+    assert all(p.global_state is None for p in pool.plans[1].values())
+    for update in pool.updates[1].values():
+        assert not update.lora and not update.dense and update.prototypes is None
+        assert message_bytes(update).tensors == 0
+    assert set(result.generalization.per_center) == {"a", "b", "heldout"}
+    # the held-out center is evaluated by every local model, its metrics averaged
+    heldout = [r for r in result.generalization_replies if r.center == "heldout"]
+    assert len(heldout) == 2
+    assert result.generalization.per_center["heldout"]["diag_acc"] == pytest.approx(
+        np.mean([r.metrics["diag_acc"] for r in heldout]))
+    # two models trained apart: their generic adapters differ
+    a, b = (get_shared_state(clients[c].model) for c in CENTERS)
+    assert any(not torch.equal(a[n], b[n]) for n in a if is_lora_factor(n))
+
+
+# --------------------------------------------------------------------------- pure coordinator
+# Fake clients with synthetic updates: the round logic without a model (milliseconds).
+
+SHAPES = {"m.lora_A.generic.weight": (2, 6), "m.lora_B.generic.weight": (5, 2),
+          "head.weight": (4, 3), "head.bias": (4,)}
+
+
+def fake_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+class FakeClient:
+    """Answers a plan with a seeded update; `fault` breaks it in one way."""
+
+    def __init__(self, center: str, fault: str | None = None):
+        self.center, self.fault = center, fault
+
+    def fit(self, plan: RoundPlan) -> ClientUpdate:
+        if self.fault == "crash":
+            raise RuntimeError("out of memory")
+        g = torch.Generator().manual_seed(plan.round_id * 100 + ord(self.center))
+        lora = {n: plan.global_state[n] + torch.randn(SHAPES[n], generator=g)
+                for n in SHAPES if ".lora_" in n}
+        dense = {n: torch.randn(SHAPES[n], generator=g) for n in SHAPES if ".lora_" not in n}
+        update = ClientUpdate(plan.round_id, self.center, 10 + ord(self.center) % 7, lora, dense,
+                              metrics={"loss": float(ord(self.center))})
+        if self.fault == "stale":
+            update.round_id -= 1
+        elif self.fault == "nan":
+            update.dense["head.bias"] = torch.full((4,), float("nan"))
+        elif self.fault == "shape":
+            update.dense["head.weight"] = torch.zeros(3, 4)
+        elif self.fault == "private":
+            update.dense["local_head.net.0.weight"] = torch.zeros(2, 2)
+        return update
+
+    def evaluate(self, split, personalized, dataset_center=None, global_state=None):
+        from fedmrg.fl.messages import EvalReply
+
+        value = float(ord((dataset_center or self.center)[0])) + (0.5 if personalized else 0.0)
+        return EvalReply(dataset_center or self.center,
+                         "personalization" if personalized else "generalization",
+                         {"score": value, "has_state": float(global_state is not None)})
+
+
+def fake_coordinator(clients: dict, strategy: str = "fedavg", **federation) -> Coordinator:
+    cfg = ExperimentConfig()
+    cfg.federation.strategy = strategy
+    for k, v in federation.items():
+        setattr(cfg.federation, k, v)
+    s = make_strategy(cfg)
+    return Coordinator(s.cfg, s, InProcessPool(clients), fake_state(), np.random.default_rng(3))
+
+
+def test_bad_replies_are_rejected_with_their_reason_and_the_round_goes_on():
+    faults = {"a": None, "b": "stale", "c": "nan", "d": "shape", "e": "crash", "f": "private",
+              "g": None}
+    clients = {c: FakeClient(c, f) for c, f in faults.items()}
+    coordinator = fake_coordinator(clients, rounds=1, min_clients=2)
+    summary = coordinator.run_round(1)
+    assert summary.participants == ["a", "g"]
+    assert "late or duplicate" in summary.rejected["b"]
+    assert "'head.bias' has non-finite values" in summary.rejected["c"]
+    assert "'head.weight' does not fit" in summary.rejected["d"]
+    assert summary.rejected["e"] == "failed: RuntimeError: out of memory"
+    assert "unexpected dense update 'local_head.net.0.weight'" in summary.rejected["f"]
+    # only the accepted updates were aggregated
+    plan = coordinator.strategy.plan(1, "a")
+    ups = [clients[c].fit(RoundPlan(1, fake_state())) for c in ("a", "g")]
+    direct = aggregate_lora_states("fedavg", [u.lora for u in ups], [u.num_samples for u in ups])
+    assert torch.allclose(plan.global_state["m.lora_A.generic.weight"],
+                          direct["m.lora_A.generic.weight"])
+    assert summary.metrics["loss"] == np.mean([ord("a"), ord("g")])
+    assert summary.metrics["g/loss"] == ord("g")
+
+
+def test_too_few_good_replies_fail_the_round_naming_why():
+    clients = {"a": FakeClient("a"), "b": FakeClient("b", "crash")}
+    with pytest.raises(Exception, match=r"fewer than federation.min_clients=2.*b: failed"):
+        fake_coordinator(clients, min_clients=2).run_round(1)
+
+
+class StragglerPool(InProcessPool):
+    """Client "c" replies only to a wait without timeout (after the deadline)."""
+
+    def __init__(self, clients):
+        super().__init__(clients)
+        self.waits: list[float | None] = []
+
+    def wait(self, handles, num_returns, timeout_s):
+        self.waits.append(timeout_s)
+        fast = [h for h in handles if h.center != "c"]
+        if fast:
+            return fast, [h for h in handles if h.center == "c"]
+        if timeout_s is not None:
+            import time
+
+            time.sleep(timeout_s)
+            return [], list(handles)
+        return list(handles), []
+
+
+@pytest.mark.parametrize("min_clients", [2, 3])
+def test_deadline_closes_the_round_at_min_clients(min_clients):
+    clients = {c: FakeClient(c) for c in "abc"}
+    coordinator = fake_coordinator(clients, min_clients=min_clients, round_deadline_s=0.05)
+    coordinator.pool = StragglerPool(clients)
+    summary = coordinator.run_round(1)
+    if min_clients == 2:  # a and b suffice: c is abandoned at the deadline
+        assert summary.participants == ["a", "b"]
+        assert summary.rejected == {"c": "no reply within the 0.05 s deadline"}
+        assert 0 < coordinator.pool.waits[-1] <= 0.05
+    else:  # past the deadline, the round still waits for a third reply
+        assert summary.participants == ["a", "b", "c"] and summary.rejected == {}
+        assert coordinator.pool.waits[-1] is None
+
+
+def test_a_resumed_coordinator_ends_where_an_uninterrupted_one_does():
+    clients = {c: FakeClient(c) for c in "abcd"}
+    options = dict(strategy="fedmrg", rounds=3, fraction=0.5, aggregation="exact")
+    whole = fake_coordinator(clients, **options).run()
+    first = fake_coordinator(clients, **options)
+    first.step()
+    state = first.state_dict()
+    resumed = fake_coordinator(clients, **options)
+    resumed.load_state_dict(state)
+    result = resumed.run()
+    assert [s.participants for s in result.history] == [s.participants for s in whole.history]
+    assert len({tuple(s.participants) for s in whole.history}) > 1  # sampling did happen
+    assert all(torch.equal(result.global_state[n], whole.global_state[n]) for n in SHAPES)
+
+
+def test_evaluation_views_route_each_dataset_to_its_client():
+    clients = {c: FakeClient(c) for c in "ab"}
+    coordinator = fake_coordinator(clients, rounds=1)
+    coordinator.heldout_centers = ["heldout"]
+    seen = []
+    coordinator.on_evaluation = lambda view, per, mean, step=None: seen.append((view, step))
+    gen, per = coordinator.evaluate(1)
+    assert gen.per_center == {
+        "a": {"score": ord("a"), "has_state": 1.0}, "b": {"score": ord("b"), "has_state": 1.0},
+        "heldout": {"score": ord("h"), "has_state": 1.0}}
+    assert gen.mean["score"] == (ord("a") + ord("b")) / 2  # held-out not in the mean
+    assert per.per_center["a"]["score"] == ord("a") + 0.5
+    assert seen == [("generalization", 1), ("personalization", 1)]
