@@ -1,0 +1,452 @@
+"""The small user API, in the spirit of Ray Train: `Experiment(cfg).fit() -> Result`.
+
+    from fedmrg.config import load_config
+    from fedmrg.experiment import Experiment
+
+    result = Experiment(load_config("default", ["federation.rounds=3"])).fit()
+    print(result.table())
+
+`fit()`:
+1. resolves every path of the config to an absolute one (actors run in other processes,
+   other working directories, other nodes);
+2. connects to Ray (`resources.ray_address`, RAY_ADDRESS, else a local cluster), generates
+   the phantom benchmark if it is missing, and builds the builtin base LM once here so every
+   client actor finds it in the (shared, absolute) cache instead of building it in parallel;
+3. starts one client actor per participating center (centralized: one client over the pooled
+   data of all of them), placed by `fedmrg.fl.actors`;
+4. runs `run_federation` (strategy, `Coordinator`, MLflow) inside a coordinator actor on this
+   node, or here with `in_process=True`, showing a progress bar over rounds and a one-line
+   summary per round;
+5. returns a `Result`: final generalization and personalization metrics per center and mean,
+   communication totals, the round history, where MLflow and the run's files are.
+
+Only the coordinator (or this driver, in process) talks to MLflow. Artifacts: the final
+generic adapter in PEFT format (from the global state), each center's specialized adapter
+(written by its client under the run's storage folder, logged to the center's nested run
+when the coordinator's node can read it), a table of sample reports, plots and the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from fedmrg.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+POOLED_CLIENT = "pooled"  # the id of the one client of the centralized baseline
+# Columns of the final table (a subset of fedmrg.eval.evaluator.HEADLINE).
+TABLE_KEYS = ("ce_f1_macro", "ce_f1_micro", "bleu1", "bleu4", "meteor", "rouge_l", "cider",
+              "diag_acc")
+VIEWS = ("generalization", "personalization")
+
+
+class ExperimentError(ValueError):
+    """The experiment cannot start or finish; the message names what and why."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _absolute(path: str, cwd: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (cwd / p).resolve())
+
+
+def absolute_tracking_uri(uri: str, cwd: Path) -> str:
+    """`sqlite:///relative.db` -> `sqlite:////abs/relative.db`; a bare path -> absolute;
+    servers and absolute URIs unchanged."""
+    match = re.match(r"^sqlite:///(.*)$", uri)
+    if match and not match.group(1).startswith("/") and match.group(1) != ":memory:":
+        return "sqlite:///" + _absolute(match.group(1), cwd)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", uri):
+        return uri
+    return _absolute(uri, cwd) if uri else uri
+
+
+def resolve_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> ExperimentConfig:
+    """A copy of `cfg` whose local paths are absolute: data.root, model.lm_cache (expanded:
+    every actor must use the same cache), model.lm when it is an existing local folder, the
+    MLflow store and artifact folder, tracking.storage_path."""
+    cwd = Path(cwd or Path.cwd())
+    lm = cfg.model.lm
+    if not lm.startswith("builtin:") and (cwd / Path(lm).expanduser()).exists():
+        lm = _absolute(lm, cwd)
+    artifact = cfg.tracking.artifact_location
+    if artifact and not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", artifact):
+        artifact = _absolute(artifact, cwd)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, cwd)),
+        model=dataclasses.replace(cfg.model, lm=lm, lm_cache=_absolute(cfg.model.lm_cache, cwd)),
+        tracking=dataclasses.replace(
+            cfg.tracking, tracking_uri=absolute_tracking_uri(cfg.tracking.tracking_uri, cwd),
+            artifact_location=artifact,
+            storage_path=_absolute(cfg.tracking.storage_path, cwd)),
+    )
+
+
+def client_layout(strategy: str, centers: Sequence[str]) -> dict[str, list[str] | None]:
+    """Client id -> the centers whose data it pools (None: its own center only)."""
+    if strategy == "centralized":
+        return {POOLED_CLIENT: list(centers)}
+    return {c: None for c in centers}
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass
+class Result:
+    """What `Experiment.fit()` returns."""
+
+    run_name: str
+    strategy: str
+    centers: list[str]
+    rounds: list[dict[str, Any]]  # RoundSummary.to_dict() per round
+    generalization: dict[str, Any]  # {"per_center": {center: metrics}, "mean": metrics}
+    personalization: dict[str, Any]
+    communication: dict[str, float]
+    wall_s: float
+    storage_dir: str
+    mlflow: dict[str, str]  # tracking_uri, experiment_id, run_id
+    placement: dict[str, dict] = field(default_factory=dict)  # client -> node, resources
+    global_state_puts: int = 0  # global states put in the object store (once per round)
+    global_state: dict | None = None  # final global shared state (tensors)
+    messages: list = field(default_factory=list)  # every client reply, when recorded
+
+    def summary(self) -> dict[str, Any]:
+        """Plain JSON: everything but the tensors and recorded messages."""
+        from fedmrg.tracking import jsonable
+
+        return jsonable({
+            "run_name": self.run_name, "strategy": self.strategy, "centers": self.centers,
+            "wall_s": self.wall_s, "generalization": self.generalization,
+            "personalization": self.personalization, "communication": self.communication,
+            "rounds": self.rounds, "storage_dir": self.storage_dir, "mlflow": self.mlflow,
+            "placement": self.placement,
+        })
+
+    def table(self, keys: Sequence[str] = TABLE_KEYS) -> str:
+        """The final table: per center and mean for both views, then communication."""
+        from fedmrg.eval.evaluator import metrics_table
+
+        lines = [f"run {self.run_name}: strategy {self.strategy}, {len(self.rounds)} rounds, "
+                 f"centers {', '.join(self.centers)}, {self.wall_s / 60:.1f} min"]
+        for view, what in (("generalization", "generic model on every center's test split"),
+                           ("personalization", "each center's own model on its test split")):
+            table = getattr(self, view)
+            rows = [{"center": c, **m} for c, m in table.get("per_center", {}).items()]
+            if not rows:
+                continue
+            rows.append({"center": "mean", **table.get("mean", {})})
+            lines += ["", f"{view} ({what})", metrics_table(rows, keys)]
+        c = self.communication
+        if c:
+            lines += ["", "communication (per round per client)",
+                      f"  up   {_size(c['bytes_up_per_client_round'])}, down "
+                      f"{_size(c['bytes_down_per_client_round'])}",
+                      f"  the same update sent dense: {_size(c['dense_up_per_client_round'])} "
+                      f"({c['dense_ratio']:.1f}x the bytes sent up)",
+                      f"  the full model: {_size(c['full_model_bytes'])} "
+                      f"({c['full_model_ratio']:.0f}x the bytes sent up)",
+                      f"  totals: up {_size(c['bytes_up_total'])}, down "
+                      f"{_size(c['bytes_down_total'])}"]
+        if self.mlflow.get("run_id"):
+            lines += ["", f"MLflow: run {self.mlflow['run_id']} in experiment "
+                          f"{self.mlflow['experiment_id']} at {self.mlflow['tracking_uri']}"]
+        lines.append(f"run files: {self.storage_dir}")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def communication_totals(rounds: Sequence[Mapping[str, Any]], full_model_bytes: int
+                         ) -> dict[str, float]:
+    """Bytes per round per client (mean over rounds, each round over its participants) up and
+    down, the dense-equivalent of the uploads and its ratio, the full model's size and its
+    ratio to one upload, and run totals."""
+    up = sum(r["bytes_up"] for r in rounds)
+    down = sum(r["bytes_down"] for r in rounds)
+    dense = sum(r["dense_equivalent_up"] for r in rounds)
+    client_rounds = sum(len(r["participants"]) for r in rounds) or 1
+    per_up, per_down = up / client_rounds, down / client_rounds
+    return {
+        "bytes_up_total": float(up), "bytes_down_total": float(down),
+        "dense_equivalent_up_total": float(dense),
+        "bytes_up_per_client_round": per_up, "bytes_down_per_client_round": per_down,
+        "dense_up_per_client_round": dense / client_rounds,
+        "dense_ratio": dense / up if up else math.nan,
+        "full_model_bytes": float(full_model_bytes),
+        "full_model_ratio": full_model_bytes / per_up if per_up else math.nan,
+        "client_rounds": float(client_rounds),
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _evaluation_table(reply_or_table: Any) -> dict[str, Any]:
+    """{"per_center": {center: metrics}, "mean": metrics} from the coordinator's result."""
+    if reply_or_table is None:
+        return {"per_center": {}, "mean": {}}
+    if isinstance(reply_or_table, Mapping):
+        return {"per_center": dict(reply_or_table.get("per_center", {})),
+                "mean": dict(reply_or_table.get("mean", {}))}
+    return {"per_center": dict(reply_or_table.per_center), "mean": dict(reply_or_table.mean)}
+
+
+def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers: list[str],
+                   dataset_root: str, run_name: str, heldout_centers: Sequence[str] = (),
+                   resume: bool = False, record: bool = False,
+                   emit: Callable[[dict], None] = lambda event: None) -> dict[str, Any]:
+    """The coordinator's side of a run over started client actors: strategy, `Coordinator`,
+    MLflow, end-of-run artifacts. `centers` are the participating centers (evaluated, their
+    mean reported), `heldout_centers` are evaluated for generalization only. Runs in the
+    coordinator actor or in the driver; returns a picklable outcome (see `Experiment.fit`)."""
+    from fedmrg.fl.actors import RayClientPool, write_folder
+    from fedmrg.fl.coordinator import Coordinator
+    from fedmrg.fl.strategies import make_strategy
+    from fedmrg.tracking import RunTracker
+
+    pool = RayClientPool(actors, record=record)
+    strategy = make_strategy(cfg)
+    first = pool.centers()[0]
+    initial = pool.call_all("shared_state", centers=[first])[first]
+    sizes = pool.call_all("parameter_summary", centers=[first])[first]
+    full_model_bytes = sum(group["bytes"] for group in sizes.values())
+    run_dir = Path(cfg.tracking.storage_path) / run_name
+    tracked = sorted(set(pool.centers()) | set(centers))
+    tracker = RunTracker.start(cfg, tracked, dataset_root, run_name=run_name, resume=resume)
+    emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
+          "rounds": cfg.federation.rounds, "clients": pool.centers()})
+
+    def on_round(summary) -> None:
+        row = summary.to_dict()
+        metrics = {"bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"],
+                   "dense_equivalent_up": row["dense_equivalent_up"],
+                   "aggregation_time_s": row["aggregation_time_s"],
+                   "round_time_s": row["round_time_s"],
+                   "participants": len(row["participants"]), "rejected": len(row["rejected"])}
+        per_center: dict[str, dict[str, float]] = {}
+        for key, value in row["metrics"].items():
+            # "<center>/<metric>" are the clients' own numbers; the rest are round-level
+            center, _, name = key.partition("/")
+            if name and center in tracker.center_run_ids:
+                per_center.setdefault(center, {})[name] = value
+            else:
+                metrics[key] = value
+        tracker.log_round(row["round_id"], metrics, per_center)
+        emit({"type": "round", "summary": row})
+
+    def on_evaluation(view: str, per_center: Mapping[str, Mapping[str, float]],
+                      mean: Mapping[str, float], step: int | None = None) -> None:
+        if step is None:
+            step = tracker.last_logged_round() or 0
+        tracker.log_evaluation(step, view, per_center, mean)
+        emit({"type": "evaluation", "view": view, "mean": dict(mean)})
+
+    with tracker:
+        coordinator = Coordinator(cfg, strategy, pool, initial,
+                                  rng=np.random.default_rng(cfg.seed), on_round=on_round,
+                                  on_evaluation=on_evaluation, eval_centers=centers,
+                                  heldout_centers=heldout_centers)
+        federated = coordinator.run()
+        global_state = federated.global_state
+        # the generic adapter in PEFT format, from the final global state
+        if global_state is not None:
+            files = pool.call_all("export_generic_adapter", global_state, centers=[first])[first]
+            adapter_dir = write_folder(files, run_dir / "generic_adapter")
+            tracker.log_adapter(adapter_dir)
+        # specialized adapters stay where each client runs; logged when this node sees them
+        if strategy.name != "centralized":
+            saved = {c: pool.call_all("save_specialized_adapter",
+                                      str(run_dir / "centers" / c / "specialized_adapter"),
+                                      centers=[c])[c] for c in pool.centers()}
+            for center, path in saved.items():
+                if path and Path(path, "adapter_config.json").is_file():
+                    tracker.log_adapter(path, center=center)
+        samples = _sample_rows(federated)
+        if samples:
+            tracker.log_samples(samples)
+        rounds = [s.to_dict() for s in federated.history]
+        outcome = {
+            "run_name": run_name, "strategy": strategy.name, "rounds": rounds,
+            "generalization": _evaluation_table(federated.generalization),
+            "personalization": _evaluation_table(federated.personalization),
+            "communication": communication_totals(rounds, full_model_bytes),
+            "storage_dir": str(run_dir),
+            "mlflow": {"tracking_uri": cfg.tracking.tracking_uri,
+                       "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
+            "global_state": global_state,
+            "messages": list(pool.received),
+            "global_state_puts": pool.puts,
+        }
+        tracker.log_plots()
+        summary = {k: v for k, v in outcome.items()
+                   if k not in ("global_state", "messages", "global_state_puts")}
+        tracker.log_summary(summary)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from fedmrg.tracking import jsonable
+
+        (run_dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+    return outcome
+
+
+def _sample_rows(federated: Any) -> list[dict[str, Any]]:
+    """Rows for the MLflow samples table from the final evaluation replies."""
+    rows = []
+    for view in VIEWS:
+        for reply in getattr(federated, f"{view}_replies", None) or []:
+            for sample in reply.samples:
+                rows.append({"center": reply.center, "study_id": sample.get("study_id", ""),
+                             "view": view, "reference": str(sample.get("reference", "")),
+                             "generated": str(sample.get("generated", ""))})
+    return rows
+
+
+# --------------------------------------------------------------------------- the API
+
+
+class Experiment:
+    """One federated experiment (see the module docstring).
+
+    `in_process=True` runs the coordinator in this process (tests, debugging) instead of an
+    actor; `record_messages=True` keeps every client reply in `Result.messages`; `progress`
+    shows the bar and round lines on `out` (default stderr / stdout).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, run_name: str | None = None,
+                 resume: bool = False, in_process: bool = False, record_messages: bool = False,
+                 progress: bool = True, out: TextIO | None = None):
+        self.cfg = cfg
+        self.run_name = run_name
+        self.resume = resume
+        self.in_process = in_process
+        self.record_messages = record_messages
+        self.progress = progress
+        self.out = out
+
+    def fit(self) -> Result:
+        from fedmrg.data.prepare import ensure_dataset, participating_centers
+        from fedmrg.data.shards import read_manifest
+        from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors
+        from fedmrg.fl.strategies import make_strategy
+        from fedmrg.ray_cluster import connect
+        from fedmrg.tracking import default_run_name
+
+        start = time.perf_counter()
+        cfg = resolve_paths(self.cfg)
+        cfg = make_strategy(cfg).cfg  # with the switches the strategy's definition implies
+        connect(cfg.resources)
+        root = ensure_dataset(cfg.data)
+        manifest = read_manifest(root)
+        centers = participating_centers(cfg.data, manifest)
+        heldout = [c for c in sorted(manifest["centers"]) if c not in centers]
+        if cfg.model.lm.startswith("builtin:"):
+            from fedmrg.model.base_lm import builtin_build_info
+
+            builtin_build_info(cfg.model)  # build once here; every actor reads the cache
+        run_name = self.run_name or cfg.tracking.run_name or default_run_name(
+            cfg.federation.strategy)
+        layout = client_layout(cfg.federation.strategy, centers)
+        progress = _Progress(cfg.federation.rounds, self.progress, self.out)
+        # reports are truncated to max_report_tokens in training: never generate longer ones
+        generation = {"max_new_tokens": cfg.data.max_report_tokens}
+        actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
+                                                seed=cfg.seed, generation=generation)
+        try:
+            run_fn = functools.partial(
+                run_federation, cfg, actors, centers=centers, dataset_root=str(root),
+                run_name=run_name, heldout_centers=heldout, resume=self.resume,
+                record=self.record_messages)
+            if self.in_process:
+                outcome = run_fn(emit=progress.on_event)
+            else:
+                outcome = run_in_coordinator_actor(lambda emit: run_fn(emit=emit),
+                                                   progress.on_event)
+        finally:
+            progress.close()
+            import ray
+
+            for actor in actors.values():
+                ray.kill(actor, no_restart=True)
+        return Result(
+            run_name=outcome["run_name"], strategy=outcome["strategy"], centers=centers,
+            rounds=outcome["rounds"], generalization=outcome["generalization"],
+            personalization=outcome["personalization"],
+            communication=outcome["communication"], wall_s=time.perf_counter() - start,
+            storage_dir=outcome["storage_dir"], mlflow=outcome["mlflow"],
+            placement=placement, global_state_puts=outcome["global_state_puts"],
+            global_state=outcome["global_state"], messages=outcome["messages"])
+
+
+class _Progress:
+    """A tqdm bar over rounds (stderr) and one line per round (stdout) in the driver."""
+
+    def __init__(self, rounds: int, enabled: bool, out: TextIO | None):
+        self.rounds, self.enabled = rounds, enabled
+        self.out = out or sys.stdout
+        self.bar = None
+
+    def on_event(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        kind = event.get("type")
+        if kind == "start":
+            self.bar = tqdm(total=event["rounds"], desc=f"{event['run_name']}", unit="round",
+                            file=sys.stderr, dynamic_ncols=True, leave=False,
+                            disable=None)  # a bar on a terminal only; the lines always
+            tqdm.write(f"run {event['run_name']}: clients {', '.join(event['clients'])}",
+                       file=self.out)
+        elif kind == "round":
+            tqdm.write(round_line(event["summary"], self.rounds), file=self.out)
+            if self.bar is not None:
+                self.bar.update(1)
+        elif kind == "evaluation":
+            mean = event["mean"]
+            shown = ", ".join(f"{k} {mean[k]:.3f}" for k in TABLE_KEYS if k in mean)
+            tqdm.write(f"  {event['view']}: {shown}", file=self.out)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def round_line(row: Mapping[str, Any], rounds: int) -> str:
+    """`round 3/10 | 4 clients | loss 2.31 | up 45.2 KB/client (12.3x < dense) | ...`."""
+    n = max(1, len(row["participants"]))
+    metrics = row.get("metrics", {})
+    parts = [f"round {row['round_id']}/{rounds}", f"{len(row['participants'])} clients"]
+    if row.get("rejected"):
+        parts.append(f"{len(row['rejected'])} rejected")
+    for key in ("loss", "lm_generic", "lm_personal", "diagnosis"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.3f}")
+    ratio = (row["dense_equivalent_up"] / row["bytes_up"]) if row["bytes_up"] else math.nan
+    parts += [f"up {_size(row['bytes_up'] / n)}/client ({ratio:.1f}x < dense)",
+              f"down {_size(row['bytes_down'] / n)}/client",
+              f"agg {row['aggregation_time_s']:.2f} s", f"{row['round_time_s']:.1f} s"]
+    return " | ".join(parts)

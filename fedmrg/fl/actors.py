@@ -1,0 +1,376 @@
+"""The ONE place that makes Ray actors, and the Ray transport of the federation.
+
+    driver ── CoordinatorHost actor (num_cpus=0, on the driver's node, threaded)
+                 └── runs a plain `Coordinator` over a RayClientPool
+    ClientHost actors, one per center ── each holds a plain `FederatedClient`
+                 (model, Ray Data stream, optimizer resident across rounds)
+
+- `client_actor_options(resources, center)`: num_cpus / num_gpus (fractional allowed) from
+  `ResourcesConfig`, the custom resource `center_<id>: 1` when `pin_centers` (only a node that
+  holds that center's data offers it, see cluster.yaml), `max_restarts`, and no task retries:
+  a crashed client's call fails this round (`ClientFailure`), the restarted actor rejoins the
+  next one, rather than replaying a round on a freshly rebuilt model.
+- `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
+  a round's global state is `ray.put` ONCE and every client gets the same ObjectRef as a
+  top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
+  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`.
+- `CoordinatorHost` runs any driver function (the experiment's run loop) inside an actor and
+  buffers its progress events, which the driver polls while the run goes on (max_concurrency
+  2: `poll` runs beside `run`). Placed on the driver's node, so a local MLflow store and the
+  run's local paths mean the same there as in the driver.
+
+No federated logic lives here: sampling, aggregation and evaluation order are the
+coordinator's and the strategy's (fedmrg/fl/coordinator.py, strategies.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+from ray.exceptions import RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from fedmrg.config import ExperimentConfig, ResourcesConfig
+from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+Tensors = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def center_resource(center: str) -> str:
+    """The custom resource a node offers for each center whose data it holds."""
+    return f"center_{center}"
+
+
+def client_actor_options(resources: ResourcesConfig, center: str | None) -> dict[str, Any]:
+    """Ray actor options of one client (`center=None`: a pooled client, never pinned)."""
+    options: dict[str, Any] = {
+        "num_cpus": resources.num_cpus_per_client,
+        "num_gpus": resources.num_gpus_per_client,
+        "max_restarts": resources.max_restarts,
+        "max_task_retries": 0,  # see the module docstring: fail the round, rejoin the next
+    }
+    if resources.pin_centers and center is not None:
+        options["resources"] = {center_resource(center): 1}
+    return options
+
+
+def coordinator_actor_options(node_id: str | None = None) -> dict[str, Any]:
+    """The coordinator mostly waits: no CPU reserved; on `node_id` (default: this node)."""
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return {
+        "num_cpus": 0,
+        "max_concurrency": 2,  # `poll` answers while `run` is busy
+        "max_restarts": 0,  # a lost coordinator is resumed by resubmitting the job
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    }
+
+
+# --------------------------------------------------------------------------- the client actor
+
+
+def _read_folder(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def write_folder(files: Mapping[str, bytes], directory: str | Path) -> Path:
+    """Write `{relative path: bytes}` (from `ClientHost.export_generic_adapter`) to a folder."""
+    directory = Path(directory)
+    for name, data in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{name!r}: not a relative path inside the folder")
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return directory
+
+
+class ClientHost:
+    """A `FederatedClient` inside an actor: forwards fit/evaluate, and a few end-of-run exports
+    that need the model (adapters in PEFT format). Built once; resident across rounds."""
+
+    def __init__(self, cfg: ExperimentConfig, center: str, *, dataset_root: str,
+                 centers_for_data: list[str] | None = None, seed: int = 0,
+                 generation: Mapping[str, Any] | None = None):
+        from fedmrg.fl.client import FederatedClient  # the model stack loads in the actor only
+
+        self.center = center
+        self.client = FederatedClient(cfg, center, dataset_root=dataset_root,
+                                      centers_for_data=centers_for_data, seed=seed,
+                                      generation=generation)
+
+    def ready(self) -> dict[str, Any]:
+        """Where this client runs and what Ray gave it (placement checks, logs)."""
+        ctx = ray.get_runtime_context()
+        return {"center": self.center, "node_id": ctx.get_node_id(),
+                "assigned": ctx.get_assigned_resources(),
+                "device": str(self.client.model.device)}
+
+    def shared_state(self) -> Tensors:
+        """The shared tensors of the freshly built model: the run's initial global state
+        (identical on every client: same seed, same weights)."""
+        from fedmrg.model.params import get_shared_state
+
+        return get_shared_state(self.client.model)
+
+    def parameter_summary(self) -> dict[str, dict[str, int]]:
+        """{group: {tensors, elements, bytes}} of the model (shared, private, frozen)."""
+        from fedmrg.model.params import parameter_group_summary
+
+        return parameter_group_summary(self.client.model)
+
+    def fit(self, plan: RoundPlan, global_state: Tensors | None) -> ClientUpdate:
+        # `global_state` arrives as a top-level argument: Ray resolved the round's ObjectRef.
+        return self.client.fit(dataclasses.replace(plan, global_state=global_state))
+
+    def evaluate(self, split: str, personalized: bool, dataset_center: str | None,
+                 global_state: Tensors | None) -> EvalReply:
+        return self.client.evaluate(split, personalized, dataset_center=dataset_center,
+                                    global_state=global_state)
+
+    def export_generic_adapter(self, global_state: Tensors | None) -> dict[str, bytes]:
+        """The generic adapter in PEFT format as `{file: bytes}`, with `global_state` loaded
+        first (None: this client's own). Bytes, not a path: the caller may be on another
+        node with no shared storage. (Aggregation `stack` merges its cumulative factors into
+        the base weights; the adapter file then holds only the last round's factors.)"""
+        from fedmrg.model.io import save_adapter
+        from fedmrg.model.mrg import GENERIC
+
+        if global_state is not None:
+            self.client.load_global_state(global_state)
+        with tempfile.TemporaryDirectory() as tmp:
+            return _read_folder(save_adapter(self.client.model, GENERIC, tmp))
+
+    def save_specialized_adapter(self, directory: str) -> str | None:
+        """This center's private adapter in PEFT format, written where the client runs (the
+        center's own storage); None when the model has none. Never sent to the coordinator."""
+        from fedmrg.model.io import save_adapter
+        from fedmrg.model.mrg import SPECIALIZED
+
+        if SPECIALIZED not in self.client.model.adapter_names:
+            return None
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            written = save_adapter(self.client.model, SPECIALIZED, tmp)  # <tmp>/specialized
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(written, target)
+        return str(target)
+
+    def save_model(self, directory: str, global_state: Tensors | None) -> str:
+        """The whole model (global shared state + this center's private state) as a
+        `fedmrg.model.io` folder, for `fedmrg evaluate`."""
+        from fedmrg.model.io import save_model
+
+        if global_state is not None:
+            self.client.load_global_state(global_state)
+        return str(save_model(self.client.model, directory))
+
+
+def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] | None], *,
+                        dataset_root: str, seed: int,
+                        generation: Mapping[str, Any] | None = None,
+                        ) -> tuple[dict[str, ActorHandle], dict[str, dict]]:
+    """One `ClientHost` actor per entry of `clients` (client id -> centers it pools, None:
+    its own center). Returns (actors, placement: client id -> `ClientHost.ready()`) once every
+    actor is built; a constructor error is raised here as `ClientFailure` naming the client
+    (the other actors are stopped)."""
+    remote = ray.remote(ClientHost)
+    actors = {}
+    for client_id, pooled in clients.items():
+        options = client_actor_options(cfg.resources, None if pooled else client_id)
+        actors[client_id] = remote.options(
+            **options).remote(cfg, client_id, dataset_root=dataset_root,
+                              centers_for_data=pooled, seed=seed, generation=generation)
+    placement = {}
+    for client_id, actor in actors.items():
+        try:
+            placement[client_id] = ray.get(actor.ready.remote())
+        except RayError as e:
+            for other in actors.values():
+                ray.kill(other, no_restart=True)
+            raise ClientFailure(client_id, f"could not start: {_cause(e)}") from None
+    return actors, placement
+
+
+def _cause(error: BaseException) -> str:
+    """The user-facing cause of a Ray error: the client's own exception when there is one."""
+    if isinstance(error, RayTaskError):
+        cause = error.cause
+        if cause is not None and not isinstance(cause, RayError):
+            return f"{type(cause).__name__}: {cause}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass(frozen=True)
+class Call:
+    """A pending client call: the pool's handle."""
+
+    center: str
+    kind: str  # "fit" or "evaluate"
+    ref: ray.ObjectRef
+
+
+class RayClientPool:
+    """`ClientPool` over client actors (see the module docstring).
+
+    `record=True` keeps every reply received, in arrival order, in `received` (tests inspect
+    exactly what reached the coordinator); `puts` counts the global states put in the object
+    store (one per distinct state: once per round).
+    """
+
+    def __init__(self, actors: Mapping[str, ActorHandle], *, record: bool = False):
+        if not actors:
+            raise ValueError("RayClientPool: no client actors")
+        self.actors = dict(actors)
+        self.record = record
+        self.received: list[ClientUpdate | EvalReply] = []
+        self.puts = 0
+        self._state: Tensors | None = None
+        self._state_ref: ray.ObjectRef | None = None
+
+    def centers(self) -> list[str]:
+        return sorted(self.actors)
+
+    def _actor(self, center: str) -> ActorHandle:
+        if center not in self.actors:
+            raise ClientFailure(center, f"no such client; the pool has {self.centers()}")
+        return self.actors[center]
+
+    def state_ref(self, state: Tensors | None) -> ray.ObjectRef | None:
+        """The object-store reference of `state`, put once while the same state is sent."""
+        if state is None:
+            return None
+        if not _same_state(state, self._state):
+            self._state, self._state_ref = state, ray.put(state)
+            self.puts += 1
+        return self._state_ref
+
+    def submit_fit(self, center: str, plan: RoundPlan) -> Call:
+        ref = self.state_ref(plan.global_state)
+        light = dataclasses.replace(plan, global_state=None)  # the state travels by reference
+        return Call(center, "fit", self._actor(center).fit.remote(light, ref))
+
+    def submit_evaluate(self, center: str, split: str, personalized: bool,
+                        dataset_center: str | None = None,
+                        global_state: Tensors | None = None) -> Call:
+        ref = self.state_ref(global_state)
+        return Call(center, "evaluate", self._actor(center).evaluate.remote(
+            split, personalized, dataset_center, ref))
+
+    def wait(self, handles: Sequence[Call], num_returns: int, timeout_s: float | None
+             ) -> tuple[list[Call], list[Call]]:
+        if not handles:
+            return [], []
+        by_ref = {h.ref: h for h in handles}
+        ready, pending = ray.wait(list(by_ref), num_returns=min(num_returns, len(handles)),
+                                  timeout=timeout_s)
+        return [by_ref[r] for r in ready], [by_ref[r] for r in pending]
+
+    def result(self, handle: Call) -> ClientUpdate | EvalReply:
+        try:
+            reply = ray.get(handle.ref)
+        except RayError as e:
+            raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}") from None
+        if self.record:
+            self.received.append(reply)
+        return reply
+
+    def call_all(self, method: str, *args: Any, centers: Sequence[str] | None = None,
+                 timeout_s: float | None = None) -> dict[str, Any]:
+        """`method(*args)` on every client (or `centers`), resolved; ObjectRefs among `args`
+        are passed through. A failure raises `ClientFailure` naming the client."""
+        refs = {c: getattr(self._actor(c), method).remote(*args)
+                for c in (centers or self.centers())}
+        out = {}
+        for center, ref in refs.items():
+            try:
+                out[center] = ray.get(ref, timeout=timeout_s)
+            except RayError as e:
+                raise ClientFailure(center, f"{method} failed: {_cause(e)}") from None
+        return out
+
+    def shutdown(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+
+
+def _same_state(a: Tensors | None, b: Tensors | None) -> bool:
+    """Same object, or the same names with equal tensors (plans may copy the state)."""
+    if a is b:
+        return True
+    if a is None or b is None or a.keys() != b.keys():
+        return False
+    return all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+               for k in a)
+
+
+# --------------------------------------------------------------------------- the coordinator
+
+
+class CoordinatorHost:
+    """Runs `run_fn(emit)` in an actor; `emit(event)` buffers progress events for `poll`."""
+
+    def __init__(self, run_fn: Callable[[Callable[[dict], None]], Any]):
+        self._run_fn = run_fn
+        self._events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def _emit(self, event: dict) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def run(self) -> Any:
+        return self._run_fn(self._emit)
+
+    def poll(self) -> list[dict]:
+        """Events emitted since the last poll."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+def run_in_coordinator_actor(run_fn: Callable[[Callable[[dict], None]], Any],
+                             on_event: Callable[[dict], None], *,
+                             poll_interval_s: float = 0.5) -> Any:
+    """Run `run_fn` inside a `CoordinatorHost` actor on this node, feeding its events to
+    `on_event` here as they come; returns what `run_fn` returns (its exception is raised)."""
+    host = ray.remote(CoordinatorHost).options(**coordinator_actor_options()).remote(run_fn)
+    try:
+        done = host.run.remote()
+        while True:
+            ready, _ = ray.wait([done], timeout=poll_interval_s)
+            for event in ray.get(host.poll.remote()):
+                on_event(event)
+            if ready:
+                break
+        try:
+            return ray.get(done)
+        except RayTaskError as e:
+            cause = e.cause
+            if isinstance(cause, Exception) and not isinstance(cause, RayError):
+                raise cause from None  # the run's own error (ConfigError, DatasetError, ...)
+            raise
+    finally:
+        ray.kill(host, no_restart=True)
+

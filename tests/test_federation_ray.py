@@ -1,0 +1,235 @@
+"""The federation through Ray actors on the shared test cluster: `Experiment.fit()` end to end.
+
+One 2-center, 2-round fedmrg run (tiny LM and encoder, 32 px, 20 studies per center) with the
+coordinator in an actor, shared by the tests below: it completes; its final generic adapter is
+exactly the aggregation of the factors the clients sent in the last round; no message that
+reached the coordinator carries a specialized-adapter or local-head tensor; MLflow's sqlite store
+holds the params, per-round metrics, evaluations and artifacts (the generic adapter loads with
+`peft.PeftModel.from_pretrained`); clients ran with num_gpus=0 on their fractional CPUs. The
+pool's transport (one `ray.put` per state, failures as ClientFailure) is checked on stub actors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from fedmrg.config import ResourcesConfig, load_config
+from fedmrg.fl.actors import RayClientPool, client_actor_options, coordinator_actor_options
+from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, is_lora_factor
+from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROUNDS = 2
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    """A complete run in well under a minute on 2 cores (also used by test_ray_jobs.py)."""
+    return [
+        f"data.root={tmp}/data", "data.phantom.centers=2", "data.phantom.studies_per_center=20",
+        "data.phantom.image_size=32", "data.phantom.heldout_center=false",
+        "data.image_size=32", "data.batch_size=4", "data.max_report_tokens=24",
+        f"model.lm_cache={tmp}/lm", "model.lm_hidden_size=32", "model.lm_layers=1",
+        "model.lm_heads=2", "model.lm_vocab_size=256", "model.lm_warmup_steps=5",
+        "model.encoder_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+        "model.visual_tokens=3", "model.lora_rank=4", "model.projection_dim=8",
+        "train.local_steps=2", f"federation.rounds={ROUNDS}",
+        "resources.num_cpus_per_client=0.5", "resources.num_gpus_per_client=0",
+        f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_location={tmp}/mlartifacts", f"tracking.storage_path={tmp}/runs",
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, tmp_path_factory):
+    from fedmrg.experiment import Experiment
+
+    tmp = tmp_path_factory.mktemp("federation")
+    cfg = load_config("default", tiny_overrides(tmp))
+    out = io.StringIO()
+    result = Experiment(cfg, run_name="ray-fedmrg", record_messages=True, out=out).fit()
+    return {"cfg": cfg, "result": result, "out": out.getvalue(), "tmp": tmp}
+
+
+def _tensor_names(message) -> list[str]:
+    if isinstance(message, ClientUpdate):
+        return [*message.lora, *message.dense]
+    return []
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def test_two_center_run_completes_with_both_views_and_byte_counts(run):
+    result = run["result"]
+    assert [r["round_id"] for r in result.rounds] == [1, 2]
+    assert all(r["participants"] == ["a", "b"] and not r["rejected"] for r in result.rounds)
+    for view in (result.generalization, result.personalization):
+        assert sorted(view["per_center"]) == ["a", "b"]
+        assert view["mean"]["num_studies"] > 0 and "bleu4" in view["mean"]
+    comm = result.communication
+    assert comm["bytes_up_per_client_round"] > 0 and comm["bytes_down_per_client_round"] > 0
+    assert comm["dense_ratio"] > 1  # low-rank factors are smaller than the dense update
+    assert comm["full_model_bytes"] > comm["bytes_up_per_client_round"]
+    # driver output: one line per round and the final table
+    assert "round 1/2 | 2 clients" in run["out"] and "round 2/2 | 2 clients" in run["out"]
+    table = result.table()
+    assert "generalization" in table and "personalization" in table and "| mean |" in table
+    summary = json.loads((Path(result.storage_dir) / "summary.json").read_text())
+    assert summary["communication"]["bytes_up_total"] == comm["bytes_up_total"]
+
+
+def test_generic_adapter_is_the_aggregation_of_the_returned_factors(run):
+    cfg, result = run["cfg"], run["result"]
+    last = sorted((m for m in result.messages
+                   if isinstance(m, ClientUpdate) and m.round_id == ROUNDS),
+                  key=lambda u: u.center)
+    assert [u.center for u in last] == ["a", "b"]
+    expected = aggregate_lora_states(cfg.federation.aggregation, [u.lora for u in last],
+                                     [u.num_samples for u in last])
+    assert expected and set(expected) == {n for n in result.global_state if is_lora_factor(n)}
+    for name, tensor in expected.items():
+        torch.testing.assert_close(result.global_state[name], tensor, rtol=0, atol=0)
+    # and the clients did train: the generic B factors left their zero initialization
+    assert any(float(t.abs().sum()) > 0 for n, t in expected.items() if ".lora_B." in n)
+
+
+def test_no_private_tensor_reaches_the_coordinator(run):
+    result = run["result"]
+    fits = [m for m in result.messages if isinstance(m, ClientUpdate)]
+    evals = [m for m in result.messages if isinstance(m, EvalReply)]
+    assert len(fits) == 2 * ROUNDS and len(evals) >= 4
+    names = [n for m in result.messages for n in _tensor_names(m)]
+    assert names and all("generic" in n for n in names if is_lora_factor(n))
+    leaked = [n for n in names if "specialized" in n or n.startswith("local_head.")]
+    assert not leaked
+    # fedmrg sends low-rank factors of the dense shared tensors, not the tensors
+    assert any(isinstance(u, LowRankUpdate) for m in fits for u in m.dense.values())
+    # ... while the private adapter did exist: each client saved it where it runs
+    for center in ("a", "b"):
+        saved = Path(result.storage_dir, "centers", center, "specialized_adapter")
+        assert (saved / "adapter_config.json").is_file()
+
+
+def test_global_state_is_put_once_per_round(run):
+    # 2 rounds x 2 clients got plans, one evaluation after the last aggregation: 3 puts
+    assert run["result"].global_state_puts == ROUNDS + 1
+
+
+def test_clients_ran_on_fractional_cpus_without_gpus(run):
+    for center, info in run["result"].placement.items():
+        assert info["assigned"].get("CPU") == pytest.approx(0.5), center
+        assert "GPU" not in info["assigned"] and info["device"] == "cpu"
+
+
+def test_mlflow_store_has_params_metrics_and_a_loadable_peft_adapter(run, tmp_path):
+    from mlflow import MlflowClient
+    from peft import PeftModel
+
+    from fedmrg.model.base_lm import load_base_lm
+
+    cfg, result = run["cfg"], run["result"]
+    client = MlflowClient(result.mlflow["tracking_uri"])
+    parent = client.get_run(result.mlflow["run_id"])
+    assert parent.info.run_name == "ray-fedmrg" and parent.info.status == "FINISHED"
+    assert parent.data.params["federation.strategy"] == "fedmrg"
+    assert parent.data.tags["strategy"] == "fedmrg"
+    up = client.get_metric_history(parent.info.run_id, "bytes_up")
+    assert [m.step for m in up] == [1, 2]
+    assert "generalization/bleu4" in parent.data.metrics
+    assert "personalization/a/bleu4" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"generic_adapter", "samples.json", "summary.json", "plots"} <= artifacts
+    nested = client.search_runs([parent.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["fedmrg.center"] for r in nested) == ["a", "b"]
+    for r in nested:
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["specialized_adapter"]
+        assert "lm_generic" in r.data.metrics
+
+    local = client.download_artifacts(parent.info.run_id, "generic_adapter", str(tmp_path))
+    base, _ = load_base_lm(cfg.model)
+    peft_model = PeftModel.from_pretrained(base, local)
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert loaded
+    for name, param in loaded.items():
+        # base_model.model.<m>.lora_A.default.weight <-> decoder.base_model.model.<m>.lora_A.generic...
+        key = "decoder." + name.replace(".default.", ".generic.")
+        torch.testing.assert_close(param.detach(), result.global_state[key], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- placement options
+
+
+def test_client_options_pin_centers_and_take_fractional_resources():
+    res = ResourcesConfig(num_cpus_per_client=0.5, num_gpus_per_client=0.25, pin_centers=True,
+                          max_restarts=3)
+    options = client_actor_options(res, "a")
+    assert options == {"num_cpus": 0.5, "num_gpus": 0.25, "max_restarts": 3,
+                       "max_task_retries": 0, "resources": {"center_a": 1}}
+    assert "resources" not in client_actor_options(res, None)  # pooled client: not pinned
+    res.pin_centers = False
+    assert "resources" not in client_actor_options(res, "a")
+
+
+def test_coordinator_options_hold_no_cpu_and_stay_on_the_driver_node(ray_cluster):
+    options = coordinator_actor_options()
+    assert options["num_cpus"] == 0 and options["max_concurrency"] >= 2
+    strategy = options["scheduling_strategy"]
+    assert strategy.node_id == ray.get_runtime_context().get_node_id() and not strategy.soft
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@ray.remote(num_cpus=0)
+class _StubClient:
+    """Answers like a client: echoes what it received, fails on a negative round id."""
+
+    def __init__(self, center):
+        self.center = center
+
+    def fit(self, plan, global_state):
+        if plan.round_id < 0:
+            raise ValueError("bad round")
+        assert plan.global_state is None  # the state travels by reference, not in the plan
+        total = sum(float(t.sum()) for t in global_state.values())
+        return ClientUpdate(plan.round_id, self.center, 1, {}, {}, metrics={"total": total})
+
+    def evaluate(self, split, personalized, dataset_center, global_state):
+        return EvalReply(dataset_center or self.center, "generalization",
+                         {"got_state": float(global_state is not None)})
+
+
+def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_cluster):
+    pool = RayClientPool({c: _StubClient.remote(c) for c in ("a", "b", "c")}, record=True)
+    try:
+        state = {"w": torch.ones(3, 2)}
+        handles = [pool.submit_fit(c, RoundPlan(1, state)) for c in pool.centers()]
+        ready, pending = pool.wait(handles, len(handles), timeout_s=60)
+        assert not pending and {h.center for h in ready} == {"a", "b", "c"}
+        assert [pool.result(h).metrics["total"] for h in handles] == [6.0, 6.0, 6.0]
+        assert pool.puts == 1  # one put for three clients
+        # an equal copy (a plan cast again) is still the same state; a new one is put
+        pool.submit_fit("a", RoundPlan(2, {"w": torch.ones(3, 2)}))
+        assert pool.puts == 1
+        new = pool.submit_fit("a", RoundPlan(3, {"w": torch.zeros(3, 2)}))
+        assert pool.puts == 2 and pool.result(new).metrics["total"] == 0.0
+        reply = pool.result(pool.submit_evaluate("b", "test", False, "heldout", None))
+        assert reply.center == "heldout" and reply.metrics["got_state"] == 0.0
+
+        failing = pool.submit_fit("c", RoundPlan(-1, state))
+        with pytest.raises(ClientFailure, match="bad round") as info:
+            pool.result(failing)
+        assert info.value.center == "c"
+        with pytest.raises(ClientFailure, match="no such client"):
+            pool.submit_fit("zz", RoundPlan(1, state))
+        assert len(pool.received) == 5  # every reply that arrived, the failure excluded
+    finally:
+        pool.shutdown()
