@@ -20,7 +20,7 @@ from fedmrg.config import ExperimentConfig
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import Coordinator, FederatedResult, InProcessPool
 from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, decompress, is_lora_factor
-from fedmrg.fl.messages import ClientUpdate, RoundPlan
+from fedmrg.fl.messages import STACKED, ClientUpdate, RoundPlan
 from fedmrg.fl.strategies import make_strategy
 from fedmrg.fl.wire import from_wire, message_bytes
 from fedmrg.model.params import get_private_state, get_shared_state
@@ -186,12 +186,33 @@ def test_bytes_up_and_down_are_the_messages_sizes(fedmrg_run):
     assert totals["bytes_up"] == sum(s.bytes_up for s in result.history)
 
 
+def test_stacked_factors_are_merged_into_the_frozen_base_weights(fedmrg_run):
+    result, _, clients = fedmrg_run
+    client, state = clients["a"], dict(result.global_state)
+    a_key = next(n for n in state if n.endswith("q_proj.lora_A.generic.weight"))
+    b_key = a_key.replace(".lora_A.", ".lora_B.")
+    layer = client.model.get_submodule(a_key.removesuffix(".lora_A.generic.weight"))
+    base = layer.get_base_layer().weight
+    original = base.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, original.shape[1], generator=g)  # rank 8: twice the adapter's
+    B = torch.randn(original.shape[0], 8, generator=g)
+    client.load_global_state({**state, STACKED + a_key: A, STACKED + b_key: B})
+    assert torch.allclose(base, original + layer.scaling["generic"] * B @ A, atol=1e-5)
+    assert torch.equal(get_shared_state(client.model)[a_key], state[a_key])
+    client.load_global_state(state)  # no stack in the state: the original weight is back
+    assert torch.equal(base, original)
+
+
 def test_fedavg_sends_dense_updates_and_no_prototypes(ray_cluster, dataset, lm_cache,
                                                      fedmrg_run):
-    result, pool, clients = run("fedavg", dataset, lm_cache, rounds=1)
+    result, pool, clients = run("fedavg", dataset, lm_cache, rounds=1, wire_dtype="bf16")
     close(clients)
     assert not clients["a"].model.cfg.specialized_adapter
-    update = from_wire(pool.updates[1]["a"])
+    wired, plan = pool.updates[1]["a"], pool.plans[1]["a"]
+    floats = [*wired.lora.values(), *wired.dense.values(), *plan.global_state.values()]
+    assert {t.dtype for t in floats if t.is_floating_point()} == {torch.bfloat16}
+    update = from_wire(wired)
     assert update.prototypes is None and update.label_counts is None
     assert update.dense and all(isinstance(t, torch.Tensor) for t in update.dense.values())
     assert message_bytes(update.dense).compression == 1.0  # rank 0: dense deltas
@@ -200,7 +221,8 @@ def test_fedavg_sends_dense_updates_and_no_prototypes(ray_cluster, dataset, lm_c
     direct = aggregate_lora_states("fedavg", [u.lora for u in updates], [14, 14])
     assert all(torch.allclose(result.global_state[n], direct[n], atol=1e-6) for n in direct)
     fedmrg_result = fedmrg_run[0]
-    # same generic adapter in both; the dense part costs fedavg several times fedmrg's bytes
+    # same generic adapter in both; the dense part costs fedavg more, even in half the bytes
+    # (measured: 4.9x, bf16 fedavg vs fp32 fedmrg)
     assert result.history[0].bytes_up > 3 * fedmrg_result.history[0].bytes_up
     assert set(result.personalization.per_center) == set(CENTERS)
 
