@@ -135,7 +135,8 @@ class TrainConfig:
     warmup_steps: int = _f(10, "linear warm-up steps", min=0)
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0)
     local_steps: int = _f(20, "optimizer steps per round per client", min=1)
-    fedprox_mu: float = _f(0.0, "FedProx proximal weight (strategy fedprox sets it)", min=0)
+    fedprox_mu: float = _f(0.01, "FedProx proximal weight mu (used by strategy fedprox only)",
+                           min=0)
 
 
 @dataclass
@@ -153,9 +154,21 @@ class FederationConfig:
                          choices=("fp32", "bf16"))
     server_optimizer: str = _f("none", "server optimizer on the aggregated update",
                                choices=("none", "adam"))
-    server_lr: float = _f(1.0, "server learning rate", min=0)
+    server_lr: float = _f(1.0, "server learning rate (1.0 with 'none' applies the mean update; "
+                               "adam: try 0.01)", min=0)
     eval_every: int = _f(0, "evaluate every N rounds (0: only at the end)", min=0)
     max_update_norm: float = _f(0.0, "reject updates above this norm (0: no bound)", min=0)
+
+
+@dataclass
+class EvalConfig:
+    """Report generation and scoring at evaluation time."""
+
+    num_beams: int = _f(3, "beam search width", min=1)
+    max_new_tokens: int = _f(96, "longest generated report in tokens", min=1)
+    min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
+    repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
+    samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
 
 
 @dataclass
@@ -184,6 +197,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

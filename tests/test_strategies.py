@@ -12,7 +12,6 @@ from fedmrg.fl.lowrank import ErrorFeedback, LowRankUpdate, aggregate_lora_state
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.server_optim import ServerAdam, ServerSGD, make_server_optimizer
 from fedmrg.fl.strategies import (
-    FEDPROX_MU,
     LABEL_COUNTS,
     PROTOTYPES,
     STACKED,
@@ -217,7 +216,7 @@ def test_fedavg_plans_carry_no_prototypes_prior_or_mu():
 def test_fedprox_plans_carry_mu():
     strategy = make_strategy(config("fedprox"))
     strategy.initialize(global_state())
-    assert strategy.plan(1, "a").fedprox_mu == FEDPROX_MU  # the config's 0 would be fedavg
+    assert strategy.plan(1, "a").fedprox_mu == ExperimentConfig().train.fedprox_mu > 0
     cfg = config("fedprox")
     cfg.train.fedprox_mu = 0.05
     assert make_strategy(cfg).plan(1, "a").fedprox_mu == 0.05

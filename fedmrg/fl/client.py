@@ -136,12 +136,17 @@ class FederatedClient:
 
     def __init__(self, cfg: ExperimentConfig, center: str, *, dataset_root: str | None = None,
                  centers_for_data: list[str] | None = None, seed: int = 0,
-                 generation: Mapping[str, Any] | None = None, eval_samples: int = 5):
+                 generation: Mapping[str, Any] | None = None,
+                 eval_samples: int | None = None):
         self.cfg, self.center, self.seed = cfg, center, seed
         self.root = str(dataset_root or cfg.data.root)
         self.data_centers = list(centers_for_data) if centers_for_data else [center]
-        self.generation = dict(generation or {})  # evaluate_model overrides (beams, lengths)
-        self.eval_samples = eval_samples
+        ev = cfg.eval
+        # evaluate_model's generation arguments: the config's, then explicit overrides
+        self.generation = {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens,
+                           "min_new_tokens": ev.min_new_tokens,
+                           "repetition_penalty": ev.repetition_penalty, **(generation or {})}
+        self.eval_samples = ev.samples if eval_samples is None else eval_samples
         self.data_cfg = dataclasses.replace(cfg.data, root=self.root)
 
         lm, tokenizer = load_base_lm(cfg.model)

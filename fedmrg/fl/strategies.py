@@ -17,7 +17,7 @@ The strategies:
   updates. Its definition implies (`FedAvg.implies`): no specialized adapter, no mutual
   boosting, no contrastive heads, fedavg aggregation, dense updates (rank 0).
 - `fedprox`: fedavg + the proximal term mu/2 ||w - w_global||^2 in local training (mu from
-  `train.fedprox_mu`, `FEDPROX_MU` when that is 0).
+  `train.fedprox_mu`, default 0.01).
 - `fedmrg`: generic adapter aggregated with `federation.aggregation` (default `exact`), dense
   shared tensors from their low-rank (error-feedback) updates, diagnosis prototypes merged with
   `merge_prototypes` and sent back next round, the clients' label-state counts turned into a
@@ -70,7 +70,6 @@ from fedmrg.fl.messages import STACKED, ClientUpdate, RoundPlan
 from fedmrg.fl.server_optim import ServerSGD, make_server_optimizer
 from fedmrg.model.losses import log_prior_from_counts, merge_prototypes
 
-FEDPROX_MU = 0.01  # used when strategy fedprox meets train.fedprox_mu = 0 (see FedProx)
 STATISTICS = ("running_mean", "running_var")  # averaged, never moved by a server optimizer
 PROTOTYPES, LABEL_COUNTS = "prototypes", "label_counts"  # RoundPlan.collect entries
 
@@ -341,17 +340,11 @@ class FedAvg(Strategy):
 class FedProx(FedAvg):
     """FedAvg + the proximal term mu/2 ||w - w_global||^2 in local training.
 
-    mu is `train.fedprox_mu`; the config's default 0 would make this FedAvg, so 0 means
-    FEDPROX_MU (a value from the FedProx paper's grid). The other strategies send mu = 0.
+    mu is `train.fedprox_mu` (default 0.01, from the FedProx paper's grid); the other
+    strategies send mu = 0.
     """
 
     name = "fedprox"
-
-    def configure(self, cfg: ExperimentConfig) -> ExperimentConfig:
-        out = super().configure(cfg)
-        if out.train.fedprox_mu == 0:
-            out.train.fedprox_mu = FEDPROX_MU
-        return out
 
     def fedprox_mu(self) -> float:
         return self.cfg.train.fedprox_mu
