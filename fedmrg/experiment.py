@@ -349,7 +349,7 @@ class Experiment:
     def fit(self) -> Result:
         from fedmrg.data.prepare import ensure_dataset, participating_centers
         from fedmrg.data.shards import read_manifest
-        from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors
+        from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
         from fedmrg.fl.strategies import make_strategy
         from fedmrg.ray_cluster import connect
         from fedmrg.tracking import default_run_name
@@ -386,10 +386,7 @@ class Experiment:
                                                    progress.on_event)
         finally:
             progress.close()
-            import ray
-
-            for actor in actors.values():
-                ray.kill(actor, no_restart=True)
+            stop_actors(actors.values())
         return Result(
             run_name=outcome["run_name"], strategy=outcome["strategy"], centers=centers,
             rounds=outcome["rounds"], generalization=outcome["generalization"],

@@ -122,6 +122,10 @@ class ClientHost:
                 "assigned": ctx.get_assigned_resources(),
                 "device": str(self.client.model.device)}
 
+    def close(self) -> None:
+        """End the train stream's suspended pass before the actor is killed."""
+        self.client.close()
+
     def shared_state(self) -> Tensors:
         """The shared tensors of the freshly built model: the run's initial global state
         (identical on every client: same seed, same weights)."""
@@ -311,8 +315,17 @@ class RayClientPool:
         return out
 
     def shutdown(self) -> None:
-        for actor in self.actors.values():
-            ray.kill(actor, no_restart=True)
+        stop_actors(self.actors.values())
+
+
+def stop_actors(actors: Sequence[ActorHandle] | Any, timeout_s: float = 30.0) -> None:
+    """Close client actors (ends their streams' suspended passes), then kill them."""
+    actors = list(actors)
+    closing = [a.close.remote() for a in actors if hasattr(a, "close")]
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
 
 
 def _same_state(a: Tensors | None, b: Tensors | None) -> bool:

@@ -1,0 +1,147 @@
+"""`ray job submit --working-dir . -- python ray_jobs/<x>.py ...` against a real `ray start --head`.
+
+The external cluster is a second Ray on this machine, beside the session's `ray_cluster` (which
+may be running in this same pytest process): its own temp dir, its own free ports, its own
+worker port range, token auth off (`RAY_AUTH_MODE=disabled`), and the job CLI reaches it only
+through its dashboard address. Teardown stops exactly that cluster: `ray start --block` runs in
+its own process session and shuts its processes down on SIGTERM; the session is then killed by
+its id. (`ray stop` is not used: it stops every Ray on the machine, the session's included.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_federation_ray import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: ray, python
+START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 240
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
+               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+@pytest.fixture(scope="module")
+def external_cluster():
+    """A `ray start --head` cluster on 127.0.0.1; yields its dashboard address."""
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: socket paths
+    (gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc,
+     runtime_env, metrics) = _free_ports(9)
+    worker_low = 20000 + (os.getpid() % 400) * 100  # away from the default 10002-19999
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_low}",
+        f"--max-worker-port={worker_low + 99}", "--num-cpus=4",
+        f"--object-store-memory={300 * 1024 * 1024}", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                            cwd=temp_dir, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}: "
+                            f"{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the dashboard at {address} did not come up in {START_TIMEOUT_S} s")
+            time.sleep(1)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(address: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python <args>`, waiting for the job to finish."""
+    command = [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".",
+               "--", "python", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
+
+
+def test_prepare_data_then_train_as_ray_jobs(external_cluster, tmp_path):
+    # prepare_data: the phantom benchmark the tiny config asks for, written by the job
+    prepared = _submit(external_cluster, "ray_jobs/prepare_data.py", "phantom",
+                       "--out", str(tmp_path / "data"), "--centers", "2",
+                       "--studies-per-center", "20", "--image-size", "32", "--no-heldout")
+    assert prepared.returncode == 0, prepared.stdout[-4000:] + prepared.stderr[-2000:]
+    assert "center a: train" in prepared.stdout
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert sorted(manifest["centers"]) == ["a", "b"]
+
+    # train: the same options as `fedmrg run`, on that dataset (not regenerated)
+    summary = tmp_path / "summary.json"
+    args = ["ray_jobs/train.py", "--strategy", "fedavg", "--run-name", "job-fedavg",
+            "--summary-json", str(summary)]
+    for item in tiny_overrides(tmp_path):
+        args += ["--set", item]
+    trained = _submit(external_cluster, *args)
+    output = trained.stdout + trained.stderr
+    assert trained.returncode == 0, output[-6000:]
+    assert "succeeded" in output and "round 2/2" in output and "| mean |" in output
+    result = json.loads(summary.read_text())
+    assert result["strategy"] == "fedavg" and len(result["rounds"]) == 2
+    assert sorted(result["generalization"]["per_center"]) == ["a", "b"]
+    # the clients ran on the external cluster, not on this process's session cluster
+    nodes = {info["node_id"] for info in result["placement"].values()}
+    assert len(nodes) == 1
+    import ray
+
+    if ray.is_initialized():
+        assert nodes.isdisjoint({n["NodeID"] for n in ray.nodes()})
+    assert (Path(result["storage_dir"]) / "generic_adapter" / "adapter_config.json").is_file()
