@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/fedmrg data check $(ARGS)
+	$(BIN)/fedmrg run $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -370,10 +370,8 @@ class Experiment:
             cfg.federation.strategy)
         layout = client_layout(cfg.federation.strategy, centers)
         progress = _Progress(cfg.federation.rounds, self.progress, self.out)
-        # reports are truncated to max_report_tokens in training: never generate longer ones
-        generation = {"max_new_tokens": cfg.data.max_report_tokens}
         actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
-                                                seed=cfg.seed, generation=generation)
+                                                seed=cfg.seed)
         try:
             run_fn = functools.partial(
                 run_federation, cfg, actors, centers=centers, dataset_root=str(root),

@@ -39,7 +39,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "model.lm_heads=2", "model.lm_vocab_size=256", "model.lm_warmup_steps=5",
         "model.encoder_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
         "model.visual_tokens=3", "model.lora_rank=4", "model.projection_dim=8",
-        "train.local_steps=2", f"federation.rounds={ROUNDS}",
+        "train.local_steps=2", f"federation.rounds={ROUNDS}", "eval.max_new_tokens=24",
         "resources.num_cpus_per_client=0.5", "resources.num_gpus_per_client=0",
         f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
         f"tracking.artifact_location={tmp}/mlartifacts", f"tracking.storage_path={tmp}/runs",
@@ -159,7 +159,7 @@ def test_mlflow_store_has_params_metrics_and_a_loadable_peft_adapter(run, tmp_pa
     loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert loaded
     for name, param in loaded.items():
-        # base_model.model.<m>.lora_A.default.weight <-> decoder.base_model.model.<m>.lora_A.generic...
+        # base_model.model.<m>.lora_A.default.weight is decoder.base_model.model.<m>...generic...
         key = "decoder." + name.replace(".default.", ".generic.")
         torch.testing.assert_close(param.detach(), result.global_state[key], rtol=0, atol=0)
 
