@@ -206,6 +206,40 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
         click.echo(f"summary: {summary_json}")
 
 
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data-root", default=None, help="dataset to evaluate on (default: the run's)")
+@click.option("--center", "centers", multiple=True, help="center to evaluate (repeatable; "
+                                                         "default: every center of the dataset)")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write the metrics and sample reports as JSON")
+def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...], split: str,
+                 json_path: Path | None) -> None:
+    """Evaluate a finished run's models (<tracking.storage_path>/<run name>) on a dataset:
+    generalization (generic model) and personalization (each center's own model)."""
+    from fedmrg.eval.evaluator import metrics_table
+    from fedmrg.experiment import TABLE_KEYS, VIEWS, ExperimentError, evaluate_run
+
+    try:
+        result = evaluate_run(run_dir, data_root=data_root, centers=centers or None, split=split)
+    except ExperimentError as e:
+        _fail(str(e))
+    for view in VIEWS:
+        rows = [{"center": c, **m} for c, m in result[view]["per_center"].items()]
+        rows.append({"center": "mean", **result[view]["mean"]})
+        click.echo(f"{view} ({split} split)")
+        click.echo(metrics_table(rows, TABLE_KEYS))
+        click.echo("")
+    if json_path is not None:
+        from fedmrg.tracking import jsonable
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(jsonable(result), indent=2))
+        click.echo(f"metrics: {json_path}")
+
+
 def _print_counts(manifest: dict) -> None:
     for center, info in sorted(manifest["centers"].items()):
         rows = info["rows"]

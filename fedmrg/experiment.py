@@ -42,12 +42,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import yaml
 
 from fedmrg.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
 POOLED_CLIENT = "pooled"  # the id of the one client of the centralized baseline
+# Inside <tracking.storage_path>/<run name>/:
+RUN_CONFIG = "config.yaml"  # the resolved config the run used (after the strategy's switches)
+RUN_SUMMARY = "summary.json"  # the final table, communication, rounds (Result.summary())
+MODELS = "models"  # models/<client>/: each client's final model (fedmrg.model.io format)
 # Columns of the final table (a subset of fedmrg.eval.evaluator.HEADLINE).
 TABLE_KEYS = ("ce_f1_macro", "ce_f1_micro", "bleu1", "bleu4", "meteor", "rouge_l", "cider",
               "diag_acc")
@@ -235,6 +240,8 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
     sizes = pool.call_all("parameter_summary", centers=[first])[first]
     full_model_bytes = sum(group["bytes"] for group in sizes.values())
     run_dir = Path(cfg.tracking.storage_path) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tracked = sorted(set(pool.centers()) | set(centers))
     tracker = RunTracker.start(cfg, tracked, dataset_root, run_name=run_name, resume=resume)
     emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
@@ -272,6 +279,11 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
                                   heldout_centers=heldout_centers)
         federated = coordinator.run()
         global_state = federated.global_state
+        # every client's final model (global state + its private state), for `evaluate_run`
+        state_ref = pool.state_ref(global_state)
+        for center in pool.centers():
+            pool.call_all("save_model", str(run_dir / MODELS / center), state_ref,
+                          centers=[center])
         # the generic adapter in PEFT format, from the final global state
         if global_state is not None:
             files = pool.call_all("export_generic_adapter", global_state, centers=[first])[first]
@@ -291,6 +303,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
         rounds = [s.to_dict() for s in federated.history]
         outcome = {
             "run_name": run_name, "strategy": strategy.name, "rounds": rounds,
+            "centers": list(centers),
             "generalization": _evaluation_table(federated.generalization),
             "personalization": _evaluation_table(federated.personalization),
             "communication": communication_totals(rounds, full_model_bytes),
@@ -305,10 +318,9 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
         summary = {k: v for k, v in outcome.items()
                    if k not in ("global_state", "messages", "global_state_puts")}
         tracker.log_summary(summary)
-        run_dir.mkdir(parents=True, exist_ok=True)
         from fedmrg.tracking import jsonable
 
-        (run_dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+        (run_dir / RUN_SUMMARY).write_text(json.dumps(jsonable(summary), indent=2))
     return outcome
 
 
@@ -322,6 +334,83 @@ def _sample_rows(federated: Any) -> list[dict[str, Any]]:
                              "view": view, "reference": str(sample.get("reference", "")),
                              "generated": str(sample.get("generated", ""))})
     return rows
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
+                 centers: Sequence[str] | None = None, split: str = "test",
+                 connect_ray: bool = True) -> dict[str, Any]:
+    """A finished run's models on a dataset: generalization (the generic model, any client's
+    saved model with its specialized adapter off) and personalization (each center's own
+    model; a center without one, e.g. under `centralized`, gets the first client's) on
+    `split` of every center in `centers` (default: every center of the dataset).
+
+    `data_root` defaults to the run's dataset (another dataset in the fedmrg layout works).
+    Returns {"generalization": {"per_center", "mean"}, "personalization": ..., "samples"};
+    means are over the run's participating centers among those evaluated (all of them when
+    none took part). Runs in this process (Ray Data streams the test splits).
+    """
+    from fedmrg.config import load_config
+    from fedmrg.data.shards import read_manifest
+    from fedmrg.data.stream import CenterStream
+    from fedmrg.eval.evaluator import evaluate_model, mean_over_centers
+    from fedmrg.model.io import load_model
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ExperimentError(f"{run_dir}: no {RUN_CONFIG}; not the folder of a finished "
+                              f"fedmrg run (<tracking.storage_path>/<run name>)")
+    models_dir = run_dir / MODELS
+    clients = sorted(p.name for p in models_dir.iterdir() if p.is_dir()) if (
+        models_dir.is_dir()) else []
+    if not clients:
+        raise ExperimentError(f"{models_dir}: no saved client model; the run did not finish")
+    cfg = load_config(str(run_dir / RUN_CONFIG))
+    root = str(Path(data_root).expanduser().resolve()) if data_root else cfg.data.root
+    data_cfg = dataclasses.replace(cfg.data, root=root)
+    if connect_ray:
+        from fedmrg.ray_cluster import connect
+
+        connect(cfg.resources)
+    known = sorted(read_manifest(root)["centers"])
+    centers = list(centers) if centers else known
+    unknown = [c for c in centers if c not in known]
+    if unknown:
+        raise ExperimentError(f"center {unknown[0]!r} is not in the dataset at {root}; it has "
+                              f"{known}")
+    participated = []
+    if (run_dir / RUN_SUMMARY).is_file():
+        participated = json.loads((run_dir / RUN_SUMMARY).read_text()).get("centers", [])
+    averaged = [c for c in centers if c in participated] or centers
+    generation = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
+                  "min_new_tokens": cfg.eval.min_new_tokens,
+                  "repetition_penalty": cfg.eval.repetition_penalty}
+
+    models: dict[str, Any] = {}
+
+    def model_of(client: str):
+        if client not in models:
+            models[client] = load_model(models_dir / client)
+        return models[client]
+
+    out: dict[str, Any] = {"samples": []}
+    for view in VIEWS:
+        per_center = {}
+        for center in centers:
+            client = center if view == "personalization" and center in clients else clients[0]
+            model = model_of(client)
+            personalized = view == "personalization" and model.cfg.specialized_adapter
+            stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,
+                                              tokenizer=model.tokenizer, seed=cfg.seed)
+            result = evaluate_model(model, stream.iter_batches(0), personalized,
+                                    num_samples=cfg.eval.samples, **generation)
+            per_center[center] = result.metrics
+            out["samples"] += [{"center": center, "view": view, **s} for s in result.samples]
+        out[view] = {"per_center": per_center,
+                     "mean": mean_over_centers(per_center[c] for c in averaged)}
+    return out
 
 
 # --------------------------------------------------------------------------- the API

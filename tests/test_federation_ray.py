@@ -233,3 +233,23 @@ def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_c
         assert len(pool.received) == 5  # every reply that arrived, the failure excluded
     finally:
         pool.shutdown()
+
+
+def test_evaluate_run_reproduces_the_final_evaluation_from_the_saved_models(run):
+    from fedmrg.experiment import ExperimentError, evaluate_run
+
+    result = run["result"]
+    saved = evaluate_run(result.storage_dir, connect_ray=False)
+    for view in ("generalization", "personalization"):
+        ours, theirs = saved[view]["per_center"], getattr(result, view)["per_center"]
+        assert sorted(ours) == sorted(theirs) == ["a", "b"]
+        for center in ours:
+            for key in ("num_studies", "diag_acc", "bleu1", "bleu4", "rouge_l", "ce_f1_micro"):
+                assert ours[center][key] == pytest.approx(theirs[center][key], abs=1e-6), (
+                    view, center, key)
+    assert saved["samples"] and {"center", "view", "reference", "generated"} <= set(
+        saved["samples"][0])
+    with pytest.raises(ExperimentError, match="not the folder of a finished"):
+        evaluate_run(run["tmp"], connect_ray=False)
+    with pytest.raises(ExperimentError, match="'zz' is not in the dataset"):
+        evaluate_run(result.storage_dir, centers=["zz"], connect_ray=False)

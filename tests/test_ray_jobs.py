@@ -145,3 +145,13 @@ def test_prepare_data_then_train_as_ray_jobs(external_cluster, tmp_path):
     if ray.is_initialized():
         assert nodes.isdisjoint({n["NodeID"] for n in ray.nodes()})
     assert (Path(result["storage_dir"]) / "generic_adapter" / "adapter_config.json").is_file()
+
+    # evaluate: the finished run's saved models, as a third job
+    metrics = tmp_path / "eval.json"
+    evaluated = _submit(external_cluster, "ray_jobs/evaluate.py", result["storage_dir"],
+                        "--center", "a", "--json", str(metrics))
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-4000:]
+    scores = json.loads(metrics.read_text())
+    assert list(scores["generalization"]["per_center"]) == ["a"]
+    assert scores["generalization"]["per_center"]["a"]["bleu4"] == pytest.approx(
+        result["generalization"]["per_center"]["a"]["bleu4"], abs=1e-6)
