@@ -1,0 +1,201 @@
+"""Evaluate an `MRGModel` on batches: generated reports, NLG, CE and diagnosis metrics.
+
+    result = evaluate_model(model, stream.iter_batches(), personalized=False)
+    table = evaluate_centers(model, {"a": stream_a, "b": stream_b})            # generalization
+    table = evaluate_centers({"a": model_a, "b": model_b}, streams, personalized=True)
+
+Metrics of one evaluation (`EvalResult.metrics`):
+- NLG: bleu1..4, meteor, rouge_l, cider (`fedmrg.eval.nlg`, corpus-level, cleaned text).
+- CE: the rule-based labeler applied to the generated AND the reference reports
+  (`compute_ce_from_reports`); positive = code 1; ce_precision/recall/f1 `_micro` (TP/FP/FN
+  pooled over studies and the 14 observations) and `_macro` (mean over the observations that
+  occur in references or generations, `absent="exclude"`; pass absent="zero" for the R2Gen
+  convention), plus `ce_f1/<observation>`.
+- Diagnosis head: diag_acc (argmax state accuracy, mean over observations) and diag_auc
+  (positive-vs-rest AUC, mean over observations with both classes) from its softmax
+  probabilities on the same batches; the generated report's prompt shows the same argmax.
+  diag_f1_macro / diag_f1_micro: the CE formula applied to the head's argmax states against
+  the batch labels, i.e. the CE a decoder that verbalized its prompt perfectly would get; the
+  gap to ce_f1_* is what the decoder loses (or adds).
+- `oracle_prompt=True` shows the ground-truth labels as the prompt instead (an analysis of the
+  decoder alone: how well it follows a correct prompt); never a reported result.
+- num_studies.
+
+Across centers (`evaluate_centers`) the "mean" row is the unweighted mean over centers of each
+metric (every center counts the same, whatever its test size; NaN entries, e.g. the F1 of an
+observation absent at one center, are left out of that metric's mean).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmrg.eval.clinical import (
+    compute_ce_from_reports,
+    compute_ce_metrics,
+    compute_diagnosis_metrics,
+)
+from fedmrg.eval.nlg import compute_nlg_metrics
+
+# The metrics a benchmark table shows, in order.
+HEADLINE = ("ce_f1_macro", "ce_f1_micro", "ce_precision_micro", "ce_recall_micro", "bleu1",
+            "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "diag_acc", "diag_auc")
+GENERATION_DEFAULTS = {"num_beams": 3, "max_new_tokens": 96, "min_new_tokens": 0,
+                       "repetition_penalty": 1.0}
+
+
+class EvaluationError(ValueError):
+    """Evaluation inputs are unusable; the message names the center or argument."""
+
+
+@dataclass
+class EvalResult:
+    """One model on one set of batches."""
+
+    reports: list[str]  # generated, in batch order
+    references: list[str]
+    study_ids: list[str]
+    metrics: dict[str, float]
+    samples: list[dict[str, str]]  # first N: study_id, reference, generated, prompt states
+    predicted_states: np.ndarray  # (N, 14) diagnosis head argmax, the states the prompt showed
+    wall_s: float = 0.0
+
+
+@dataclass
+class CentersResult:
+    """Per-center results and their mean over centers (unweighted, NaN-skipping)."""
+
+    per_center: dict[str, EvalResult]
+    mean: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, keys: Sequence[str] = HEADLINE) -> list[dict[str, Any]]:
+        """One dict per center, then the "mean" row: {"center", key: value...}."""
+        out = [{"center": c, **{k: r.metrics.get(k, math.nan) for k in keys}}
+               for c, r in self.per_center.items()]
+        out.append({"center": "mean", **{k: self.mean.get(k, math.nan) for k in keys}})
+        return out
+
+    def markdown(self, keys: Sequence[str] = HEADLINE, digits: int = 3) -> str:
+        return metrics_table(self.rows(keys), keys, digits)
+
+
+def metrics_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], digits: int = 3,
+                  first: str = "center") -> str:
+    """A markdown table with a `first` column then one column per key."""
+    lines = ["| " + " | ".join([first, *keys]) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = [str(row.get(first, ""))]
+        for k in keys:
+            v = row.get(k, math.nan)
+            cells.append(f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_over_centers(metrics: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted mean of each key over the centers that have a finite value for it."""
+    metrics = list(metrics)
+    keys = dict.fromkeys(k for m in metrics for k in m)
+    out = {}
+    for k in keys:
+        values = [m[k] for m in metrics if k in m and math.isfinite(m[k])]
+        out[k] = float(np.mean(values)) if values else math.nan
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = False, *,
+                   num_samples: int = 5, absent: str = "exclude", oracle_prompt: bool = False,
+                   **generation: Any) -> EvalResult:
+    """Generate a report for every study of `batches` and score it (see the module docstring).
+
+    `generation` overrides GENERATION_DEFAULTS (num_beams, max_new_tokens, min_new_tokens,
+    repetition_penalty), passed to `model.generate`.
+    """
+    unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise EvaluationError(f"unknown generation argument {unknown[0]!r}; allowed: "
+                              f"{sorted(GENERATION_DEFAULTS)}")
+    gen = {**GENERATION_DEFAULTS, **generation}
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    reports: list[str] = []
+    references: list[str] = []
+    study_ids: list[str] = []
+    labels, probs, states_all = [], [], []
+    try:
+        for batch in batches:
+            features = model.encode_features(batch)  # (B, F)
+            p = torch.softmax(model.diagnosis_head(features).float(), dim=-1)  # (B, 14, 4)
+            states = p.argmax(-1)  # (B, 14): what the prompt shows
+            prompt = batch["labels"].to(states.device) if oracle_prompt else states
+            texts = model.generate(batch["images"], batch["view_mask"],
+                                   personalized=personalized, states=prompt, **gen)
+            reports += texts
+            references += [str(r) for r in batch["report"]]
+            study_ids += [str(s) for s in batch.get("study_id", [""] * len(texts))]
+            labels.append(batch["labels"].cpu())
+            probs.append(p.cpu())
+            states_all.append(states.cpu())
+    finally:
+        model.train(was_training)
+    if not reports:
+        raise EvaluationError("evaluate_model: the batches iterable yielded no batch")
+    metrics: dict[str, float] = {"num_studies": float(len(reports))}
+    metrics.update(compute_nlg_metrics(references, reports))
+    metrics.update(compute_ce_from_reports(references, reports, absent=absent))
+    true = torch.cat(labels).numpy()
+    metrics.update(compute_diagnosis_metrics(true, torch.cat(probs).numpy()))
+    predicted = torch.cat(states_all).numpy()
+    head_ce = compute_ce_metrics(true, predicted, absent=absent)
+    metrics["diag_f1_macro"] = head_ce["ce_f1_macro"]
+    metrics["diag_f1_micro"] = head_ce["ce_f1_micro"]
+    samples = [{"study_id": study_ids[i], "reference": references[i],
+                "generated": reports[i], "states": " ".join(map(str, predicted[i]))}
+               for i in range(min(num_samples, len(reports)))]
+    return EvalResult(reports, references, study_ids, metrics, samples, predicted,
+                      time.perf_counter() - start)
+
+
+def _center_batches(source: Any) -> Iterable[dict]:
+    """A CenterStream (anything with iter_batches) -> its epoch-0 pass; else the iterable."""
+    if hasattr(source, "iter_batches"):
+        return source.iter_batches(0)
+    return source
+
+
+def evaluate_centers(models: Any, streams_by_center: Mapping[str, Any],
+                     personalized: bool = False, **kwargs: Any) -> CentersResult:
+    """Evaluate per center, then average over centers.
+
+    `models`: one model for every center (generalization: the generic model everywhere) or a
+    mapping center -> model (personalization: each center's own model, usually with
+    personalized=True). `streams_by_center`: center -> CenterStream or iterable of batches.
+    `kwargs` go to `evaluate_model`.
+    """
+    if not streams_by_center:
+        raise EvaluationError("evaluate_centers: no center to evaluate")
+    per_center: dict[str, EvalResult] = {}
+    for center, source in streams_by_center.items():
+        if isinstance(models, Mapping):
+            if center not in models:
+                raise EvaluationError(f"evaluate_centers: no model for center {center!r}; "
+                                      f"models are given for {sorted(models)}")
+            model = models[center]
+        else:
+            model = models
+        try:
+            per_center[center] = evaluate_model(model, _center_batches(source), personalized,
+                                                **kwargs)
+        except EvaluationError as e:
+            raise EvaluationError(f"center {center!r}: {e}") from e
+    return CentersResult(per_center, mean_over_centers(r.metrics for r in per_center.values()))
