@@ -84,14 +84,19 @@ def absolute_tracking_uri(uri: str, cwd: Path) -> str:
 
 def resolve_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> ExperimentConfig:
     """A copy of `cfg` whose local paths are absolute: data.root, model.lm_cache (expanded:
-    every actor must use the same cache), model.lm when it is an existing local folder, the
-    MLflow store and artifact folder, tracking.storage_path."""
+    every actor must use the same cache), model.lm when it is an existing local folder, a
+    sqlite MLflow store and its artifact folder, tracking.storage_path."""
     cwd = Path(cwd or Path.cwd())
     lm = cfg.model.lm
     if not lm.startswith("builtin:") and (cwd / Path(lm).expanduser()).exists():
         lm = _absolute(lm, cwd)
+    from fedmrg.tracking import is_server_uri
+
     artifact = cfg.tracking.artifact_location
-    if artifact and not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", artifact):
+    # a relative folder with a tracking server means "the server's own artifact root"
+    # (fedmrg.tracking.resolve_artifact_location): only a local store gets it absolute
+    if (artifact and not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", artifact)
+            and not is_server_uri(cfg.tracking.tracking_uri)):
         artifact = _absolute(artifact, cwd)
     return dataclasses.replace(
         cfg,

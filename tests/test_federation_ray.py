@@ -185,6 +185,54 @@ def test_coordinator_options_hold_no_cpu_and_stay_on_the_driver_node(ray_cluster
     assert strategy.node_id == ray.get_runtime_context().get_node_id() and not strategy.soft
 
 
+def test_a_client_without_a_gpu_never_picks_one_up():
+    from fedmrg.fl.actors import client_device
+
+    assert client_device("auto", []) == "cpu"  # Ray leaves CUDA_VISIBLE_DEVICES unset then
+    assert client_device("auto", ["0"]) == "auto"  # Ray made exactly its GPU visible
+    assert client_device("cuda", []) == "cuda" and client_device("cpu", ["0"]) == "cpu"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_resolve_paths_makes_local_paths_absolute_for_actors(tmp_path):
+    from fedmrg.experiment import absolute_tracking_uri, resolve_paths
+
+    cfg = resolve_paths(load_config("default"), tmp_path)
+    assert cfg.data.root == str(tmp_path / "data/phantom-v1")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert cfg.tracking.artifact_location == str(tmp_path / "mlartifacts")
+    assert cfg.tracking.storage_path == str(tmp_path / "runs")
+    assert cfg.model.lm_cache == str(Path("~/.cache/fedmrg/lm").expanduser())
+    assert load_config("default").data.root == "data/phantom-v1"  # the input is not changed
+    # a server keeps its URI, and a relative artifact folder means the server's own root
+    served = resolve_paths(load_config("default", ["tracking.tracking_uri=http://h:5000"]),
+                           tmp_path)
+    assert served.tracking.tracking_uri == "http://h:5000"
+    assert served.tracking.artifact_location == "mlartifacts"
+    assert absolute_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert absolute_tracking_uri("mlruns", tmp_path) == str(tmp_path / "mlruns")
+
+
+def test_communication_totals_are_per_participating_client_and_round():
+    from fedmrg.experiment import communication_totals, round_line
+
+    rounds = [{"round_id": 1, "participants": ["a", "b"], "rejected": {}, "bytes_up": 200,
+               "bytes_down": 1000, "dense_equivalent_up": 2000, "aggregation_time_s": 0.1,
+               "round_time_s": 2.0, "metrics": {"loss": 1.5}},
+              {"round_id": 2, "participants": ["a"], "rejected": {"b": "failed"},
+               "bytes_up": 100, "bytes_down": 500, "dense_equivalent_up": 1000,
+               "aggregation_time_s": 0.1, "round_time_s": 2.0, "metrics": {}}]
+    totals = communication_totals(rounds, full_model_bytes=10_000)
+    assert totals["bytes_up_per_client_round"] == 100 and totals["client_rounds"] == 3
+    assert totals["bytes_down_per_client_round"] == 500 and totals["dense_ratio"] == 10
+    assert totals["full_model_ratio"] == 100 and totals["bytes_up_total"] == 300
+    line = round_line(rounds[1], 2)
+    assert line.startswith("round 2/2 | 1 clients | 1 rejected") and "10.0x < dense" in line
+    assert "loss 1.500" in round_line(rounds[0], 2)
+
+
 # --------------------------------------------------------------------------- the pool
 
 

@@ -70,6 +70,15 @@ def client_actor_options(resources: ResourcesConfig, center: str | None) -> dict
     return options
 
 
+def client_device(requested: str, assigned_gpus: Sequence[str]) -> str:
+    """The device a client uses. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that
+    holds no GPU, so `auto` would find (and share, unaccounted) every GPU of the node: a client
+    Ray gave no GPU runs on the CPU. An explicit `cuda` or `cpu` is kept."""
+    if requested == "auto" and not assigned_gpus:
+        return "cpu"
+    return requested
+
+
 def coordinator_actor_options(node_id: str | None = None) -> dict[str, Any]:
     """The coordinator mostly waits: no CPU reserved; on `node_id` (default: this node)."""
     node_id = node_id or ray.get_runtime_context().get_node_id()
@@ -110,6 +119,8 @@ class ClientHost:
                  generation: Mapping[str, Any] | None = None):
         from fedmrg.fl.client import FederatedClient  # the model stack loads in the actor only
 
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        cfg = dataclasses.replace(cfg, device=client_device(cfg.device, gpus))
         self.center = center
         self.client = FederatedClient(cfg, center, dataset_root=dataset_root,
                                       centers_for_data=centers_for_data, seed=seed,
