@@ -164,6 +164,20 @@ def test_mlflow_store_has_params_metrics_and_a_loadable_peft_adapter(run, tmp_pa
         torch.testing.assert_close(param.detach(), result.global_state[key], rtol=0, atol=0)
 
 
+def test_a_client_that_cannot_start_is_a_clear_cli_error(run):
+    from click.testing import CliRunner
+
+    from fedmrg.cli import main
+
+    args = ["run", "--run-name", "broken"]
+    for item in [*tiny_overrides(run["tmp"]), f"model.lm={run['tmp']}/no-such-lm"]:
+        args += ["--set", item]
+    outcome = CliRunner().invoke(main, args)
+    assert outcome.exit_code == 2, outcome.output
+    assert "error: client 'a': could not start: BaseLMError" in outcome.output
+    assert "no-such-lm" in outcome.output
+
+
 # --------------------------------------------------------------------------- placement options
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -230,8 +231,13 @@ def _cause(error: BaseException) -> str:
         cause = error.cause
         if cause is not None and not isinstance(cause, RayError):
             return f"{type(cause).__name__}: {cause}"
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    # e.g. an exception in an actor's constructor: its traceback ends the message
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    raised = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failure)): (.*)$", last)
+    if raised:
+        return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"
+    return f"{type(error).__name__}: {last}"
 
 
 # --------------------------------------------------------------------------- the pool
