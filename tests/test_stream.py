@@ -327,3 +327,29 @@ def test_client_actors_holding_cpus_each_run_their_own_stream(ray_cluster, datas
                          shuffle=True, seed=0)
     assert got[0] == concat(run(local, 1), "study_id")  # same order in an actor as here
     assert sorted(got[1]) == sorted(ids_in(dataset, "b", "train"))
+
+
+# --------------------------------------------------------------------------- pooled
+
+
+@pytest.mark.parametrize("cache_decoded", [True, False])
+def test_pooled_stream_reads_every_center_and_mixes_them(ray_cluster, dataset, cache_decoded):
+    expected = ids_in(dataset, "a", "train") + ids_in(dataset, "b", "train")
+    plain = CenterStream(dataset, ["a", "b"], "train", image_size=8, batch_size=4,
+                         cache_decoded=cache_decoded)
+    assert plain.manifest_rows == len(expected) == 19
+    batches = run(plain)
+    assert concat(batches, "study_id") == expected  # no shuffle: file order, a then b
+    for b in batches:
+        assert set(b) == {"images", "view_mask", "labels", "report", "study_id", "center"}
+        assert b["center"] == [s.split("-")[0] for s in b["study_id"]]
+    shuffled = CenterStream(dataset, ["a", "b"], "train", image_size=8, batch_size=4,
+                            shuffle=True, seed=3, cache_decoded=cache_decoded)
+    batches = run(shuffled)
+    assert sorted(concat(batches, "study_id")) == sorted(expected)
+    assert any(len(set(b["center"])) == 2 for b in batches)  # centers mixed within batches
+    assert concat(run(shuffled), "study_id") == concat(batches, "study_id")  # seeded
+    with pytest.raises(DatasetError, match="center 'b' has no 'test' rows"):
+        CenterStream(dataset, ["a", "b"], "test")
+    with pytest.raises(ConfigError, match="at least one center"):
+        CenterStream(dataset, [], "train")

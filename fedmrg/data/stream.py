@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,13 +83,18 @@ READ_COLUMNS = ("study_id", "split", "images", "report", "labels")
 # --------------------------------------------------------------------------- reading
 
 
-def read_center_file(path: str, columns: tuple[str, ...]) -> list[pa.Table]:
-    """One parquet file -> [table of `columns` + its `path`] (runs in a Ray read task)."""
+def read_center_file(path: str, columns: tuple[str, ...], center: str | None = None
+                     ) -> list[pa.Table]:
+    """One parquet file -> [table of `columns` + its `path`] (runs in a Ray read task), plus a
+    `center` column naming the file's center when `center` is given (pooled streams)."""
     try:
         table = pq.read_table(path, columns=list(columns))
     except (OSError, pa.ArrowException) as e:
         raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from e
-    return [table.append_column("path", pa.array([path] * table.num_rows, pa.string()))]
+    table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+    if center is not None:
+        table = table.append_column("center", pa.array([center] * table.num_rows, pa.string()))
+    return [table]
 
 
 class CenterFiles(Datasource):
@@ -99,8 +104,10 @@ class CenterFiles(Datasource):
     actors of its own (see the module docstring).
     """
 
-    def __init__(self, paths: list[str], columns: tuple[str, ...] = READ_COLUMNS):
+    def __init__(self, paths: list[str], columns: tuple[str, ...] = READ_COLUMNS,
+                 centers: list[str] | None = None):
         self.paths, self.columns = list(paths), tuple(columns)
+        self.centers = list(centers) if centers is not None else [None] * len(self.paths)
         self.rows, self.sizes = [], []
         for path in self.paths:
             try:
@@ -125,11 +132,12 @@ class CenterFiles(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(read_center_file, path, self.columns),
+            ReadTask(functools.partial(read_center_file, path, self.columns, center),
                      BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None,
                                    input_files=(path,)),
                      per_task_row_limit=per_task_row_limit)
-            for path, rows, size in zip(self.paths, self.rows, self.sizes, strict=True)
+            for path, center, rows, size in zip(self.paths, self.centers, self.rows, self.sizes,
+                                                strict=True)
         ]
 
 
@@ -146,6 +154,8 @@ def decode_rows(batch: pa.Table, *, center: str, image_size: int, max_views: int
     n = batch.num_rows
     study_ids = batch["study_id"].to_pylist()
     paths = batch["path"].to_pylist()
+    pooled = "center" in batch.column_names
+    row_centers = batch["center"].to_pylist() if pooled else [center] * n
     reports = batch["report"].to_pylist()
     pixels = np.zeros((n, max_views, image_size, image_size), dtype=np.float32)  # (n, V, S, S)
     n_views = np.zeros(n, dtype=np.int64)
@@ -170,11 +180,12 @@ def decode_rows(batch: pa.Table, *, center: str, image_size: int, max_views: int
             except ImageDecodeError as e:
                 reason, detail = CORRUPT_IMAGE, str(e)
         if reason:
-            message = f"center {center!r}, file {paths[i]}, study {study_id!r}: {detail}"
+            message = (f"center {row_centers[i]!r}, file {paths[i]}, study {study_id!r}: "
+                       f"{detail}")
             if on_error == "raise":
                 raise DatasetError(message + " (on_error='skip' skips and counts such rows)")
             skip_reason[i], skip_message[i] = reason, message
-    return {
+    out = {
         "study_id": np.array(study_ids, dtype=object),
         "report": np.array([r or "" for r in reports], dtype=object),
         "labels": labels,
@@ -183,6 +194,9 @@ def decode_rows(batch: pa.Table, *, center: str, image_size: int, max_views: int
         "skip_reason": np.array(skip_reason, dtype=object),
         "skip_message": np.array(skip_message, dtype=object),
     }
+    if pooled:
+        out["center"] = np.array(row_centers, dtype=object)
+    return out
 
 
 # --------------------------------------------------------------------------- stage B: finish
@@ -209,6 +223,8 @@ def finish_rows(batch: dict[str, np.ndarray], *, seed: int, epoch: int,
         "skip_reason": batch["skip_reason"],
         "skip_message": batch["skip_message"],
     }
+    if "center" in batch:  # pooled streams: which center each row comes from
+        out["center"] = batch["center"]
     if tokenizer is not None:
         out["input_ids"], out["attention_mask"] = tokenize_reports(
             tokenizer, list(batch["report"]), max_report_tokens)
@@ -234,6 +250,12 @@ class Collate(NumpyBatchCollateFn):
 class CenterStream:
     """Torch batches of one (center, split) of a fedmrg dataset, read with Ray Data.
 
+    `center` may also be a list of centers (the pooled data of the `centralized` baseline):
+    their files are read as one dataset, so a shuffled pass mixes centers within batches
+    (interleaving single-center batches would give BatchNorm per-center batch statistics in
+    training and pooled running statistics at evaluation), and every batch gets a `center`
+    list naming each row's center (for the client-aware contrastive loss).
+
     `iter_batches(epoch)` is a fresh pass; the same seed and epoch give identical batches.
     Bad rows: on_error="raise" stops with a DatasetError naming center, file and study;
     "skip" drops them and counts them in `skipped` (by reason).
@@ -243,7 +265,7 @@ class CenterStream:
     def __init__(
         self,
         root: str | Path,
-        center: str,
+        center: str | Sequence[str],
         split: str,
         *,
         image_size: int = 64,
@@ -266,7 +288,12 @@ class CenterStream:
                     on_error=on_error, num_cpus_per_task=num_cpus_per_task,
                     max_concurrent_tasks=max_concurrent_tasks)
         # Absolute: read tasks run in other worker processes, whose cwd may differ.
-        self.root, self.center, self.split = str(Path(root).resolve()), center, split
+        self.root, self.split = str(Path(root).resolve()), split
+        self.pooled = not isinstance(center, str)
+        self.centers = [center] if isinstance(center, str) else list(center)
+        if not self.centers:
+            raise ConfigError("center: a pooled stream needs at least one center")
+        self.center = center if isinstance(center, str) else "+".join(self.centers)
         self.image_size, self.max_views, self.in_chans = image_size, max_views, in_chans
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.tokenizer, self.max_report_tokens = tokenizer, max_report_tokens
@@ -275,21 +302,32 @@ class CenterStream:
         self.num_cpus_per_task, self.max_concurrent_tasks = num_cpus_per_task, max_concurrent_tasks
 
         manifest = read_manifest(self.root)
-        self.files = center_files(self.root, center, manifest)
-        self.manifest_rows = int(manifest["centers"][center]["rows"].get(split, 0))
-        if self.manifest_rows == 0:
-            raise DatasetError(f"{self.root}: center {center!r} has no {split!r} rows "
-                               f"(rows per split: {manifest['centers'][center]['rows']})")
-        self.source = CenterFiles(self.files)  # reads footers now: a bad file fails here
+        self.files, self.file_centers, self.manifest_rows = [], [], 0
+        for c in self.centers:
+            files = center_files(self.root, c, manifest)
+            rows = int(manifest["centers"][c]["rows"].get(split, 0))
+            if rows == 0:
+                raise DatasetError(f"{self.root}: center {c!r} has no {split!r} rows "
+                                   f"(rows per split: {manifest['centers'][c]['rows']})")
+            self.files += files
+            self.file_centers += [c] * len(files)
+            self.manifest_rows += rows
+        # Reads footers now: a bad file fails here.
+        self.source = CenterFiles(self.files, centers=self._centers_of(range(len(self.files))))
         decoded_bytes = self.manifest_rows * max_views * image_size * image_size * 4
         self.cache_decoded = (decoded_bytes <= CACHE_MAX_BYTES if cache_decoded is None
                               else cache_decoded)
         self._decoded: ray.data.Dataset | None = None  # materialized stage A (cached mode)
         self._skipped = SkipLog()
 
+    def _centers_of(self, indices: Iterable[int]) -> list[str] | None:
+        """The `center` column values of these files (pooled streams), else None."""
+        return [self.file_centers[i] for i in indices] if self.pooled else None
+
     @classmethod
-    def from_config(cls, data_cfg: DataConfig, center: str, split: str, in_chans: int,
-                    tokenizer: Any = None, seed: int = 0, **kwargs: Any) -> CenterStream:
+    def from_config(cls, data_cfg: DataConfig, center: str | Sequence[str], split: str,
+                    in_chans: int, tokenizer: Any = None, seed: int = 0, **kwargs: Any
+                    ) -> CenterStream:
         """The stream a client uses: augmented and shuffled for train, plain for val/test."""
         train = split == "train"
         options = dict(
@@ -361,7 +399,7 @@ class CenterStream:
         source = self.source
         if file_seed is not None:
             order = np.random.default_rng(file_seed).permutation(len(self.files))
-            source = CenterFiles([self.files[i] for i in order])
+            source = CenterFiles([self.files[i] for i in order], centers=self._centers_of(order))
         tasks = self._ray_args(len(self.files))
         dataset = ray.data.read_datasource(source, **tasks)
         context = dataset.context  # a copy owned by this dataset and the ones derived from it
