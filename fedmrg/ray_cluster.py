@@ -7,8 +7,11 @@ import os
 
 from fedmrg.config import ResourcesConfig
 
-# Set before Ray starts: no usage stats, stay on 127.0.0.1 for a local cluster.
-_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Set before Ray starts (workers of a local cluster inherit them): no usage stats, stay on
+# 127.0.0.1, and idle OpenMP threads sleep instead of spinning (with several actors on few
+# cores, spinning pools made a training step 5-9x slower: benchmarks/centralized.py).
+_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def local_logical_cpus() -> int:

@@ -121,7 +121,7 @@ def test_param_value_json_for_structures_and_truncation():
     cfg = config_from_dict({})
     params = config_params(cfg)
     assert params.keys() == cfg.flat().keys()
-    assert params["model.lora_targets"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
+    assert params["model.lora_targets"] == json.dumps(cfg.model.lora_targets)
     assert params["data.centers"] == "[]" and params["tracking.run_name"] == ""
 
 
