@@ -15,15 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_ports, wait_until_serving
 from test_federation_ray import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -32,19 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, python
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _env() -> dict[str, str]:
@@ -61,7 +46,7 @@ def external_cluster():
     """A `ray start --head` cluster on 127.0.0.1; yields its dashboard address."""
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: socket paths
     (gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc,
-     runtime_env, metrics) = _free_ports(9)
+     runtime_env, metrics) = free_ports(9)
     worker_low = 20000 + (os.getpid() % 400) * 100  # away from the default 10002-19999
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -80,20 +65,8 @@ def external_cluster():
                             cwd=temp_dir, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}: "
-                            f"{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the dashboard at {address} did not come up in {START_TIMEOUT_S} s")
-            time.sleep(1)
+        wait_until_serving(proc, f"{address}/api/version", Path(temp_dir) / "ray-start.log",
+                           START_TIMEOUT_S, interval_s=1)
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down

@@ -15,13 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from servers import free_ports, wait_until_serving
 
 from fedmrg.config import config_from_dict
 from fedmrg.data.shards import DatasetError
@@ -430,16 +429,10 @@ def test_resume_reattaches_without_duplicates(store, dataset_root):
 # --------------------------------------------------------------------------- a real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, migrated_db):
     """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts in tmp_path."""
-    port = _free_port()
+    (port,) = free_ports(1)
     shutil.copy(migrated_db, tmp_path / "server.db")
     artifacts = tmp_path / "server-artifacts"
     log_path = tmp_path / "server.log"
@@ -455,20 +448,7 @@ def mlflow_server(tmp_path, migrated_db):
             start_new_session=True)  # own process group: teardown ends uvicorn with it
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up in 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_serving(proc, f"{url}/health", log_path, 120, interval_s=0.25)
         yield {"url": url, "artifacts": artifacts}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
