@@ -315,3 +315,16 @@ def test_evaluate_run_reproduces_the_final_evaluation_from_the_saved_models(run)
         evaluate_run(run["tmp"], connect_ray=False)
     with pytest.raises(ExperimentError, match="'zz' is not in the dataset"):
         evaluate_run(result.storage_dir, centers=["zz"], connect_ray=False)
+
+
+def test_centralized_is_one_client_over_the_pooled_centers(ray_cluster, tmp_path):
+    from fedmrg.experiment import Experiment
+
+    cfg = load_config("default", [*tiny_overrides(tmp_path), "federation.strategy=centralized",
+                                  "federation.rounds=1"])
+    result = Experiment(cfg, run_name="ray-centralized", progress=False,
+                        out=io.StringIO()).fit()
+    assert len(result.placement) == 1, result.placement  # one client holds the pooled data
+    # the pooled model is scored on every center's own test split
+    assert set(result.generalization["per_center"]) == {"a", "b"}
+    assert len(result.rounds) == 1

@@ -105,32 +105,6 @@ def train_label_counts(root: str, centers: Sequence[str]) -> Tensor:
     return torch.from_numpy(counts)
 
 
-class PooledStream:
-    """Several centers' streams as one: each epoch interleaves their batches in a seeded order
-    (every center's batches in its own order), each batch tagged with its `center`."""
-
-    def __init__(self, streams: Mapping[str, CenterStream], seed: int):
-        if not streams:
-            raise ClientError("PooledStream: no center to pool")
-        self.streams, self.seed = dict(streams), seed
-
-    @property
-    def manifest_rows(self) -> int:
-        return sum(s.manifest_rows for s in self.streams.values())
-
-    def iter_batches(self, epoch: int = 0) -> Iterator[dict[str, Any]]:
-        iters = {c: s.iter_batches(epoch) for c, s in self.streams.items()}
-        sizes = {c: -(-s.manifest_rows // s.batch_size) for c, s in self.streams.items()}
-        order = [c for c, n in sizes.items() for _ in range(n)]
-        np.random.default_rng([self.seed, epoch]).shuffle(order)
-        order += list(self.streams)  # then run every iterator to its end (closes its pass)
-        for c in order:  # ceil(rows / batch) is an upper bound: skipped rows only shorten it
-            for batch in iters[c]:
-                batch["center"] = [c] * len(batch["study_id"])
-                yield batch
-                break
-
-
 class FederatedClient:
     """One center (or the pooled data of several) with its resident model (module docstring)."""
 
@@ -157,7 +131,7 @@ class FederatedClient:
         self.error_feedback = ErrorFeedback()
         self.train_stream = self._stream(self.data_centers, "train")
         self.num_samples = int(self.train_stream.manifest_rows)
-        self._eval_streams: dict[tuple[str, str], CenterStream | PooledStream] = {}
+        self._eval_streams: dict[tuple[str, str], CenterStream] = {}
         self._label_counts: Tensor | None = None
         self._base_weights: dict[str, Tensor] = {}  # module -> original base weight (stack)
         self.epoch, self.batch_in_epoch = 0, 0  # stream position, continues across rounds
@@ -165,13 +139,16 @@ class FederatedClient:
 
     # ----------------------------------------------------------------- data
 
-    def _stream(self, centers: Sequence[str], split: str) -> CenterStream | PooledStream:
-        streams = {c: CenterStream.from_config(
-            self.data_cfg, c, split, self.cfg.model.in_chans, tokenizer=self.model.tokenizer,
-            seed=derive_seed(self.seed, c, "data")) for c in centers}
-        if len(centers) == 1 and centers[0] == self.center:
-            return streams[self.center]
-        return PooledStream(streams, derive_seed(self.seed, self.center, "pool"))
+    def _stream(self, centers: Sequence[str], split: str) -> CenterStream:
+        """One center's stream, or (centralized) one stream over several centers' files with
+        centers mixed inside shuffled batches: batches of a single center gave BatchNorm one
+        acquisition at a time and trained worse (benchmarks/centralized.py)."""
+        if len(centers) == 1:
+            which, seed = centers[0], derive_seed(self.seed, centers[0], "data")
+        else:
+            which, seed = list(centers), derive_seed(self.seed, self.center, "pool")
+        return CenterStream.from_config(self.data_cfg, which, split, self.cfg.model.in_chans,
+                                        tokenizer=self.model.tokenizer, seed=seed)
 
     def _batch_iterator(self) -> Iterator[dict]:
         """Endless batches from (epoch, batch_in_epoch) on; the position is kept for
@@ -196,7 +173,7 @@ class FederatedClient:
             self._label_counts = train_label_counts(self.root, self.data_centers)
         return self._label_counts
 
-    def eval_stream(self, dataset_center: str, split: str) -> CenterStream | PooledStream:
+    def eval_stream(self, dataset_center: str, split: str) -> CenterStream:
         key = (dataset_center, split)
         if key not in self._eval_streams:
             centers = self.data_centers if dataset_center == self.center else [dataset_center]
