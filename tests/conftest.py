@@ -76,3 +76,11 @@ def word_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    """A small neutral-style warm-up corpus for tiny builtin LMs (tests may override it)."""
+    from fedmrg.data.phantom import neutral_corpus
+
+    return neutral_corpus(120, 0)

@@ -42,13 +42,6 @@ def tiny_cfg(cache: str, **over) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
-    from fedmrg.data.phantom import neutral_corpus
-
-    return neutral_corpus(120, 0)
-
-
-@pytest.fixture(scope="module")
 def make_model(tmp_path_factory, corpus):
     """make_model(**config overrides) -> a fresh MRGModel on the cached tiny LM."""
     cache = str(tmp_path_factory.mktemp("lm_cache"))

@@ -40,13 +40,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
-    from fedmrg.data.phantom import neutral_corpus
-
-    return neutral_corpus(120, 0)
-
-
-@pytest.fixture(scope="module")
 def make_model(tmp_path_factory, corpus):
     cache = str(tmp_path_factory.mktemp("lm_cache"))
 
