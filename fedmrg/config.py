@@ -160,7 +160,11 @@ class FederationConfig:
     server_lr: float = _f(1.0, "server learning rate (1.0 with 'none' applies the mean update; "
                                "adam: try 0.01)", min=0)
     eval_every: int = _f(0, "evaluate every N rounds (0: only at the end)", min=0)
-    max_update_norm: float = _f(0.0, "reject updates above this norm (0: no bound)", min=0)
+    max_update_norm: float = _f(0.0, "bound on a client update's L2 norm (0: no bound)", min=0)
+    update_norm_action: str = _f("reject", "an update above max_update_norm is rejected or "
+                                 "scaled down to it", choices=("reject", "clip"))
+    round_retries: int = _f(2, "times a round with fewer than min_clients usable updates is "
+                               "retried before the run stops with a checkpoint", min=0)
 
 
 @dataclass
@@ -190,6 +194,8 @@ class TrackingConfig:
     experiment: str = _f("fedmrg", "MLflow experiment name")
     run_name: str = _f("", "run name (empty: generated); reusing one resumes it")
     storage_path: str = _f("runs", "checkpoints and outputs (shared storage on a cluster)")
+    checkpoint_keep: int = _f(3, "coordinator checkpoints kept per run (the last K rounds)",
+                              min=1)
 
 
 @dataclass
