@@ -18,10 +18,16 @@ import torch
 
 from fedmrg.config import ExperimentConfig
 from fedmrg.fl.client import FederatedClient
-from fedmrg.fl.coordinator import Coordinator, FederatedResult, InProcessPool
+from fedmrg.fl.coordinator import (
+    Coordinator,
+    FederatedResult,
+    InProcessPool,
+    RoundFailedError,
+)
 from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, decompress, is_lora_factor
 from fedmrg.fl.messages import STACKED, ClientUpdate, RoundPlan
 from fedmrg.fl.strategies import make_strategy
+from fedmrg.fl.validation import scale_update, update_norm
 from fedmrg.fl.wire import from_wire, message_bytes
 from fedmrg.model.params import get_private_state, get_shared_state
 
@@ -281,6 +287,8 @@ class FakeClient:
             update.dense["head.weight"] = torch.zeros(3, 4)
         elif self.fault == "private":
             update.dense["local_head.net.0.weight"] = torch.zeros(2, 2)
+        elif self.fault == "huge":
+            update = scale_update(update, plan.global_state, 1000.0)
         return update
 
     def evaluate(self, split, personalized, dataset_center=None, global_state=None):
@@ -352,16 +360,22 @@ class StragglerPool(InProcessPool):
 @pytest.mark.parametrize("min_clients", [2, 3])
 def test_deadline_closes_the_round_at_min_clients(min_clients):
     clients = {c: FakeClient(c) for c in "abc"}
-    coordinator = fake_coordinator(clients, min_clients=min_clients, round_deadline_s=0.05)
+    coordinator = fake_coordinator(clients, min_clients=min_clients, round_deadline_s=0.05,
+                                   round_retries=1)
     coordinator.pool = StragglerPool(clients)
-    summary = coordinator.run_round(1)
     if min_clients == 2:  # a and b suffice: c is abandoned at the deadline
+        summary = coordinator.run_round(1)
         assert summary.participants == ["a", "b"]
         assert summary.rejected == {"c": "no reply within the 0.05 s deadline"}
+        assert summary.metrics["rejected_deadline"] == 1 and summary.attempts == 1
         assert 0 < coordinator.pool.waits[-1] <= 0.05
-    else:  # past the deadline, the round still waits for a third reply
-        assert summary.participants == ["a", "b", "c"] and summary.rejected == {}
-        assert coordinator.pool.waits[-1] is None
+        assert len(coordinator.abandoned) == 1  # c's call: its reply will be dropped
+    else:  # the deadline bounds every wait: too few replies fail the attempt, then the round
+        with pytest.raises(RoundFailedError, match=r"min_clients=3 usable updates in each of "
+                                                   r"2 attempt\(s\).*c: no reply within"):
+            coordinator.run_round(1)
+        assert None not in coordinator.pool.waits  # never an unbounded wait
+        assert len(coordinator.abandoned) == 2  # both attempts' calls to c
 
 
 def test_a_resumed_coordinator_ends_where_an_uninterrupted_one_does():
@@ -392,3 +406,155 @@ def test_evaluation_views_route_each_dataset_to_its_client():
     assert gen.mean["score"] == (ord("a") + ord("b")) / 2  # held-out not in the mean
     assert per.per_center["a"]["score"] == ord("a") + 0.5
     assert seen == [("generalization", 1), ("personalization", 1)]
+
+
+# --------------------------------------------------------------------------- faults, in process
+# The round's fault handling on fake clients (milliseconds); tests/test_fault_rounds.py does
+# the same over real Ray actors and the tiny model.
+
+
+def aggregated(*rounds: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The fedavg global state after rounds that aggregate exactly these updates."""
+    cfg = ExperimentConfig()
+    cfg.federation.strategy = "fedavg"
+    s = make_strategy(cfg)
+    s.initialize(fake_state())
+    for round_id, updates in enumerate(rounds, 1):
+        s.aggregate_round(round_id, updates)
+    return s.global_state()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_round_retries_with_the_next_seeded_sample_until_enough_updates():
+    # seed 3 samples [a, c] then [a, d] at fraction 0.5: c crashes, so attempt 2 succeeds
+    clients = {c: FakeClient(c, "crash" if c == "c" else None) for c in "abcd"}
+    coordinator = fake_coordinator(clients, fraction=0.5, min_clients=2, round_retries=2)
+    summary = coordinator.run_round(1)
+    assert summary.attempts == 2 and summary.participants == ["a", "d"]
+    assert summary.failed_attempts == [{"c": "failed: RuntimeError: out of memory"}]
+    assert summary.rejected == {}  # the aggregated attempt's own rejections
+    assert summary.metrics["round_attempts"] == 2 and summary.metrics["rejected_failed"] == 1
+    ups = [clients[c].fit(RoundPlan(1, fake_state())) for c in ("a", "d")]
+    assert_same_state(coordinator.strategy.global_state(), aggregated(ups))
+    # the same seed and the same failure give the same attempts
+    again = fake_coordinator(clients, fraction=0.5, min_clients=2, round_retries=2)
+    assert again.run_round(1).to_dict() | {"aggregation_time_s": 0, "round_time_s": 0} == (
+        summary.to_dict() | {"aggregation_time_s": 0, "round_time_s": 0})
+
+
+def test_a_failed_round_names_every_attempt_and_leaves_the_coordinator_untouched():
+    clients = {c: FakeClient(c) for c in "abc"}
+    coordinator = fake_coordinator(clients, rounds=3, fraction=0.5, min_clients=2,
+                                   round_retries=1)
+    coordinator.step()
+    before = coordinator.state_dict()
+    clients["b"].fault = clients["c"].fault = "crash"
+    clients["a"].fault = "nan"
+    with pytest.raises(RoundFailedError) as info:
+        coordinator.step()
+    message = str(info.value)
+    assert "round 2: fewer than federation.min_clients=2 usable updates in each of 2" in message
+    assert "federation.round_retries=1" in message and "stops after round 1" in message
+    for center, reason in (("a", "non-finite"), ("b", "out of memory")):
+        assert f"{center}: " in message and reason in message
+    assert info.value.round_id == 2 and len(info.value.attempts) == 2
+    after = coordinator.state_dict()
+    assert after["round_id"] == 1 and len(coordinator.history) == 1
+    assert after["rng"] == before["rng"]  # the failed attempts' draws were given back
+    assert_same_state(after["strategy"]["global"], before["strategy"]["global"])
+    # resumed as it stands, the round samples what it would have sampled without the failure
+    for client in clients.values():
+        client.fault = None
+    assert coordinator.step().round_id == 2
+
+
+class DeliverTwicePool(InProcessPool):
+    """At-least-once transport: every reply of client "b" is delivered twice."""
+
+    def wait(self, handles, num_returns, timeout_s):
+        ready, pending = super().wait(handles, num_returns, timeout_s)
+        return ready + [h for h in ready if h.center == "b"], pending
+
+
+def test_a_reply_delivered_twice_is_aggregated_once():
+    clients = {c: FakeClient(c) for c in "abc"}
+    coordinator = fake_coordinator(clients)
+    coordinator.pool = DeliverTwicePool(clients)
+    summary = coordinator.run_round(1)
+    assert summary.participants == ["a", "b", "c"]
+    assert summary.metrics["duplicate_replies_dropped"] == 1
+    ups = [clients[c].fit(RoundPlan(1, fake_state())) for c in "abc"]
+    assert_same_state(coordinator.strategy.global_state(), aggregated(ups))
+
+
+class LatePool(InProcessPool):
+    """Client "c" answers round 1 only once round 2 has started (after round 1's deadline)."""
+
+    def __init__(self, clients):
+        super().__init__(clients)
+        self.round, self.rounds, self.results = 0, {}, []
+
+    def submit_fit(self, center, plan):
+        handle = super().submit_fit(center, plan)
+        self.round = max(self.round, plan.round_id)
+        self.rounds[handle] = plan.round_id
+        return handle
+
+    def wait(self, handles, num_returns, timeout_s):
+        ready = [h for h in handles if not (h.center == "c" and self.rounds[h] == self.round == 1)]
+        if not ready and timeout_s:
+            import time
+
+            time.sleep(timeout_s)
+        return ready, [h for h in handles if h not in ready]
+
+    def result(self, handle):
+        self.results.append((handle.center, self.rounds[handle]))
+        return super().result(handle)
+
+
+def test_a_late_reply_is_dropped_and_never_applied_to_a_later_round():
+    clients = {c: FakeClient(c) for c in "abc"}
+    coordinator = fake_coordinator(clients, rounds=2, min_clients=2, round_deadline_s=0.05)
+    coordinator.pool = pool = LatePool(clients)
+    first = coordinator.step()
+    assert first.participants == ["a", "b"] and "deadline" in first.rejected["c"]
+    second = coordinator.step()
+    assert second.participants == ["a", "b", "c"] and second.metrics["late_replies_dropped"] == 1
+    assert ("c", 1) not in pool.results and coordinator.abandoned == {}
+    assert coordinator.late_replies_dropped == 1
+    # round 2 aggregated exactly the round-2 replies, from round 1's aggregate of a and b
+    ups1 = [clients[c].fit(RoundPlan(1, fake_state())) for c in "ab"]
+    ups2 = [clients[c].fit(RoundPlan(2, aggregated(ups1))) for c in "abc"]
+    assert_same_state(coordinator.strategy.global_state(), aggregated(ups1, ups2))
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_an_update_1000x_the_others_is_rejected_or_clipped(action):
+    clients = {c: FakeClient(c, "huge" if c == "b" else None) for c in "abc"}
+    honest = [FakeClient(c).fit(RoundPlan(1, fake_state())) for c in "abc"]
+    norms = [update_norm(u, fake_state()) for u in honest]
+    bound = 10 * max(norms)
+    coordinator = fake_coordinator(clients, max_update_norm=bound, update_norm_action=action)
+    summary = coordinator.run_round(1)
+    huge = summary.metrics["b/update_norm"]
+    assert huge == pytest.approx(1000 * norms[1], rel=1e-4)
+    assert summary.metrics["a/update_norm"] == pytest.approx(norms[0], rel=1e-6)
+    if action == "reject":
+        assert summary.participants == ["a", "c"] and summary.metrics["rejected_norm"] == 1
+        assert summary.rejected["b"] == (f"update norm {huge:.6g} exceeds "
+                                         f"federation.max_update_norm={bound:g}")
+        expected = aggregated([honest[0], honest[2]])
+    else:
+        assert summary.participants == ["a", "b", "c"] and summary.rejected == {}
+        assert summary.clipped == {"b": huge} and summary.metrics["clipped"] == 1
+        sent = clients["b"].fit(RoundPlan(1, fake_state()))
+        clipped = scale_update(sent, fake_state(), bound / huge)
+        assert update_norm(clipped, fake_state()) == pytest.approx(bound, rel=1e-5)
+        expected = aggregated([honest[0], clipped, honest[2]])
+    assert_same_state(coordinator.strategy.global_state(), expected)

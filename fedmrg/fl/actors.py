@@ -13,7 +13,10 @@
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
   a round's global state is `ray.put` ONCE and every client gets the same ObjectRef as a
   top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
-  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`.
+  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`; a
+  client whose actor was lost, restarted by Ray and answered again is reported by
+  `rejoined()` (the restarted actor rebuilt its model and stream in `ClientHost.__init__`;
+  every plan carries the full global state, so it rejoins from the current round's state).
 - `CoordinatorHost` runs any driver function (the experiment's run loop) inside an actor and
   buffers its progress events, which the driver polls while the run goes on (max_concurrency
   2: `poll` runs beside `run`). Placed on the driver's node, so a local MLflow store and the
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedmrg.config import ExperimentConfig, ResourcesConfig
@@ -128,11 +131,13 @@ class ClientHost:
                                       generation=generation)
 
     def ready(self) -> dict[str, Any]:
-        """Where this client runs and what Ray gave it (placement checks, logs)."""
+        """Where this client runs and what Ray gave it (placement checks, logs), its process
+        id, and whether Ray restarted this actor after a crash (`restarted`)."""
         ctx = ray.get_runtime_context()
         return {"center": self.center, "node_id": ctx.get_node_id(),
                 "assigned": ctx.get_assigned_resources(),
-                "device": str(self.client.model.device)}
+                "device": str(self.client.model.device), "pid": os.getpid(),
+                "restarted": bool(ctx.was_current_actor_reconstructed)}
 
     def close(self) -> None:
         """End the train stream's suspended pass before the actor is killed."""
@@ -258,6 +263,13 @@ class RayClientPool:
     `record=True` keeps every reply received, in arrival order, in `received` (tests inspect
     exactly what reached the coordinator); `puts` counts the global states put in the object
     store (one per distinct state: once per round).
+
+    Restarts: when a call fails because the actor was lost (`RayActorError`: process killed,
+    node lost, out of memory), the pool queues a `ready()` probe right behind it. Ray restarts
+    the actor (`max_restarts`) and runs the probe before any later call, so when the client
+    next answers, the probe has answered too; `rejoined()` then reports the client if the
+    probe ran in a restarted actor (`ready()["restarted"]`, or a different pid than the last
+    probe saw). A lost actor that is not restarted fails the probe: nothing is reported.
     """
 
     def __init__(self, actors: Mapping[str, ActorHandle], *, record: bool = False):
@@ -269,6 +281,9 @@ class RayClientPool:
         self.puts = 0
         self._state: Tensors | None = None
         self._state_ref: ray.ObjectRef | None = None
+        self._probes: dict[str, ray.ObjectRef] = {}  # center -> ready() queued after a loss
+        self._answered: set[str] = set()  # probed centers that answered a call since
+        self._pids: dict[str, int] = {}  # center -> pid its last probe answered from
 
     def centers(self) -> list[str]:
         return sorted(self.actors)
@@ -312,10 +327,38 @@ class RayClientPool:
         try:
             reply = ray.get(handle.ref)
         except RayError as e:
+            if isinstance(e, RayActorError) and handle.center not in self._probes:
+                self._probes[handle.center] = self.actors[handle.center].ready.remote()
             raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}") from None
+        if handle.center in self._probes:
+            self._answered.add(handle.center)
         if self.record:
             self.received.append(reply)
         return reply
+
+    def rejoined(self, timeout_s: float = 30.0) -> list[str]:
+        """Clients restarted after a loss that have answered a call since (class docstring);
+        each restart is reported once. Their probe has already run: the wait is a formality,
+        bounded by `timeout_s` (a probe not back by then is asked again next time)."""
+        out = []
+        for center in sorted(self._answered):
+            try:
+                info = ray.get(self._probes[center], timeout=timeout_s)
+            except GetTimeoutError:
+                continue
+            except RayError:  # lost again before the probe ran: a later call will re-probe
+                info = None
+            del self._probes[center]
+            self._answered.discard(center)
+            if info is None:
+                continue
+            previous = self._pids.get(center)
+            self._pids[center] = info["pid"]
+            # a first probe trusts Ray's flag; later ones also catch a second restart
+            restarted = info["restarted"] if previous is None else info["pid"] != previous
+            if restarted:
+                out.append(center)
+        return out
 
     def call_all(self, method: str, *args: Any, centers: Sequence[str] | None = None,
                  timeout_s: float | None = None) -> dict[str, Any]:

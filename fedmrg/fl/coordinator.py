@@ -7,22 +7,43 @@
 The Ray edge (`fedmrg.fl.actors`) provides a pool of client actors and runs this same class
 inside an actor; tests and debugging use `InProcessPool`, which runs every call at once.
 
-A round (`run_round`):
+A round (`run_round`) is one or more attempts; an attempt:
 1. `strategy.configure_round`: seeded sampling (`fraction`, at least `min_clients`), sorted;
 2. one plan per sampled client, its floating tensors cast to `federation.wire_dtype` (the
-   global state once per round; every plan shares it, so a Ray pool puts it once);
-3. submit, then collect (`collect_replies`): the round closes when every client replied, or,
-   with `round_deadline_s` > 0, once the deadline passed and `min_clients` good replies are in
-   (stragglers' replies are abandoned);
+   global state once per round; every plan shares it, so a Ray pool puts it once). Every plan
+   carries the full global state, so a client restarted since its last round (a fresh model)
+   rejoins from it like any other;
+3. submit, then collect (`collect_replies`): the attempt closes when every client answered
+   or, with `round_deadline_s` > 0, when the deadline passes, whatever has arrived by then
+   (every wait is bounded by the deadline; with no deadline a call ends when the client
+   answers or its actor dies, which Ray reports at once). Calls still running at the deadline
+   are abandoned: their replies, whenever they arrive, are dropped and counted, never applied
+   (a Ray actor runs its calls one at a time, so the client's next call queues behind the
+   abandoned one; see `drop_late_replies`). A second reply for a client that already answered
+   (a transport that delivers twice) is dropped and counted;
 4. every reply is counted in bytes (`message_bytes`), then checked (`validate_update`: round
-   id, center, names, shapes, finite values; a failed or invalid reply is recorded in
-   `RoundSummary.rejected` with its reason) and cast back from the wire dtype;
-5. `strategy.aggregate_round` over the accepted updates in center order;
-6. a `RoundSummary` (bytes up/down, dense equivalent, times, the strategy's metrics, the
-   clients' metrics as their mean and as "<center>/<metric>") goes to `on_round`.
+   id, center, names, shapes, wire dtype, finite values), cast back from the wire dtype and
+   held to the update-norm bound (`bound_update_norm`: `federation.max_update_norm`,
+   rejected or clipped by `update_norm_action`); see `fedmrg.fl.validation` for the norm;
+5. fewer than `min_clients` accepted updates: the attempt failed; the round is tried again,
+   up to `federation.round_retries` more times, with a fresh sample drawn from the same seeded
+   RNG stream (so the same seed and the same failures give the same clients; with fraction 1
+   every attempt asks every client) and the same global state and round id. When every
+   attempt failed, `RoundFailedError` (a `FederationError`) names each attempt's centers and
+   reasons, and the coordinator is left exactly at the last completed round (round id,
+   strategy, history, RNG state: `state_dict` is unchanged), so a checkpoint of that round
+   resumes the run;
+6. `strategy.aggregate_round` over the accepted updates in center order;
+7. a `RoundSummary` goes to `on_round`: bytes up/down (every attempt's), dense equivalent,
+   times, who was rejected and why (last attempt; earlier attempts in `failed_attempts`), who
+   was clipped and who rejoined after an actor restart, and metrics: the strategy's, the
+   clients' (their mean and "<center>/<metric>"), "<center>/update_norm" of every update
+   measured, `update_norm_max`, and counts over all the round's attempts: `rejected_failed`
+   (the call raised or the actor died), `rejected_deadline`, `rejected_invalid`,
+   `rejected_norm`, `clipped` (last attempt), `late_replies_dropped`,
+   `duplicate_replies_dropped`, `round_attempts`, `rejoined`.
 `on_evaluation(view, per_center, mean, step=round_id)` gets every evaluation.
-Fewer than `min_clients` accepted updates fail the round with `FederationError` (retries are
-a policy hook: `on_round_failure`). `eval_every` rounds, and after the last one, `evaluate`.
+`eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation).
 
 Evaluation (`evaluate`): generalization = the generic model (the global state) on the test
 split of every evaluated center (`eval_centers`, default the pool's centers) and of every
@@ -37,27 +58,29 @@ unweighted over the evaluated (not held-out) centers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fedmrg.config import ExperimentConfig
 from fedmrg.eval.evaluator import mean_over_centers
-from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
-from fedmrg.fl.wire import from_wire, message_bytes, to_wire
+from fedmrg.fl.validation import bound_update_norm, validate_update
+from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
 
-__all__ = ["ClientFailure", "ClientPool", "Coordinator", "Evaluation", "FederatedResult",
-           "InProcessPool", "validate_update"]
+__all__ = ["ClientFailure", "ClientPool", "Collected", "Coordinator", "Evaluation",
+           "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
+           "validate_update"]
 
 GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
+# How long a finished abandoned call's reply may take to arrive once the same client has
+# answered a later call (it is already on its way: milliseconds, bounded generously).
+LATE_REPLY_GRACE_S = 5.0
 
 
 # --------------------------------------------------------------------------- the pool
@@ -84,6 +107,11 @@ class ClientPool(Protocol):
              ) -> tuple[list[Any], list[Any]]: ...
 
     def result(self, handle: Any) -> ClientUpdate | EvalReply: ...
+
+    def rejoined(self) -> list[str]:
+        """Clients whose process was restarted after a loss and that answered a call since;
+        each restart reported once (a pool whose clients cannot restart returns [])."""
+        ...
 
 
 @dataclass(eq=False)  # hashable by identity: handles are dict keys
@@ -136,69 +164,8 @@ class InProcessPool:
             raise handle.error
         return handle.reply
 
-
-# --------------------------------------------------------------------------- validation
-
-
-def _finite(t: Tensor) -> bool:
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
-
-
-def validate_update(update: Any, *, center: str, round_id: int,
-                    lora_spec: Mapping[str, tuple[int, ...]],
-                    dense_spec: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why `update` must not be aggregated, or None. Checks: a ClientUpdate of this round from
-    this center, a positive sample count, exactly the expected tensor names, shapes (a LoRA
-    factor may differ in rank only; a low-rank update must stand for the tensor's shape), finite
-    values. The norm bound and clipping are issue 5's policy (`federation.max_update_norm`)."""
-    if not isinstance(update, ClientUpdate):
-        return f"not a ClientUpdate but a {type(update).__name__}"
-    if update.round_id != round_id:
-        return f"reply for round {update.round_id}, not round {round_id} (late or duplicate)"
-    if update.center != center:
-        return f"reply names center {update.center!r}, sent to {center!r}"
-    n = update.num_samples
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        return f"num_samples {n!r} is not a positive integer"
-    for kind, got, spec in (("LoRA factor", update.lora, lora_spec),
-                            ("dense update", update.dense, dense_spec)):
-        missing, extra = sorted(set(spec) - set(got)), sorted(set(got) - set(spec))
-        if extra:
-            return f"unexpected {kind} {extra[0]!r} ({len(extra)} unexpected)"
-        if missing:
-            return f"missing {kind} {missing[0]!r} ({len(missing)} missing)"
-    for name, t in update.lora.items():
-        want = lora_spec[name]
-        rank_dim = 0 if ".lora_A." in name else 1
-        if (not isinstance(t, Tensor) or t.dim() != len(want)
-                or any(a != b for i, (a, b) in enumerate(zip(t.shape, want, strict=True))
-                       if i != rank_dim)):
-            return f"LoRA factor {name!r} has shape {_shape(t)}, expected {want} (any rank)"
-        if not _finite(t):
-            return f"LoRA factor {name!r} has non-finite values"
-    for name, u in update.dense.items():
-        want = dense_spec[name]
-        if isinstance(u, LowRankUpdate):
-            ok = (tuple(u.shape) == want and u.U.dim() == 2 and u.V.dim() == 2
-                  and u.U.shape[1] == u.V.shape[0] and u.U.shape[0] == want[0]
-                  and u.V.shape[1] == math.prod(want[1:]))
-            tensors = (u.U, u.V)
-        else:
-            ok = isinstance(u, Tensor) and tuple(u.shape) == want
-            tensors = (u,) if isinstance(u, Tensor) else ()
-        if not ok:
-            return f"dense update {name!r} does not fit the tensor's shape {want}"
-        if not all(_finite(t) for t in tensors):
-            return f"dense update {name!r} has non-finite values"
-    for field_name in ("prototypes", "prototype_counts", "label_counts"):
-        t = getattr(update, field_name)
-        if t is not None and (not isinstance(t, Tensor) or not _finite(t)):
-            return f"{field_name} is not a finite tensor"
-    return None
-
-
-def _shape(t: Any) -> Any:
-    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+    def rejoined(self) -> list[str]:
+        return []  # clients in this process are never restarted
 
 
 # --------------------------------------------------------------------------- results
@@ -240,6 +207,53 @@ class FederatedResult:
                 "dense_equivalent_up": sum(s.dense_equivalent_up for s in self.history)}
 
 
+class RoundFailedError(FederationError):
+    """Every attempt of a round had fewer than `min_clients` usable updates. `attempts` holds
+    each attempt's {center: reason}; the coordinator is still at round `round_id - 1`."""
+
+    def __init__(self, message: str, round_id: int, attempts: list[dict[str, str]]):
+        super().__init__(message)
+        self.round_id = round_id
+        self.attempts = attempts
+
+    def __reduce__(self):  # picklable across Ray (the coordinator may run in an actor)
+        return (type(self), (str(self), self.round_id, self.attempts))
+
+
+REJECTION_KINDS = ("failed", "deadline", "invalid", "norm")  # metrics "rejected_<kind>"
+
+
+@dataclass
+class Collected:
+    """What `collect_replies` gathered from one attempt's calls."""
+
+    replies: dict[str, Any] = field(default_factory=dict)  # center -> reply as received
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # center -> (kind, reason)
+    duplicates: int = 0  # second deliveries for a call already answered: dropped
+    late_dropped: int = 0  # replies of earlier abandoned calls that arrived meanwhile: dropped
+
+
+@dataclass
+class RoundAttempt:
+    """One attempt at a round (module docstring): what came back and what became of it."""
+
+    number: int
+    centers: list[str]
+    accepted: list[ClientUpdate] = field(default_factory=list)  # from the wire, clipped
+    rejected: dict[str, str] = field(default_factory=dict)  # center -> reason
+    rejected_kind: dict[str, str] = field(default_factory=dict)  # center -> REJECTION_KINDS
+    clipped: dict[str, float] = field(default_factory=dict)  # center -> norm before clipping
+    norms: dict[str, float] = field(default_factory=dict)  # center -> update norm
+    bytes_up: int = 0
+    dense_up: int = 0
+    bytes_down: int = 0
+    duplicates: int = 0
+    late_dropped: int = 0
+
+    def reject(self, center: str, kind: str, reason: str) -> None:
+        self.rejected[center], self.rejected_kind[center] = reason, kind
+
+
 # --------------------------------------------------------------------------- the coordinator
 
 
@@ -262,6 +276,10 @@ class Coordinator:
         self.round_id = 0  # the last finished round
         self.history: list[RoundSummary] = []
         self.evaluations: list[Evaluation] = []
+        # calls given up on at a deadline, still running (handle -> center): their replies
+        # are dropped when they arrive (`drop_late_replies`)
+        self.abandoned: dict[Any, str] = {}
+        self.late_replies_dropped = 0  # over the run, this process (not checkpointed)
 
     # ----------------------------------------------------------------- the run
 
@@ -287,40 +305,74 @@ class Coordinator:
         return summary
 
     def run_round(self, round_id: int) -> RoundSummary:
-        """One round (module docstring), without touching the history."""
+        """One round (module docstring), without touching the history. Raises
+        `RoundFailedError` with the coordinator's state as it was when every attempt failed."""
         started = time.perf_counter()
+        fed = self.cfg.federation
+        rng_state = self.rng.bit_generator.state  # a failed round gives back its draws
+        attempts: list[RoundAttempt] = []
+        for number in range(1, fed.round_retries + 2):
+            attempts.append(self._attempt(round_id, number))
+            if len(attempts[-1].accepted) >= fed.min_clients:
+                break
+        else:
+            self.rng.bit_generator.state = rng_state
+            self.on_round_failure(round_id, attempts)
+        final = attempts[-1]
+        rejoined = sorted(set(self.pool.rejoined()) if hasattr(self.pool, "rejoined") else ())
+
+        aggregation_started = time.perf_counter()
+        metrics = self.strategy.aggregate_round(round_id, final.accepted)
+        aggregation_time = time.perf_counter() - aggregation_started
+        metrics.update(client_metrics(final.accepted))
+        metrics.update(round_fault_metrics(attempts, rejoined))
+        return RoundSummary(round_id=round_id, participants=[u.center for u in final.accepted],
+                            rejected=dict(sorted(final.rejected.items())),
+                            bytes_up=sum(a.bytes_up for a in attempts),
+                            bytes_down=sum(a.bytes_down for a in attempts),
+                            dense_equivalent_up=sum(a.dense_up for a in attempts),
+                            aggregation_time_s=aggregation_time,
+                            round_time_s=time.perf_counter() - started, metrics=metrics,
+                            clipped=dict(sorted(final.clipped.items())), rejoined=rejoined,
+                            attempts=len(attempts),
+                            failed_attempts=[dict(sorted(a.rejected.items()))
+                                             for a in attempts[:-1]])
+
+    def _attempt(self, round_id: int, number: int) -> RoundAttempt:
+        """Sample, send, collect and check one attempt of a round (steps 1-4)."""
         fed = self.cfg.federation
         centers = self.strategy.configure_round(round_id, self.pool.centers(), self.rng)
         plans = self._wire_plans({c: self.strategy.plan(round_id, c) for c in centers})
-        bytes_down = sum(message_bytes(p).bytes for p in plans.values())
+        attempt = RoundAttempt(number, list(centers),
+                               bytes_down=sum(message_bytes(p).bytes for p in plans.values()))
         handles = {self.pool.submit_fit(c, plans[c]): c for c in centers}
+        collected = self.collect_replies(handles, fed.min_clients, fed.round_deadline_s)
+        attempt.duplicates, attempt.late_dropped = collected.duplicates, collected.late_dropped
+        for center, (kind, reason) in collected.failed.items():
+            attempt.reject(center, kind, reason)
 
-        replies, rejected = self.collect_replies(handles, fed.min_clients, fed.round_deadline_s)
         lora_spec, dense_spec = self.strategy.update_spec()
-        bytes_up = dense_up = 0
-        accepted: list[ClientUpdate] = []
-        for center, reply in sorted(replies.items()):
+        reference = self.strategy.global_state()
+        dtype = wire_dtype(fed.wire_dtype)
+        for center, reply in sorted(collected.replies.items()):
             size = message_bytes(reply)
-            bytes_up += size.bytes
-            dense_up += size.dense_equivalent_bytes
+            attempt.bytes_up += size.bytes
+            attempt.dense_up += size.dense_equivalent_bytes
             reason = validate_update(reply, center=center, round_id=round_id,
-                                     lora_spec=lora_spec, dense_spec=dense_spec)
-            if reason is None:
-                accepted.append(from_wire(reply))
-            else:
-                rejected[center] = reason
-        if len(accepted) < fed.min_clients:
-            self.on_round_failure(round_id, rejected)
-
-        aggregation_started = time.perf_counter()
-        metrics = self.strategy.aggregate_round(round_id, accepted)
-        aggregation_time = time.perf_counter() - aggregation_started
-        metrics.update(client_metrics(accepted))
-        return RoundSummary(round_id=round_id, participants=[u.center for u in accepted],
-                            rejected=dict(sorted(rejected.items())), bytes_up=bytes_up,
-                            bytes_down=bytes_down, dense_equivalent_up=dense_up,
-                            aggregation_time_s=aggregation_time,
-                            round_time_s=time.perf_counter() - started, metrics=metrics)
+                                     lora_spec=lora_spec, dense_spec=dense_spec, dtype=dtype)
+            if reason is not None:
+                attempt.reject(center, "invalid", reason)
+                continue
+            check = bound_update_norm(from_wire(reply), reference, fed.max_update_norm,
+                                      fed.update_norm_action)
+            attempt.norms[center] = check.norm
+            if check.update is None:
+                attempt.reject(center, "norm", check.reason or "update norm out of bounds")
+                continue
+            if check.clipped:
+                attempt.clipped[center] = check.norm
+            attempt.accepted.append(check.update)
+        return attempt
 
     def _wire_plans(self, plans: dict[str, RoundPlan]) -> dict[str, RoundPlan]:
         """Plans with floating tensors in the wire dtype; a global state shared by several
@@ -338,34 +390,76 @@ class Coordinator:
         return out
 
     def collect_replies(self, handles: Mapping[Any, str], min_clients: int, deadline_s: float,
-                        ) -> tuple[dict[str, Any], dict[str, str]]:
-        """({center: reply}, {center: failure reason}) of a round's calls (module docstring)."""
+                        ) -> Collected:
+        """The replies and failures of an attempt's calls (module docstring, step 3).
+        `min_clients` is not a reason to wait longer: the deadline bounds every wait."""
         deadline = time.monotonic() + deadline_s if deadline_s > 0 else None
         pending = list(handles)
-        replies: dict[str, Any] = {}
-        failed: dict[str, str] = {}
+        out = Collected()
+        answered: set[Any] = set()
         while pending:
-            past = deadline is not None and time.monotonic() >= deadline
-            if past and len(replies) >= min_clients:
-                for handle in pending:
-                    failed[handles[handle]] = f"no reply within the {deadline_s:g} s deadline"
-                break
-            timeout = None if deadline is None or past else deadline - time.monotonic()
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
             ready, pending = self.pool.wait(pending, 1, timeout)
             for handle in ready:
-                center = handles[handle]
+                center = handles.get(handle)
+                if (center is None or handle in answered or center in out.replies
+                        or center in out.failed):
+                    out.duplicates += 1  # delivered twice (or never asked for): used once
+                    continue
+                answered.add(handle)
                 try:
-                    replies[center] = self.pool.result(handle)
+                    out.replies[center] = self.pool.result(handle)
                 except ClientFailure as e:
-                    failed[center] = f"failed: {e.message}"
-        return replies, failed
+                    out.failed[center] = ("failed", f"failed: {e.message}")
+        earlier = dict(self.abandoned)
+        for handle in pending:
+            out.failed[handles[handle]] = ("deadline",
+                                           f"no reply within the {deadline_s:g} s deadline")
+            self.abandoned[handle] = handles[handle]
+        if earlier:
+            out.late_dropped = self.drop_late_replies(
+                earlier, answered_centers={handles[h] for h in answered})
+        return out
 
-    def on_round_failure(self, round_id: int, rejected: Mapping[str, str]) -> None:
-        """Too few good updates. Policy hook (issue 5: retries, stop with a checkpoint)."""
-        reasons = "; ".join(f"{c}: {r}" for c, r in sorted(rejected.items())) or "none"
-        raise FederationError(
-            f"round {round_id}: fewer than federation.min_clients="
-            f"{self.cfg.federation.min_clients} usable updates (rejected: {reasons})")
+    def drop_late_replies(self, calls: Mapping[Any, str] | None = None,
+                          answered_centers: set[str] | frozenset[str] = frozenset(),
+                          grace_s: float = LATE_REPLY_GRACE_S) -> int:
+        """Forget the abandoned calls (of `calls`, default all) that have finished, reply or
+        failure, without reading them; returns how many. An actor runs one call at a time, so
+        the abandoned call of a client in `answered_centers` (it answered a later call) has
+        finished: its reply is waited for up to `grace_s` so it is counted now."""
+        calls = dict(self.abandoned if calls is None else calls)
+        if not calls:
+            return 0
+        ready, pending = self.pool.wait(list(calls), len(calls), 0)
+        due = [h for h in pending if calls[h] in answered_centers]
+        if due:
+            more, _ = self.pool.wait(due, len(due), grace_s)
+            ready = [*ready, *more]
+        for handle in ready:
+            self.abandoned.pop(handle, None)
+        self.late_replies_dropped += len(ready)
+        return len(ready)
+
+    def on_round_failure(self, round_id: int, attempts: Sequence[RoundAttempt]) -> None:
+        """Every attempt had too few usable updates: stop the run with `RoundFailedError`
+        naming each attempt's centers and reasons (the coordinator's state is untouched)."""
+        fed = self.cfg.federation
+        lines = []
+        for a in attempts:
+            reasons = "; ".join(f"{c}: {r}" for c, r in sorted(a.rejected.items())) or "none"
+            ok = ", ".join(u.center for u in a.accepted) or "none"
+            lines.append(f"attempt {a.number} (sampled {', '.join(a.centers)}; usable: {ok}; "
+                         f"rejected: {reasons})")
+        raise RoundFailedError(
+            f"round {round_id}: fewer than federation.min_clients={fed.min_clients} usable "
+            f"updates in each of {len(attempts)} attempt(s) (federation.round_retries="
+            f"{fed.round_retries}); the run stops after round {round_id - 1}. "
+            + " | ".join(lines), round_id, [dict(a.rejected) for a in attempts])
 
     # ----------------------------------------------------------------- evaluation
 
@@ -441,4 +535,23 @@ def client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
     for k in keys:
         values = [float(u.metrics[k]) for u in updates if k in u.metrics]
         out[k] = float(np.mean(values))
+    return out
+
+
+def round_fault_metrics(attempts: Sequence[RoundAttempt], rejoined: Sequence[str],
+                        ) -> dict[str, float]:
+    """The round's fault counts (module docstring, step 7), always present (0 when none):
+    rejections by kind, late and duplicate replies over every attempt; clipping, update norms
+    of the last attempt (the one aggregated); attempts; rejoined clients."""
+    final = attempts[-1]
+    out = {f"rejected_{kind}": float(sum(list(a.rejected_kind.values()).count(kind)
+                                         for a in attempts))
+           for kind in REJECTION_KINDS}
+    out.update(clipped=float(len(final.clipped)),
+               late_replies_dropped=float(sum(a.late_dropped for a in attempts)),
+               duplicate_replies_dropped=float(sum(a.duplicates for a in attempts)),
+               round_attempts=float(len(attempts)), rejoined=float(len(rejoined)))
+    if final.norms:
+        out["update_norm_max"] = max(final.norms.values())
+    out.update({f"{c}/update_norm": n for c, n in sorted(final.norms.items())})
     return out

@@ -14,7 +14,9 @@ leaves in the history.
 - `EvalReply` (client -> server): metrics of one evaluation and a few sample generations.
   Generated text is the one piece of text that leaves a center, and only on evaluation, as
   DESIGN.md's MLflow samples table asks; a deployment that forbids it sets no samples.
-- `RoundSummary`: bookkeeping of one round for the history, MLflow and the progress bar.
+- `RoundSummary`: bookkeeping of one round for the history, MLflow and the progress bar:
+  who was aggregated, who was rejected and why, who was clipped or rejoined after a restart,
+  how many attempts the round took.
 
 Plain dataclasses of tensors and numbers: picklable for Ray, countable by `fl.wire.message_bytes`.
 """
@@ -85,14 +87,23 @@ class RoundSummary:
     dense_equivalent_up: int  # what the same updates would have cost sent dense
     aggregation_time_s: float
     round_time_s: float
+    # round-level numbers (strategy, clients' mean and "<center>/<metric>", and the counts of
+    # rejections, clipping, late and duplicate replies: see fedmrg.fl.coordinator)
     metrics: dict[str, float] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)  # center -> its norm before clipping
+    rejoined: list[str] = field(default_factory=list)  # centers back after an actor restart
+    attempts: int = 1  # 1 + the retries this round needed (federation.round_retries)
+    # the rejections of each earlier attempt that had fewer than min_clients usable updates
+    failed_attempts: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"round_id": self.round_id, "participants": list(self.participants),
                 "rejected": dict(self.rejected), "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down, "dense_equivalent_up": self.dense_equivalent_up,
                 "aggregation_time_s": self.aggregation_time_s, "round_time_s": self.round_time_s,
-                "metrics": dict(self.metrics)}
+                "metrics": dict(self.metrics), "clipped": dict(self.clipped),
+                "rejoined": list(self.rejoined), "attempts": self.attempts,
+                "failed_attempts": [dict(a) for a in self.failed_attempts]}
 
 
 class ClientFailure(RuntimeError):

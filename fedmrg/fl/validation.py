@@ -1,0 +1,241 @@
+"""What the coordinator checks in a client's update before aggregating it (pure, no Ray).
+
+    reason = validate_update(reply, center=c, round_id=r, lora_spec=..., dense_spec=...,
+                             dtype=torch.float32)          # None, or why it is unusable
+    check = bound_update_norm(update, global_state, max_norm, "reject" | "clip")
+
+1. `validate_update`: the reply's form. A `ClientUpdate` of this round from this center, a
+   positive sample count, exactly the expected tensor names, shapes (a LoRA factor may differ in
+   rank only; a low-rank update must stand for the tensor's shape), floating tensors in the wire
+   dtype, finite values.
+2. `update_norm`: its size. The update norm is the L2 norm, over every shared tensor at once,
+   of the change the update applies to the server's shared state:
+   - a LoRA factor X (the client sends its factors as trained): X - G, G the round's global
+     factor of that name. Factors of different ranks are compared zero-padded to the larger
+     rank (rows of A, columns of B); padding adds nothing to B @ A, so it changes no adapter.
+     This bounds the adapter's change too: B'A' - BA = dB A + B dA + dB dA.
+   - a dense shared tensor (the client sends trained - global): that delta; a `LowRankUpdate`
+     U V counts as ||U V||_F, computed from the r x r Gram matrices (U^T U, V V^T) without
+     forming U V.
+   So sqrt(sum over LoRA factors ||X - G||^2 + sum over dense tensors ||delta||^2). Scaling the
+   change by s scales the norm by exactly s: a client that sends 1000x its honest update has
+   1000x the honest norm, whatever the tensors (factors, low-rank or dense deltas, BatchNorm
+   statistics: all of them count). The prototypes, counts and metrics an update also carries
+   are not model updates and are not in the norm.
+3. `bound_update_norm`: with `federation.max_update_norm` > 0, an update whose norm exceeds the
+   bound is rejected (`update_norm_action=reject`) or scaled down to the bound (`clip`:
+   `scale_update` by max_norm / norm, the DP-FedAvg clipping rule) and accepted. A non-finite
+   norm is always rejected.
+
+The norm is computed in float64 on the update as received (after `from_wire`), against the
+server's float32 global state; with a bf16 wire dtype it includes the bf16 rounding of the
+factors the client loaded (about 2^-8 relative, far below any useful bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedmrg.fl.lowrank import LowRankUpdate
+from fedmrg.fl.messages import ClientUpdate
+from fedmrg.fl.strategies import FederationError
+
+__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update", "update_norm",
+           "validate_update"]
+
+NORM_ACTIONS = ("reject", "clip")
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- form
+
+
+def _finite(t: Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _shape(t: Any) -> Any:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _dtype_problem(what: str, tensors: tuple[Tensor, ...], dtype: torch.dtype | None,
+                   ) -> str | None:
+    for t in tensors:
+        if not t.is_floating_point():
+            return f"{what} has dtype {t.dtype}, not a floating dtype"
+        if dtype is not None and t.dtype != dtype:
+            return f"{what} has dtype {t.dtype}, expected the wire dtype {dtype}"
+    return None
+
+
+def lora_rank_dim(name: str) -> int:
+    """The rank dimension of a LoRA factor: rows of A (r, k, ...), columns of B (d, r, ...)."""
+    return 0 if ".lora_A." in name else 1
+
+
+def validate_update(update: Any, *, center: str, round_id: int,
+                    lora_spec: Mapping[str, tuple[int, ...]],
+                    dense_spec: Mapping[str, tuple[int, ...]],
+                    dtype: torch.dtype | None = None) -> str | None:
+    """Why `update` must not be aggregated, or None (module docstring, 1). `dtype`: the wire
+    dtype every floating model tensor must have (None: any floating dtype)."""
+    if not isinstance(update, ClientUpdate):
+        return f"not a ClientUpdate but a {type(update).__name__}"
+    if update.round_id != round_id:
+        return f"reply for round {update.round_id}, not round {round_id} (late or duplicate)"
+    if update.center != center:
+        return f"reply names center {update.center!r}, sent to {center!r}"
+    n = update.num_samples
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        return f"num_samples {n!r} is not a positive integer"
+    for kind, got, spec in (("LoRA factor", update.lora, lora_spec),
+                            ("dense update", update.dense, dense_spec)):
+        if not isinstance(got, Mapping):
+            return f"{kind}s are a {type(got).__name__}, not a mapping of names to tensors"
+        missing, extra = sorted(set(spec) - set(got)), sorted(set(got) - set(spec))
+        if extra:
+            return f"unexpected {kind} {extra[0]!r} ({len(extra)} unexpected)"
+        if missing:
+            return f"missing {kind} {missing[0]!r} ({len(missing)} missing)"
+    for name, t in update.lora.items():
+        want = lora_spec[name]
+        rank_dim = lora_rank_dim(name)
+        if (not isinstance(t, Tensor) or t.dim() != len(want)
+                or any(a != b for i, (a, b) in enumerate(zip(t.shape, want, strict=True))
+                       if i != rank_dim)):
+            return f"LoRA factor {name!r} has shape {_shape(t)}, expected {want} (any rank)"
+        problem = _dtype_problem(f"LoRA factor {name!r}", (t,), dtype)
+        if problem:
+            return problem
+        if not _finite(t):
+            return f"LoRA factor {name!r} has non-finite values"
+    for name, u in update.dense.items():
+        want = dense_spec[name]
+        if isinstance(u, LowRankUpdate):
+            ok = (isinstance(u.U, Tensor) and isinstance(u.V, Tensor)
+                  and tuple(u.shape) == want and u.U.dim() == 2 and u.V.dim() == 2
+                  and u.U.shape[1] == u.V.shape[0] and u.U.shape[0] == want[0]
+                  and u.V.shape[1] == math.prod(want[1:]))
+            tensors = (u.U, u.V) if ok else ()
+        else:
+            ok = isinstance(u, Tensor) and tuple(u.shape) == want
+            tensors = (u,) if ok else ()
+        if not ok:
+            return f"dense update {name!r} does not fit the tensor's shape {want}"
+        problem = _dtype_problem(f"dense update {name!r}", tensors, dtype)
+        if problem:
+            return problem
+        if not all(_finite(t) for t in tensors):
+            return f"dense update {name!r} has non-finite values"
+    for field_name in ("prototypes", "prototype_counts", "label_counts"):
+        t = getattr(update, field_name)
+        if t is not None and (not isinstance(t, Tensor) or not _finite(t)):
+            return f"{field_name} is not a finite tensor"
+    return None
+
+
+# --------------------------------------------------------------------------- size
+
+
+def _padded(t: Tensor, rank_dim: int, rank: int) -> Tensor:
+    """`t` in float64, zero-padded along `rank_dim` to `rank`."""
+    t = t.detach().to(_F64)
+    missing = rank - t.shape[rank_dim]
+    if missing <= 0:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[rank_dim] = missing
+    return torch.cat([t, t.new_zeros(pad_shape)], dim=rank_dim)
+
+
+def _lora_change(name: str, factor: Tensor, reference: Mapping[str, Tensor],
+                 center: str) -> tuple[Tensor, Tensor]:
+    """(X - G, G), both float64 and zero-padded to the larger rank (module docstring, 2)."""
+    if name not in reference:
+        raise FederationError(f"center {center!r}: LoRA factor {name!r} is not in the global "
+                              f"state the update is measured against")
+    ref = reference[name]
+    rank_dim = lora_rank_dim(name)
+    rank = max(factor.shape[rank_dim], ref.shape[rank_dim])
+    base = _padded(ref.to(factor.device), rank_dim, rank)
+    return _padded(factor, rank_dim, rank) - base, base
+
+
+def _squared_norm(u: LowRankUpdate | Tensor) -> float:
+    if isinstance(u, LowRankUpdate):
+        U, V = u.U.detach().to(_F64), u.V.detach().to(_F64)
+        # ||U V||_F^2 = trace(V^T U^T U V) = sum((U^T U) * (V V^T)): r x r, never U V itself
+        return max(0.0, float(((U.T @ U) * (V @ V.T)).sum()))
+    return float(u.detach().to(_F64).pow(2).sum())
+
+
+def update_norm(update: ClientUpdate, reference: Mapping[str, Tensor] | None) -> float:
+    """The update norm of `update` against the round's global state `reference` (module
+    docstring, 2). An update without tensors (strategy `local`) has norm 0."""
+    if not update.lora and not update.dense:
+        return 0.0
+    if reference is None:
+        raise FederationError(f"center {update.center!r}: an update with tensors but no global "
+                              f"state to measure it against")
+    total = 0.0
+    for name, factor in update.lora.items():
+        change, _ = _lora_change(name, factor, reference, update.center)
+        total += float(change.pow(2).sum())
+    for u in update.dense.values():
+        total += _squared_norm(u)
+    return math.sqrt(total)
+
+
+def scale_update(update: ClientUpdate, reference: Mapping[str, Tensor], factor: float,
+                 ) -> ClientUpdate:
+    """A copy of `update` whose change to `reference` is `factor` times as large: LoRA factors
+    G + factor * (X - G) (at the larger of the two ranks), dense deltas and the U factor of a
+    low-rank delta times `factor`. Its `update_norm` is `factor` times the original's. Tensors
+    keep their dtype."""
+    lora = {}
+    for name, x in update.lora.items():
+        change, base = _lora_change(name, x, reference, update.center)
+        lora[name] = (base + factor * change).to(x.dtype)
+    dense: dict[str, LowRankUpdate | Tensor] = {}
+    for name, u in update.dense.items():
+        if isinstance(u, LowRankUpdate):
+            dense[name] = LowRankUpdate((u.U.to(_F64) * factor).to(u.U.dtype), u.V,
+                                        tuple(u.shape))
+        else:
+            dense[name] = (u.to(_F64) * factor).to(u.dtype)
+    return dataclasses.replace(update, lora=lora, dense=dense)
+
+
+@dataclass
+class NormCheck:
+    """The outcome of `bound_update_norm`."""
+
+    norm: float  # the update norm as received
+    update: ClientUpdate | None  # what to aggregate: the update, its clipped copy, or None
+    clipped: bool = False
+    reason: str | None = None  # why it was rejected (update is None)
+
+
+def bound_update_norm(update: ClientUpdate, reference: Mapping[str, Tensor] | None,
+                      max_norm: float, action: str) -> NormCheck:
+    """Apply the norm bound (module docstring, 3); `max_norm` <= 0 means no bound."""
+    if action not in NORM_ACTIONS:
+        raise FederationError(f"federation.update_norm_action: {action!r} is not one of "
+                              f"{list(NORM_ACTIONS)}")
+    norm = update_norm(update, reference)
+    if not math.isfinite(norm):
+        return NormCheck(norm, None, reason=f"update norm is {norm} (overflow)")
+    if max_norm <= 0 or norm <= max_norm:
+        return NormCheck(norm, update)
+    if action == "reject":
+        return NormCheck(norm, None, reason=f"update norm {norm:.6g} exceeds "
+                                            f"federation.max_update_norm={max_norm:g}")
+    return NormCheck(norm, scale_update(update, reference, max_norm / norm), clipped=True)
