@@ -62,7 +62,8 @@ class DataConfig:
     image_size: int = _f(64, "side the stream resizes images to", min=16, max=1024)
     max_views: int = _f(2, "views per study fed to the encoder (extra dropped, missing padded)",
                         min=1, max=8)
-    max_report_tokens: int = _f(96, "report tokens kept (longer reports are truncated)", min=8)
+    max_report_tokens: int = _f(160, "report tokens kept, <s> and </s> included (longer "
+                                "reports are truncated)", min=8)
     batch_size: int = _f(16, "training batch size per client", min=1)
     augment: bool = _f(True, "train-time augmentation (random crop/shift, contrast jitter)")
     on_error: str = _f("raise", "bad rows: 'raise' names file and row, 'skip' skips and counts",
@@ -172,7 +173,7 @@ class EvalConfig:
     """Report generation and scoring at evaluation time."""
 
     num_beams: int = _f(3, "beam search width", min=1)
-    max_new_tokens: int = _f(96, "longest generated report in tokens", min=1)
+    max_new_tokens: int = _f(160, "longest generated report in tokens", min=1)
     min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
     repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)

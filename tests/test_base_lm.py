@@ -22,6 +22,7 @@ from fedmrg.model.base_lm import (
     ensure_pad_token,
     load_base_lm,
     train_tokenizer,
+    warmup_sequences,
 )
 from fedmrg.model.prompts import diagnosis_prompt, prompt_corpus, prompt_vocabulary
 
@@ -99,6 +100,55 @@ def test_tokenizer_spells_out_unseen_ascii_words(corpus):
 def test_tokenizer_too_small_vocabulary_is_a_clear_error(corpus):
     with pytest.raises(BaseLMError, match="lm_vocab_size=64 is too small"):
         train_tokenizer(corpus, 64)
+
+
+def test_lexicon_words_are_whole_tokens_after_corpus_words(corpus):
+    tok = train_tokenizer(corpus, 300, lexicon=["Oedema opacification", "bat-wing"])
+    for word in ("oedema", "opacification", "bat", "wing"):
+        assert tok.convert_tokens_to_ids(word) != tok.unk_token_id, word
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    # not in the neutral corpus: without the lexicon it falls apart into pieces
+    plain = train_tokenizer(corpus, 300)
+    assert len(plain("oedema", add_special_tokens=False)["input_ids"]) > 1
+
+
+def test_radiology_lexicon_keeps_every_center_report_in_whole_words():
+    """Reports of every style (center ones too) tokenize word by word, none spelled out: the
+    wordiest center no longer loses its reports to truncation."""
+    from fedmrg.data.phantom import STYLES, radiology_lexicon, report_from_labels
+    from fedmrg.data.phantom.labels import sample_labels, study_rng
+    from fedmrg.data.phantom.styles import NEUTRAL_SKEW
+
+    tok = train_tokenizer(["no acute abnormality."], 1024, lexicon=radiology_lexicon())
+    for name, style in STYLES.items():
+        for i in range(40):
+            rng = study_rng(0, 7, i)
+            labels = sample_labels(rng, NEUTRAL_SKEW, style.negative_mention)
+            report = report_from_labels(labels, style, rng)
+            pieces = tok.tokenize(report)
+            assert not [p for p in pieces if p.startswith("##")], (name, report, pieces)
+
+
+def test_warmup_sequences_put_the_prompt_first_and_drop_it_as_seeded():
+    from fedmrg.data.phantom import neutral_studies
+
+    studies = neutral_studies(200, 0)
+    tok = train_tokenizer([r for _, r in studies] + prompt_corpus(), 400)
+    recipe = WarmupRecipe(max_tokens=32, prompt_dropout=0.25)
+    seqs = warmup_sequences(tok, studies, recipe)
+    assert seqs == warmup_sequences(tok, studies, recipe)  # seeded
+    with_prompt = [(s, p) for s, p in zip(studies, seqs, strict=True) if p[0]]
+    assert 0.6 < len(with_prompt) / len(seqs) < 0.9  # about 1 - prompt_dropout
+    (labels, report), (prompt, ids) = with_prompt[0]
+    assert tok.decode(prompt) == diagnosis_prompt(labels).lower()
+    assert ids[0] == tok.bos_token_id and len(ids) <= 32
+    # a bare report string never gets a prompt
+    assert all(not p for p, _ in warmup_sequences(tok, [r for _, r in studies[:20]], recipe))
+    # the loss covers the report only
+    ids_, mask, target = base_lm._warmup_batch([(prompt, ids), ([], ids[:3])], tok.pad_token_id)
+    assert (target[0, :len(prompt)] == -100).all()
+    assert target[0, len(prompt):len(prompt) + len(ids)].tolist() == ids
+    assert mask[1].sum() == 3 and (target[1, 3:] == -100).all()
 
 
 # --------------------------------------------------------------------------- builtin LM

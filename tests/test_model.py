@@ -286,8 +286,8 @@ def test_a_few_optimizer_steps_reduce_the_loss(make_model, batch):
 def test_reports_can_come_from_input_ids(make_model, batch):
     model = make_model()
     ids, mask = model._report_tokens(batch)
-    wide = torch.full((B, 120), model.tokenizer.pad_token_id)
-    wide_mask = torch.zeros((B, 120), dtype=torch.long)
+    wide = torch.full((B, ids.shape[1] + 24), model.tokenizer.pad_token_id)
+    wide_mask = torch.zeros((B, ids.shape[1] + 24), dtype=torch.long)
     wide[:, : ids.shape[1]], wide_mask[:, : ids.shape[1]] = ids, mask
     model.eval()
     with torch.no_grad():

@@ -145,7 +145,7 @@ def test_loss_decreases_on_a_tiny_batch(make_model, batches):
     assert last["diagnosis"] < 0.1 * first["diagnosis"]
     assert last["contrastive_local"] < 0.1 * first["contrastive_local"]
     for term in ("lm_generic", "lm_personal"):
-        assert last[term] < first[term] - 0.15, (term, first[term], last[term])
+        assert last[term] < first[term] - 0.08, (term, first[term], last[term])
     assert last["loss"] < 0.85 * first["loss"]
 
 

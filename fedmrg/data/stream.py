@@ -50,7 +50,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 from ray.exceptions import RayError
 
-from fedmrg.config import ConfigError
+from fedmrg.config import ConfigError, DataConfig
 from fedmrg.data.schema import LABEL_NAMES, NUM_OBSERVATIONS, SPLITS
 from fedmrg.data.shards import DatasetError, SkipLog, center_files, read_manifest
 from fedmrg.data.transforms import (
@@ -61,9 +61,6 @@ from fedmrg.data.transforms import (
     study_rng,
     tokenize_reports,
 )
-
-if TYPE_CHECKING:
-    from fedmrg.config import DataConfig
 
 ON_ERROR = ("raise", "skip")
 # Why a row was skipped under on_error="skip" (keys of `CenterStream.skipped.counts`).
@@ -274,7 +271,7 @@ class CenterStream:
         batch_size: int = 16,
         augment: bool = False,
         tokenizer: Any = None,
-        max_report_tokens: int = 96,
+        max_report_tokens: int = DataConfig().max_report_tokens,
         shuffle: bool = False,
         seed: int = 0,
         on_error: str = "raise",

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmrg.config import EvalConfig
 from fedmrg.eval.clinical import (
     compute_ce_from_reports,
     compute_ce_metrics,
@@ -47,8 +48,8 @@ from fedmrg.eval.nlg import compute_nlg_metrics
 # The metrics a benchmark table shows, in order.
 HEADLINE = ("ce_f1_macro", "ce_f1_micro", "ce_precision_micro", "ce_recall_micro", "bleu1",
             "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "diag_acc", "diag_auc")
-GENERATION_DEFAULTS = {"num_beams": 3, "max_new_tokens": 96, "min_new_tokens": 0,
-                       "repetition_penalty": 1.0}
+GENERATION_DEFAULTS = {k: getattr(EvalConfig(), k) for k in (
+    "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty")}
 
 
 class EvaluationError(ValueError):

@@ -3,8 +3,12 @@
 `model.lm` names it: an HF hub id or a local path (paper scale), or `builtin:tiny-llama` (the
 CPU default). No pretrained LM can be downloaded offline, so the builtin one is built here: a
 WordPiece tokenizer fitted to a public corpus (phantom reports in a neutral style no center
-uses, plus the prompt vocabulary), a small Llama built from config, and a short causal-LM
-warm-up on that corpus ("pretraining on a public corpus"). The result is cached on disk under a
+uses, plus the prompt vocabulary and the words of radiology English), a small Llama built from
+config, and a short causal-LM warm-up on that corpus ("pretraining on a public corpus"). Each
+warm-up sequence is laid out as the report generator lays out its own, [diagnosis prompt][<s>
+report </s>] (the prompt left out now and then), so the base LM already writes a report that
+follows its prompt and the federated adapters only have to learn the centers' styles and the
+images. The result is cached on disk under a
 key that hashes everything that determines it, and written atomically (built in a temporary
 folder, then renamed) so racing processes never see a half-written model.
 """
@@ -41,14 +45,14 @@ from transformers import (
 
 from fedmrg.config import ModelConfig
 from fedmrg.data.transforms import tokenize_reports
-from fedmrg.model.prompts import prompt_corpus, prompt_vocabulary
+from fedmrg.model.prompts import diagnosis_prompt, prompt_corpus, prompt_vocabulary
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 BUILD_INFO = "fedmrg_base_lm.json"  # written last inside a cache entry: its presence = complete
-RECIPE_VERSION = 2  # bump when the build code changes what it produces
+RECIPE_VERSION = 3  # bump when the build code changes what it produces
 
 
 class BaseLMError(ValueError):
@@ -67,18 +71,21 @@ class WarmupRecipe:
     lr: float = 3e-3
     seed: int = 0
     max_position_embeddings: int = 1024
+    prompt_dropout: float = 0.2  # warm-up sequences without a prompt (the no-prompt ablation)
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Sequence[str], vocab_size: int,
+                    lexicon: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """A lower-casing WordPiece tokenizer with <pad>/<s>/</s>/<unk>, fitted to `texts`.
 
     The vocabulary is every character seen (a-z, 0-9 and ASCII punctuation always), each also
-    as a `##` continuation, then the most frequent words (ties broken alphabetically), so any
-    ASCII word tokenizes. Chosen by hand rather than with `tokenizers`' WordPieceTrainer because
-    that trainer is not deterministic (token ids and even the token set change from run to run),
+    as a `##` continuation, then the words of `texts` by frequency (ties broken alphabetically),
+    then the `lexicon` words the texts lack, up to `vocab_size`; any ASCII word tokenizes.
+    Chosen by hand rather than with `tokenizers`' WordPieceTrainer because that trainer is not
+    deterministic (token ids and even the token set change from run to run),
     and every center must get the same base LM.
     """
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -94,6 +101,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
         raise BaseLMError(f"model.lm_vocab_size={vocab_size} is too small: the corpus's "
                           f"{len(chars)} characters alone need {len(base)} tokens")
     ranked = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    known = set(ranked)
+    ranked += [w for w in dict.fromkeys(  # lexicon words the texts lack, in the given order
+        w for entry in lexicon for w, _ in pre_tokenizer.pre_tokenize_str(
+            normalizer.normalize_str(entry)) if len(w) > 1) if w not in known]
     vocab = {tok: i for i, tok in enumerate(base + ranked[: vocab_size - len(base)])}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
     tok.normalizer = normalizer
@@ -111,34 +122,80 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
 # --------------------------------------------------------------------------- builtin LM
 
 
-def default_corpus(recipe: WarmupRecipe) -> list[str]:
-    """The public warm-up corpus: neutral-style phantom reports (imported lazily)."""
-    from fedmrg.data.phantom import neutral_corpus
-
-    return list(neutral_corpus(recipe.corpus_size, recipe.corpus_seed))
+# A warm-up text: a report, or (14 label codes, report) to put its diagnosis prompt first.
+CorpusEntry = str | tuple[Sequence[int], str]
 
 
-def builtin_lm_key(cfg: ModelConfig, corpus: Sequence[str], recipe: WarmupRecipe) -> str:
+def default_corpus(recipe: WarmupRecipe) -> list[CorpusEntry]:
+    """The public warm-up corpus: neutral-style phantom studies (imported lazily)."""
+    from fedmrg.data.phantom import neutral_studies
+
+    return list(neutral_studies(recipe.corpus_size, recipe.corpus_seed))
+
+
+def _split_entry(entry: CorpusEntry) -> tuple[list[int] | None, str]:
+    if isinstance(entry, str):
+        return None, entry
+    labels, report = entry
+    return [int(x) for x in labels], report
+
+
+def builtin_lm_key(cfg: ModelConfig, corpus: Sequence[CorpusEntry], recipe: WarmupRecipe) -> str:
     """Hash of everything that determines the builtin LM (config, corpus, recipe, libraries)."""
+    from fedmrg.data.phantom import radiology_lexicon
+
     inputs = {
         "lm": cfg.lm, "hidden": cfg.lm_hidden_size, "layers": cfg.lm_layers,
         "heads": cfg.lm_heads, "vocab": cfg.lm_vocab_size, "warmup_steps": cfg.lm_warmup_steps,
         "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
-        "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
-        "prompt_vocabulary": prompt_vocabulary(),
+        "corpus_sha256": hashlib.sha256(
+            json.dumps([_split_entry(e) for e in corpus]).encode()).hexdigest(),
+        "prompt_vocabulary": prompt_vocabulary(), "lexicon": radiology_lexicon(),
         "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str],
-            steps: int, recipe: WarmupRecipe) -> list[float]:
-    """Seeded causal-LM training on `corpus`; returns the loss of every step."""
+def warmup_sequences(tokenizer: PreTrainedTokenizerBase, corpus: Sequence[CorpusEntry],
+                     recipe: WarmupRecipe) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, report ids) per corpus entry: the report as the report generator tokenizes
+    it ([<s>] report [</s>], cut at `recipe.max_tokens`); the diagnosis prompt of its labels,
+    or no prompt for a bare report and for a seeded `recipe.prompt_dropout` share of entries."""
+    entries = [_split_entry(e) for e in corpus]
+    ids, mask = tokenize_reports(tokenizer, [r for _, r in entries], recipe.max_tokens)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    dropped = torch.rand(len(entries), generator=gen) < recipe.prompt_dropout
+    out = []
+    for i, (labels, _) in enumerate(entries):
+        prompt = [] if labels is None or dropped[i] else tokenizer(
+            diagnosis_prompt(labels), add_special_tokens=False)["input_ids"]
+        out.append((list(prompt), ids[i, : int(mask[i].sum())].tolist()))
+    return out
+
+
+def _warmup_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> (
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    """Right-padded (input_ids, attention_mask, labels) with the loss on report tokens only."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (prompt, report) in enumerate(seqs):
+        n = len(prompt) + len(report)
+        ids[i, :n] = torch.tensor(prompt + report, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(prompt):n] = torch.tensor(report, dtype=torch.long)
+    return ids, mask, labels
+
+
+def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
+            corpus: Sequence[CorpusEntry], steps: int, recipe: WarmupRecipe) -> list[float]:
+    """Seeded causal-LM training on `corpus` (loss on the reports, not the prompts); returns
+    the loss of every step."""
     if steps == 0:
         return []
-    ids, mask = map(torch.from_numpy, tokenize_reports(tokenizer, corpus, recipe.max_tokens))
-    labels = ids.masked_fill(mask == 0, -100)
+    seqs = warmup_sequences(tokenizer, corpus, recipe)
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -147,10 +204,9 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, corpus:
     model.train()
     losses = []
     for _ in range(steps):
-        idx = torch.randint(len(corpus), (recipe.batch_size,), generator=gen)
-        width = int(mask[idx].sum(1).max())  # trim the batch to its longest row
-        out = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
-                    labels=labels[idx, :width])
+        idx = torch.randint(len(seqs), (recipe.batch_size,), generator=gen).tolist()
+        ids, mask, labels = _warmup_batch([seqs[i] for i in idx], tokenizer.pad_token_id)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,12 +217,15 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, corpus:
     return losses
 
 
-def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[str], recipe: WarmupRecipe) -> (
-        tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]):
+def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[CorpusEntry], recipe: WarmupRecipe
+                     ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
     """Tokenizer + Llama from config + warm-up. Returns (model, tokenizer, build info)."""
+    from fedmrg.data.phantom import radiology_lexicon
+
     t0 = time.perf_counter()
-    texts = list(corpus) + prompt_corpus() * 20 + [" ".join(prompt_vocabulary())]
-    tokenizer = train_tokenizer(texts, cfg.lm_vocab_size)
+    reports = [_split_entry(e)[1] for e in corpus]
+    texts = reports + prompt_corpus() * 20 + [" ".join(prompt_vocabulary())]
+    tokenizer = train_tokenizer(texts, cfg.lm_vocab_size, lexicon=radiology_lexicon())
     lm_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden_size,
         intermediate_size=cfg.lm_hidden_size * recipe.intermediate_ratio,
@@ -192,7 +251,8 @@ def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[str], recipe: WarmupReci
     return model, tokenizer, info
 
 
-def _builtin_path(cfg: ModelConfig, corpus: Sequence[str] | None, recipe: WarmupRecipe) -> Path:
+def _builtin_path(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None,
+                  recipe: WarmupRecipe) -> Path:
     """The cache entry for the builtin LM, building it first if missing."""
     corpus = default_corpus(recipe) if corpus is None else list(corpus)
     if not corpus:
@@ -225,7 +285,7 @@ def _builtin_path(cfg: ModelConfig, corpus: Sequence[str] | None, recipe: Warmup
     return entry
 
 
-def builtin_build_info(cfg: ModelConfig, corpus: Sequence[str] | None = None,
+def builtin_build_info(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None = None,
                        recipe: WarmupRecipe = WarmupRecipe()) -> dict:
     """What the cached builtin LM's build recorded (time, losses, size); builds it if missing."""
     return json.loads((_builtin_path(cfg, corpus, recipe) / BUILD_INFO).read_text())
@@ -282,12 +342,13 @@ def load_pretrained_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
     return load_causal_lm(path), load_tokenizer(path)
 
 
-def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[str] | None = None,
+def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[CorpusEntry] | None = None,
                  recipe: WarmupRecipe = WarmupRecipe()) -> (
         tuple[PreTrainedModel, PreTrainedTokenizerBase]):
     """The frozen base LM and its tokenizer for `cfg.lm` (builtin: built once, then cached).
 
-    `corpus` overrides the builtin's warm-up corpus (default: the phantom neutral corpus).
+    `corpus` overrides the builtin's warm-up corpus (default: the phantom neutral studies,
+    each with its diagnosis prompt; plain report strings warm up without prompts).
     """
     if cfg.lm.startswith("builtin:"):
         if cfg.lm != BUILTIN_TINY_LLAMA:

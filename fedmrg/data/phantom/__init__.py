@@ -37,6 +37,8 @@ from fedmrg.data.phantom.styles import (
     ReportStyle,
     get_style,
     neutral_corpus,
+    neutral_studies,
+    radiology_lexicon,
     report_from_labels,
 )
 
@@ -63,6 +65,8 @@ __all__ = [
     "get_style",
     "make_sample",
     "neutral_corpus",
+    "neutral_studies",
+    "radiology_lexicon",
     "render_lateral",
     "render_pa",
     "report_from_labels",

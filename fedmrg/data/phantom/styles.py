@@ -21,6 +21,7 @@ All sentences of one observation carry the same code (findings and impression ag
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -635,14 +636,49 @@ def get_style(name: str) -> ReportStyle:
     return STYLES[name]
 
 
-def neutral_corpus(n: int, seed: int) -> list[str]:
-    """`n` reports in the neutral style (no center uses it), from labels sampled with a broad
-    mix of findings; the public corpus the builtin base LM is warmed up on. Deterministic."""
+def neutral_studies(n: int, seed: int) -> list[tuple[list[int], str]]:
+    """`n` (labels, report) pairs in the neutral style (no center uses it), from labels sampled
+    with a broad mix of findings; the public corpus the builtin base LM is warmed up on (the
+    labels make its diagnosis prompts). Deterministic."""
     if n < 0:
         raise ValueError(f"neutral_corpus: n = {n} must be >= 0")
-    reports = []
+    studies = []
     for i in range(n):
         rng = study_rng(seed, NEUTRAL_STREAM, i)
         labels = sample_labels(rng, NEUTRAL_SKEW, NEUTRAL.negative_mention)
-        reports.append(report_from_labels(labels, NEUTRAL, rng))
-    return reports
+        studies.append(([int(x) for x in labels], report_from_labels(labels, NEUTRAL, rng)))
+    return studies
+
+
+def neutral_corpus(n: int, seed: int) -> list[str]:
+    """The reports of `neutral_studies(n, seed)`."""
+    return [report for _, report in neutral_studies(n, seed)]
+
+
+def _template_strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [s for v in value for s in _template_strings(v)]
+    return []
+
+
+def radiology_lexicon() -> list[str]:
+    """Every word any report style can write (templates and the values their fields take),
+    lower-cased and sorted: the vocabulary of radiology English. A general-purpose LLM's
+    tokenizer knows these words; the builtin LM's tokenizer gets them from here so no center's
+    reports fall apart into characters. Words only: no sentence of a center style is used."""
+    import re
+
+    texts: list[str] = []
+    for style in STYLES.values():
+        for f in dataclasses.fields(style):
+            if f.name not in ("name", "summary"):
+                texts += _template_strings(getattr(style, f.name))
+    values = [*RIBS, *SIZES, *GRADES, *(g + "ly" for g in GRADES), *NODULE_CM, "left right bilateral both upper middle lower",
+              "lobe lobes lung base bases bibasilar basilar hemithorax hemithoraces apex apices",
+              "mass nodule cm are is a s"]
+    text = re.sub(r"\{[A-Za-z_]+\}[a-z]*", " ", " ".join(texts + values)).lower()
+    return sorted(set(re.findall(r"[a-z]+|[0-9]+", text)))
