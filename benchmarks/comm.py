@@ -1,0 +1,334 @@
+"""Bytes per client per round, up and down: fedmrg against dense FedAvg and the full model.
+
+Usage: ``python benchmarks/comm.py [--ranks 4 8 16] [--aggregations exact fedavg]
+[--wires fp32 bf16] [--clients 4] [--seed 0] [--out benchmarks/results/comm.json]``
+
+Two scales:
+
+- default (the CPU model of `fedmrg/configs/default.yaml`, built for real): the messages are
+  built as a round makes them and counted with `fedmrg.fl.wire.message_bytes` (tensor data +
+  names + scalars). Down: the strategy's round-2 `RoundPlan` (global state, merged prototypes,
+  global label prior) cast to the wire dtype as the coordinator does (`to_wire`). Up: a
+  `ClientUpdate` as `FederatedClient.fit` builds it (generic LoRA factors as trained, every
+  other shared tensor's update through `ErrorFeedback.compress_all` at
+  `federation.dense_update_rank`, prototypes, label counts, metrics), from a seeded random
+  perturbation of the model's shared state (the bytes depend on shapes only), after
+  `--clients` such updates went through the strategy's real `aggregate_round`.
+- paper (Swin-B + a 7B Llama-architecture decoder, `fedmrg/configs/paper.yaml`, built on the
+  meta device by `benchmarks/model_step.py`'s `paper_model`): from tensor shapes
+  (`model_step.communication` for the upload). The default scale checks the shape formula
+  against the counted messages (`shape_check`).
+
+Columns, per client per round (a `rank r` row sets model.lora_rank and
+federation.dense_update_rank to r; `exact` and `fedavg` LoRA aggregation send the same bytes):
+
+- up: what a client sends. down (now): what the coordinator sends today, the whole global
+  shared state every round.
+- down (low-rank): what sending only the round's aggregated update would cost, computed, not
+  implemented: the aggregated generic LoRA factors (rank r, exact under `exact`) plus the
+  aggregated update of every other shared tensor re-factorized to rank r by a server-side
+  `ErrorFeedback` (lossy per round, the residual follows next round, as on clients).
+  down (lossless) sends the dense tensors' aggregate as the stacked client factors instead
+  (rank K*r, exact for `server_optimizer: none`; it grows with the clients K).
+- dense FedAvg: full fine-tuning of the same trainable modules, sent dense both ways (each
+  LoRA pair as its d x k weight, every other shared tensor as it is): the uploads'
+  `dense_equivalent_bytes`.
+- fedavg strategy: the product's `fedavg` baseline (LoRA factors + dense shared updates).
+- full model: every parameter (and shared buffer) of the model, in the wire dtype.
+
+Target (issue 6): a round under 1% of the full model at paper scale, judged on up + down in
+the same wire dtype as the full model. Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import _common  # noqa: F401  (first: sets the environment before torch loads)
+import numpy as np
+import torch
+from _common import RESULTS, command_line, machine_info, markdown_table, write_json
+from model_step import WIRE_BYTES, communication, paper_model
+
+from fedmrg.config import ExperimentConfig, load_config
+from fedmrg.fl.lowrank import (
+    ErrorFeedback,
+    LowRankUpdate,
+    factorizes,
+    is_lora_factor,
+    lora_pairs,
+    matrix_shape,
+    normalize_weights,
+)
+from fedmrg.fl.messages import ClientUpdate, RoundPlan
+from fedmrg.fl.strategies import make_strategy
+from fedmrg.fl.wire import from_wire, message_bytes, to_wire
+from fedmrg.model.mrg import MRGModel
+from fedmrg.model.params import describe_parameter_groups, get_shared_state
+
+DEFAULT_OUT = RESULTS / "comm.json"
+TARGET_FRACTION = 0.01
+NUM_OBSERVATIONS, NUM_STATES = 14, 4
+
+
+def variant_config(base: str, rank: int, aggregation: str, wire: str,
+                   strategy: str = "fedmrg") -> ExperimentConfig:
+    return load_config(base, [f"model.lora_rank={rank}", f"federation.dense_update_rank={rank}",
+                              f"federation.aggregation={aggregation}",
+                              f"federation.wire_dtype={wire}",
+                              f"federation.strategy={strategy}"])
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def shape_counts(model: MRGModel, cfg: ExperimentConfig, clients: int) -> dict[str, int]:
+    """Bytes per client per round from tensor shapes (module docstring), model tensors only
+    (no names, prototypes or metrics)."""
+    rank = cfg.federation.dense_update_rank
+    wire = WIRE_BYTES[cfg.federation.wire_dtype]
+    rows = describe_parameter_groups(model)
+    shared = {r.name: r.shape for r in rows if r.group == "shared"}
+    full_elements = sum(int(np.prod(r.shape)) if r.shape else 1 for r in rows)
+
+    def numel(shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape)) if shape else 1
+
+    lora = {n: s for n, s in shared.items() if is_lora_factor(n)}
+    dense = {n: s for n, s in shared.items() if not is_lora_factor(n)}
+    lora_elements = sum(numel(s) for s in lora.values())
+    lora_dense_elements = sum(shared[p.b_key][0] * numel(shared[p.a_key][1:])
+                              for p in lora_pairs(lora).values())  # d x k per pair
+
+    def factored(shape: tuple[int, ...], r: int) -> int:
+        if not factorizes(shape, r):
+            return numel(shape)
+        m, n = matrix_shape(shape)
+        return r * (m + n)
+
+    dense_elements = sum(numel(s) for s in dense.values())
+    return {
+        "up": communication(model, cfg)["sent_bytes"],
+        "down_now": (lora_elements + dense_elements) * wire,
+        "down_lowrank": (lora_elements + sum(factored(s, rank) for s in dense.values())) * wire,
+        "down_lossless": (lora_elements + sum(factored(s, rank * clients)
+                                              for s in dense.values())) * wire,
+        "dense_fedavg": (lora_dense_elements + dense_elements) * wire,
+        "fedavg_strategy": (lora_elements + dense_elements) * wire,
+        "full_model": full_elements * wire,
+        "full_model_fp32": full_elements * 4,
+    }
+
+
+# --------------------------------------------------------------------------- real messages
+
+
+def client_update(cfg: ExperimentConfig, center: str, global_state: dict[str, torch.Tensor],
+                  round_id: int, rng: torch.Generator, error_feedback: ErrorFeedback
+                  ) -> ClientUpdate:
+    """A ClientUpdate built as `FederatedClient.fit` builds it (module docstring), from a
+    small seeded perturbation of the global state instead of real training."""
+    start = {n: t.float() for n, t in global_state.items()}
+    trained = {n: t + 1e-3 * torch.randn(t.shape, generator=rng) for n, t in start.items()}
+    lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
+    deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
+    dense = error_feedback.compress_all(deltas, cfg.federation.dense_update_rank)
+    prototypes = counts = label_counts = None
+    collect = make_strategy(cfg).collect()
+    if "prototypes" in collect:
+        prototypes = torch.randn(NUM_OBSERVATIONS, cfg.model.projection_dim, generator=rng)
+        counts = torch.randint(0, 50, (NUM_OBSERVATIONS,), generator=rng).float()
+    if "label_counts" in collect:
+        label_counts = torch.randint(0, 100, (NUM_OBSERVATIONS, NUM_STATES), generator=rng)
+    # the keys a client reports (LocalTrainer's loss terms + the client's own)
+    metrics = {k: 0.0 for k in ("loss", "lm_generic", "lm_personal", "mutual", "diagnosis",
+                                "contrastive_global", "contrastive_local", "lr", "steps",
+                                "samples", "epoch", "residual_norm", "fit_s")}
+    update = ClientUpdate(round_id=round_id, center=center, num_samples=210, lora=lora,
+                          dense=dense, prototypes=prototypes, prototype_counts=counts,
+                          label_counts=label_counts, metrics=metrics)
+    return to_wire(update, cfg.federation.wire_dtype)
+
+
+def aggregated_down(plan: RoundPlan, before: dict[str, torch.Tensor],
+                    after: dict[str, torch.Tensor], updates: list[ClientUpdate], rank: int,
+                    wire: str) -> tuple[RoundPlan, RoundPlan]:
+    """The round-2 plan with its global state replaced by the round's aggregated update
+    instead: (rank-r re-factorized by a server ErrorFeedback, lossless stacked factors)."""
+    lora = {n: t for n, t in after.items() if is_lora_factor(n)}
+    server_feedback = ErrorFeedback()
+    lowrank = dict(lora)
+    lossless = dict(lora)
+    weights = normalize_weights([u.num_samples for u in updates]).tolist()
+    for name, new in after.items():
+        if is_lora_factor(name):
+            continue
+        delta = new.float() - before[name].float()
+        lowrank[name] = server_feedback.compress(name, delta, rank)
+        parts = [from_wire(u.dense[name]) for u in updates]
+        if all(isinstance(p, LowRankUpdate) for p in parts) and factorizes(
+                delta.shape, rank * len(parts)):
+            lossless[name] = LowRankUpdate(
+                U=torch.cat([w * p.U for w, p in zip(weights, parts, strict=True)], dim=1),
+                V=torch.cat([p.V for p in parts], dim=0), shape=tuple(delta.shape))
+        else:
+            lossless[name] = delta
+    return (to_wire(dataclasses.replace(plan, global_state=lowrank), wire),
+            to_wire(dataclasses.replace(plan, global_state=lossless), wire))
+
+
+def default_scale_row(rank: int, aggregation: str, wire: str, clients: int, seed: int
+                      ) -> dict[str, Any]:
+    """One variant at default scale: the messages counted, and the shape formula beside."""
+    cfg = make_strategy(variant_config("default", rank, aggregation, wire)).cfg
+    model = MRGModel.from_config(cfg.model, seed=seed)
+    initial = get_shared_state(model)
+    centers = [chr(ord("a") + i) for i in range(clients)]
+    rng = torch.Generator().manual_seed(seed)
+
+    strategy = make_strategy(cfg)
+    strategy.initialize(initial)
+    plan1 = to_wire(strategy.plan(1, centers[0]), wire)
+    feedback = {c: ErrorFeedback() for c in centers}
+    updates = [client_update(cfg, c, initial, 1, rng, feedback[c]) for c in centers]
+    before = {n: t.clone() for n, t in strategy.global_state().items()}
+    strategy.aggregate_round(1, [from_wire(u) for u in updates])
+    after = strategy.global_state()
+    plan2 = to_wire(strategy.plan(2, centers[0]), wire)
+    down_lowrank, down_lossless = aggregated_down(plan2, before, after, updates, rank, wire)
+
+    # the product's fedavg strategy: its own config (rank-0 dense updates, no prototypes)
+    fedavg_cfg = make_strategy(variant_config("default", rank, "fedavg", wire, "fedavg")).cfg
+    fedavg_update = client_update(fedavg_cfg, centers[0], initial, 1, rng, ErrorFeedback())
+
+    up = message_bytes(updates[0])
+    shapes = shape_counts(model, cfg, clients)
+    counted = {
+        "up": up.bytes, "down_round1": message_bytes(plan1).bytes,
+        "down_now": message_bytes(plan2).bytes,
+        "down_lowrank": message_bytes(down_lowrank).bytes,
+        "down_lossless": message_bytes(down_lossless).bytes,
+        "dense_fedavg": up.dense_equivalent_bytes,
+        "fedavg_strategy": message_bytes(fedavg_update).bytes,
+        # the full model is never a message: its size comes from the shapes
+        "full_model": shapes["full_model"], "full_model_fp32": shapes["full_model_fp32"],
+        "up_by_dtype": up.by_dtype,
+    }
+    return {"scale": "default", "rank": rank, "aggregation": aggregation, "wire": wire,
+            "clients": clients, "counted": counted, "shape_check": shapes}
+
+
+def paper_scale_row(rank: int, aggregation: str, wire: str, clients: int) -> dict[str, Any]:
+    cfg = variant_config("paper", rank, aggregation, wire)
+    model = paper_model(cfg)
+    return {"scale": "paper", "rank": rank, "aggregation": aggregation, "wire": wire,
+            "clients": clients, "counted": shape_counts(model, cfg, clients)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fractions(c: dict[str, Any]) -> dict[str, float]:
+    full = c["full_model"]
+    return {"up": c["up"] / full, "down_now": c["down_now"] / full,
+            "round_now": (c["up"] + c["down_now"]) / full,
+            "round_lowrank": (c["up"] + c["down_lowrank"]) / full,
+            "round_lossless": (c["up"] + c["down_lossless"]) / full,
+            "dense_fedavg_round": 2 * c["dense_fedavg"] / full}
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.3f}" if n < 2**20 else f"{n / 2**20:,.2f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["scale", "LoRA agg", "rank", "wire", "up MiB", "down now MiB",
+              "down low-rank MiB", "down lossless MiB", "dense FedAvg MiB (each way)",
+              "fedavg strategy MiB", "full model MiB", "up % full", "round now % full",
+              "round low-rank % full"]
+    body = []
+    for r in rows:
+        c, f = r["counted"], r["fractions"]
+        body.append([r["scale"], r["aggregation"], r["rank"], r["wire"], mib(c["up"]),
+                     mib(c["down_now"]), mib(c["down_lowrank"]), mib(c["down_lossless"]),
+                     mib(c["dense_fedavg"]), mib(c["fedavg_strategy"]), mib(c["full_model"]),
+                     f"{f['up']:.3%}", f"{f['round_now']:.3%}", f"{f['round_lowrank']:.3%}"])
+    return markdown_table(header, body, "llrl" + "r" * 10)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--aggregations", nargs="+", default=["exact", "fedavg"],
+                        choices=("exact", "fedavg"))
+    parser.add_argument("--wires", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--clients", type=int, default=4,
+                        help="clients of the aggregated round (the lossless download grows "
+                             "with them)")
+    parser.add_argument("--scales", nargs="+", default=["default", "paper"],
+                        choices=("default", "paper"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    machine = machine_info()
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    rows = []
+    for scale in args.scales:
+        for rank in args.ranks:
+            for aggregation in args.aggregations:
+                for wire in args.wires:
+                    row = (default_scale_row(rank, aggregation, wire, args.clients, args.seed)
+                           if scale == "default" else
+                           paper_scale_row(rank, aggregation, wire, args.clients))
+                    row["fractions"] = fractions(row["counted"])
+                    rows.append(row)
+                    print(f"{scale} {aggregation} rank {rank} {wire}: up "
+                          f"{mib(row['counted']['up'])} MiB, down "
+                          f"{mib(row['counted']['down_now'])} MiB", flush=True)
+
+    paper = [r for r in rows if r["scale"] == "paper"]
+    target = None
+    if paper:
+        worst_now = max(r["fractions"]["round_now"] for r in paper)
+        worst_lowrank = max(r["fractions"]["round_lowrank"] for r in paper)
+        worst_up = max(r["fractions"]["up"] for r in paper)
+        target = {"fraction": TARGET_FRACTION, "judged_on": "up + down per client per round, "
+                  "against the full model in the same wire dtype, worst variant",
+                  "worst_up_only": worst_up, "worst_round_now": worst_now,
+                  "worst_round_with_lowrank_down": worst_lowrank,
+                  "met_up_only": worst_up < TARGET_FRACTION,
+                  "met_now": worst_now < TARGET_FRACTION,
+                  "met_with_lowrank_down": worst_lowrank < TARGET_FRACTION}
+    check = []
+    for r in rows:
+        if "shape_check" in r:
+            s, c = r["shape_check"], r["counted"]
+            check.append({"rank": r["rank"], "aggregation": r["aggregation"], "wire": r["wire"],
+                          **{k: {"counted": c[k], "from_shapes": s[k]}
+                             for k in ("up", "down_now", "dense_fedavg", "full_model")}})
+    text = table(rows)
+    print()
+    print(text)
+    if target:
+        print(f"\ntarget: a round under {TARGET_FRACTION:.0%} of the full model at paper scale "
+              f"(worst variant): up alone {target['worst_up_only']:.3%} "
+              f"({'met' if target['met_up_only'] else 'MISSED'}); up + down as sent now "
+              f"{target['worst_round_now']:.3%} ({'met' if target['met_now'] else 'MISSED'}); "
+              f"with a low-rank download {target['worst_round_with_lowrank_down']:.3%} "
+              f"({'met' if target['met_with_lowrank_down'] else 'MISSED'})")
+    record = {"command": command_line("comm.py", argv), "machine": machine,
+              "args": vars(args), "wall_s": time.perf_counter() - started,
+              "target": target, "results": rows, "shape_check": check, "table": text}
+    write_json(args.out, record)
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
