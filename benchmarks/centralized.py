@@ -78,6 +78,7 @@ from fedmrg.eval.evaluator import (  # noqa: E402
 from fedmrg.eval.nlg import compute_nlg_metrics  # noqa: E402
 from fedmrg.fl.client import train_label_counts  # noqa: E402
 from fedmrg.fl.strategies import Centralized  # noqa: E402
+from fedmrg.model.io import save_model  # noqa: E402
 from fedmrg.model.losses import log_prior_from_counts  # noqa: E402
 from fedmrg.model.mrg import MRGModel  # noqa: E402
 from fedmrg.model.params import parameter_group_summary  # noqa: E402
@@ -170,6 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="plain default config (no TUNED_OVERRIDES)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override section.key=value (repeatable)")
+    parser.add_argument("--oracle-prompt", action="store_true",
+                        help="also evaluate with the ground-truth labels as the prompt (how "
+                             "well the decoder follows a correct prompt)")
+    parser.add_argument("--save-model", type=Path, default=None,
+                        help="save the trained model here (fedmrg.model.io format)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
@@ -251,6 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     results["trained, generic"] = evaluate(model, tests, centers, False, gen)
     timings["trained_generic_eval_s"] = time.perf_counter() - t0
+    if args.oracle_prompt:
+        t0 = time.perf_counter()
+        results["trained, generic, oracle prompt"] = evaluate(
+            model, tests, centers, False, {**gen, "oracle_prompt": True})
+        timings["trained_oracle_eval_s"] = time.perf_counter() - t0
+    if args.save_model:
+        save_model(model, args.save_model)
     if cfg.model.specialized_adapter:
         t0 = time.perf_counter()
         results["trained, personalized"] = evaluate(model, tests, centers, True, gen)
