@@ -171,6 +171,25 @@ def process_memory_mib(pid: int | None = None) -> dict[str, float]:
     return out
 
 
+def tree_memory_mib() -> dict[str, float]:
+    """PSS and USS summed over this process and all its descendants (MiB), and their count.
+    For a local Ray cluster started here that is the whole cluster: GCS, raylet (object store
+    pages included in PSS), actors and Ray Data workers. Processes that vanish are skipped."""
+    import psutil
+
+    pss = uss = 0.0
+    count = 0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            mem = process_memory_mib(proc.pid)
+        except OSError:
+            continue
+        pss += mem.get("pss", 0.0)
+        uss += mem.get("uss", 0.0)
+        count += 1
+    return {"pss": pss, "uss": uss, "processes": count}
+
+
 def _actor_probe(instance: Any) -> dict[str, Any]:
     import torch
 
@@ -235,6 +254,8 @@ COORDINATOR_PARTS = (
     ("pool", "result", "replies (ray.get)"),
     ("module", "validate_update", "validate_update"),
     ("module", "from_wire", "from_wire"),
+    ("module", "bound_update_norm", "update norm bound"),
+    ("pool", "rejoined", "restart probes"),
     ("strategy", "aggregate_round", "aggregate"),
 )
 
@@ -254,6 +275,8 @@ def coordinator_timers(coordinator: Any) -> Iterator[Timers]:
     try:
         for owner_name, attr, label in COORDINATOR_PARTS:
             owner = owners[owner_name]
+            if not hasattr(owner, attr):  # e.g. a pool without restart probes
+                continue
             own = attr in vars(owner) if owner_name != "module" else True
             old = getattr(owner, attr)
             patched.append((owner, attr, own, vars(owner).get(attr) if own else None))
@@ -265,6 +288,22 @@ def coordinator_timers(coordinator: Any) -> Iterator[Timers]:
                 setattr(owner, attr, old)
             else:
                 delattr(owner, attr)  # the class attribute shows again
+
+
+@contextlib.contextmanager
+def local_ray(resources: Any) -> Iterator[dict[str, float]]:
+    """Ray as the product connects to it (`fedmrg.ray_cluster.connect`: RAY_ADDRESS or a
+    local cluster with more logical CPUs than cores); shut down on exit if started here."""
+    import ray
+
+    from fedmrg.ray_cluster import connect
+
+    started = not ray.is_initialized()
+    try:
+        yield connect(resources)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def coordinator_split(round_time_s: float, timers: Timers) -> dict[str, float]:

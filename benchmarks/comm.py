@@ -1,7 +1,8 @@
 """Bytes per client per round, up and down: fedmrg against dense FedAvg and the full model.
 
 Usage: ``python benchmarks/comm.py [--ranks 4 8 16] [--aggregations exact fedavg]
-[--wires fp32 bf16] [--clients 4] [--seed 0] [--out benchmarks/results/comm.json]``
+[--wires fp32 bf16] [--clients 4] [--scales default paper] [--seed 0]
+[--set section.key=value ...] [--out benchmarks/results/comm.json]``
 
 Two scales:
 
@@ -76,8 +77,9 @@ NUM_OBSERVATIONS, NUM_STATES = 14, 4
 
 
 def variant_config(base: str, rank: int, aggregation: str, wire: str,
-                   strategy: str = "fedmrg") -> ExperimentConfig:
-    return load_config(base, [f"model.lora_rank={rank}", f"federation.dense_update_rank={rank}",
+                   strategy: str = "fedmrg", overrides: list[str] = ()) -> ExperimentConfig:
+    return load_config(base, [*overrides, f"model.lora_rank={rank}",
+                              f"federation.dense_update_rank={rank}",
                               f"federation.aggregation={aggregation}",
                               f"federation.wire_dtype={wire}",
                               f"federation.strategy={strategy}"])
@@ -181,10 +183,11 @@ def aggregated_down(plan: RoundPlan, before: dict[str, torch.Tensor],
             to_wire(dataclasses.replace(plan, global_state=lossless), wire))
 
 
-def default_scale_row(rank: int, aggregation: str, wire: str, clients: int, seed: int
-                      ) -> dict[str, Any]:
+def default_scale_row(rank: int, aggregation: str, wire: str, clients: int, seed: int,
+                      overrides: list[str] = ()) -> dict[str, Any]:
     """One variant at default scale: the messages counted, and the shape formula beside."""
-    cfg = make_strategy(variant_config("default", rank, aggregation, wire)).cfg
+    cfg = make_strategy(variant_config("default", rank, aggregation, wire,
+                                       overrides=overrides)).cfg
     model = MRGModel.from_config(cfg.model, seed=seed)
     initial = get_shared_state(model)
     centers = [chr(ord("a") + i) for i in range(clients)]
@@ -202,7 +205,8 @@ def default_scale_row(rank: int, aggregation: str, wire: str, clients: int, seed
     down_lowrank, down_lossless = aggregated_down(plan2, before, after, updates, rank, wire)
 
     # the product's fedavg strategy: its own config (rank-0 dense updates, no prototypes)
-    fedavg_cfg = make_strategy(variant_config("default", rank, "fedavg", wire, "fedavg")).cfg
+    fedavg_cfg = make_strategy(variant_config("default", rank, "fedavg", wire, "fedavg",
+                                              overrides)).cfg
     fedavg_update = client_update(fedavg_cfg, centers[0], initial, 1, rng, ErrorFeedback())
 
     up = message_bytes(updates[0])
@@ -272,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scales", nargs="+", default=["default", "paper"],
                         choices=("default", "paper"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override of the default scale, section.key=value")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     machine = machine_info()
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rank in args.ranks:
             for aggregation in args.aggregations:
                 for wire in args.wires:
-                    row = (default_scale_row(rank, aggregation, wire, args.clients, args.seed)
+                    row = (default_scale_row(rank, aggregation, wire, args.clients, args.seed,
+                                             args.overrides)
                            if scale == "default" else
                            paper_scale_row(rank, aggregation, wire, args.clients))
                     row["fractions"] = fractions(row["counted"])
