@@ -1,0 +1,90 @@
+"""The performance benchmarks (benchmarks/comm.py, aggregation.py, overhead.py, scale.py) run
+at their smallest setting and write valid JSON whose numbers hang together. Not timed: the
+benchmarks measure; these tests check that they still run against the current code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_federation_ray import tiny_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import aggregation  # noqa: E402
+import comm  # noqa: E402
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def read(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    assert record["command"].startswith("python benchmarks/")
+    assert record["machine"]["nproc"] >= 1 and record["args"]
+    return record
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """One tiny dataset and base LM for the module (built by the first benchmark)."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_comm_counts_the_round_messages_at_default_scale(tiny):
+    out = tiny / "comm.json"
+    comm.main(["--scales", "default", "--ranks", "4", "--aggregations", "exact", "--wires",
+               "bf16", "--clients", "2", *sets(tiny_overrides(tiny)), "--out", str(out)])
+    (row,) = read(out)["results"]
+    c, shapes = row["counted"], row["shape_check"]
+    assert set(c["up_by_dtype"]) >= {"bfloat16"} and "float32" not in c["up_by_dtype"]
+    # today's download is the whole shared state; the computed low-rank one is smaller
+    assert c["up"] < c["down_now"] and c["down_lowrank"] < c["down_now"]
+    assert c["up"] < c["dense_fedavg"] < c["full_model"]
+    # the shape formula (used at paper scale) counts the tensors the messages carry
+    assert 0 < shapes["up"] <= c["up"] and 0 < shapes["down_now"] <= c["down_now"]
+    assert shapes["full_model"] == c["full_model"] == c["full_model_fp32"] // 2
+
+
+def test_aggregation_smallest_setting_agrees_with_the_dense_route(tmp_path):
+    out = tmp_path / "aggregation.json"
+    aggregation.main(["--sizes", "64", "--clients", "2", "--ranks", "4", "--out", str(out)])
+    record = read(out)
+    (row,) = record["results"]
+    assert row["rel_diff"] < 1e-4 and row["exact_s"] > 0 and row["dense_s"] > 0
+    assert record["target"]["worst_speedup"] is None  # no d = 4096 case was run
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_overhead_one_client_one_rep(ray_cluster, tiny):
+    import overhead
+
+    out = tiny / "overhead.json"
+    overhead.main(["--clients", "1", "--reps", "1", "--plain-threads", "1",
+                   *sets([*tiny_overrides(tiny), "train.local_steps=1"]), "--out", str(out)])
+    (r,) = read(out)["results"]
+    assert r["clients"] == 1 and len(r["runs"]["ray"]) == len(r["runs"]["plain_1"]) == 1
+    ray_run = r["runs"]["ray"][0]
+    assert 0 < ray_run["own_s"] < ray_run["round_s"] and ray_run["fit_s"]["a"] > 0
+    assert r["ratio"] == pytest.approx(r["ray_round_s"] / r["plain_round_s"]["1"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scale_two_actors_and_stub_clients(ray_cluster, tiny):
+    import scale
+
+    out = tiny / "scale.json"
+    scale.main(["--clients", "2", "--stub-clients", "2", "4", "--rounds", "2", "--steps", "1",
+                "--reserve-gib", "0", *sets(tiny_overrides(tiny)), "--out", str(out)])
+    record = read(out)
+    (r,) = record["results"]
+    assert r["clients"] == 2 and len({p["pid"] for p in r["probes"].values()}) == 2
+    assert all(p["rss_peak"] > 0 and p["uss"] > 0 for p in r["probes"].values())
+    assert [s["clients"] for s in record["stub_results"]] == [2, 4]
+    assert all(s["own_s"] > 0 for s in record["stub_results"])
+    assert record["target"]["stub_clients"]["exponent"] is not None
