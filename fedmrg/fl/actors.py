@@ -13,10 +13,13 @@
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
   a round's global state is `ray.put` ONCE and every client gets the same ObjectRef as a
   top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
-  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`; a
-  client whose actor was lost, restarted by Ray and answered again is reported by
-  `rejoined()` (the restarted actor rebuilt its model and stream in `ClientHost.__init__`;
-  every plan carries the full global state, so it rejoins from the current round's state).
+  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`.
+  A client whose actor was lost: Ray restarts it (the new actor rebuilds its model and
+  stream in `ClientHost.__init__`, its private state from its own checkpoint); the pool sends
+  that client's next calls through a small task that waits for the restart (Ray itself
+  fails calls made during a restart when tasks have no retries), and reports it in
+  `rejoined()`. Every plan carries the full global state, so it rejoins from the current
+  round's state.
 - `CoordinatorHost` runs any driver function (the experiment's run loop) inside an actor and
   buffers its progress events, which the driver polls while the run goes on (max_concurrency
   2: `poll` runs beside `run`). Placed on the driver's node, so a local MLflow store and the
@@ -34,6 +37,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorUnavailableError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedmrg.config import ExperimentConfig, ResourcesConfig
@@ -51,6 +60,9 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
 Tensors = dict[str, torch.Tensor]
+# How long a call to a lost client waits for Ray to restart its actor (a restart rebuilds the
+# model: seconds for the tiny CPU model, minutes for a large LM loading onto a GPU).
+RESTART_WAIT_S = 600.0
 
 
 # --------------------------------------------------------------------------- placement
@@ -236,6 +248,8 @@ def _cause(error: BaseException) -> str:
         cause = error.cause
         if cause is not None and not isinstance(cause, RayError):
             return f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, RayError) and cause is not error:  # raised in a task that called
+            return _cause(cause)                                # the actor (_call_when_ready)
     # e.g. an exception in an actor's constructor: its traceback ends the message
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
@@ -248,6 +262,32 @@ def _cause(error: BaseException) -> str:
 # --------------------------------------------------------------------------- the pool
 
 
+def _call_when_ready(actor: ActorHandle, method: str, args: list, wait_s: float,
+                     ) -> tuple[dict[str, Any], Any]:
+    """(actor.ready(), actor.<method>(*args)) once the actor answers: runs as a Ray task for a
+    client whose actor was lost. With `max_task_retries=0` Ray fails every call made while the
+    actor restarts ("unavailable") instead of queuing it, so this polls `ready` (every 0.25 s,
+    at most `wait_s`) and then makes the call. ObjectRefs in `args` arrive unresolved (nested
+    in a list) and are passed on as top-level arguments, resolved in the actor."""
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            info = ray.get(actor.ready.remote())
+            break
+        except ActorUnavailableError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(0.25)
+    return info, ray.get(getattr(actor, method).remote(*args))
+
+
+def _actor_lost(error: RayError) -> bool:
+    """The call failed because its actor died or became unreachable (directly, or inside
+    `_call_when_ready`)."""
+    cause = error.cause if isinstance(error, RayTaskError) else None
+    return isinstance(error, RayActorError) or isinstance(cause, RayActorError)
+
+
 @dataclass(frozen=True)
 class Call:
     """A pending client call: the pool's handle."""
@@ -255,6 +295,7 @@ class Call:
     center: str
     kind: str  # "fit" or "evaluate"
     ref: ray.ObjectRef
+    after_loss: bool = False  # made through `_call_when_ready`: the reply is (ready(), reply)
 
 
 class RayClientPool:
@@ -264,26 +305,32 @@ class RayClientPool:
     exactly what reached the coordinator); `puts` counts the global states put in the object
     store (one per distinct state: once per round).
 
-    Restarts: when a call fails because the actor was lost (`RayActorError`: process killed,
-    node lost, out of memory), the pool queues a `ready()` probe right behind it. Ray restarts
-    the actor (`max_restarts`) and runs the probe before any later call, so when the client
-    next answers, the probe has answered too; `rejoined()` then reports the client if the
-    probe ran in a restarted actor (`ready()["restarted"]`, or a different pid than the last
-    probe saw). A lost actor that is not restarted fails the probe: nothing is reported.
+    Restarts: a call that fails because its actor was lost (`RayActorError`: process killed,
+    node lost, out of memory) marks the client as lost. Ray restarts the actor
+    (`max_restarts`); meanwhile it fails every new call at once (no task retries), so the
+    pool sends a lost client's calls through `_call_when_ready` (a CPU-less task that waits up
+    to `restart_wait_s` for the actor to answer `ready()`, then calls it): a restarting client
+    is waited for like a slow one, within the round's deadline. Its first reply also brings
+    `ready()`: the client is reported by `rejoined()` when that ran in a restarted actor
+    (`ready()["restarted"]`, or a different pid than the last one seen), and is no longer
+    lost. An actor with no restarts left fails the call at once (`ActorDiedError`).
     """
 
-    def __init__(self, actors: Mapping[str, ActorHandle], *, record: bool = False):
+    def __init__(self, actors: Mapping[str, ActorHandle], *, record: bool = False,
+                 restart_wait_s: float = RESTART_WAIT_S):
         if not actors:
             raise ValueError("RayClientPool: no client actors")
         self.actors = dict(actors)
         self.record = record
+        self.restart_wait_s = restart_wait_s
         self.received: list[ClientUpdate | EvalReply] = []
         self.puts = 0
         self._state: Tensors | None = None
         self._state_ref: ray.ObjectRef | None = None
-        self._probes: dict[str, ray.ObjectRef] = {}  # center -> ready() queued after a loss
-        self._answered: set[str] = set()  # probed centers that answered a call since
-        self._pids: dict[str, int] = {}  # center -> pid its last probe answered from
+        self._lost: set[str] = set()  # clients whose actor was lost and has not answered since
+        self._pids: dict[str, int] = {}  # client -> pid of its last ready() seen
+        self._rejoined: list[str] = []
+        self._when_ready = None  # the remote `_call_when_ready`, made on first use
 
     def centers(self) -> list[str]:
         return sorted(self.actors)
@@ -302,17 +349,26 @@ class RayClientPool:
             self.puts += 1
         return self._state_ref
 
+    def _submit(self, center: str, kind: str, method: str, *args: Any) -> Call:
+        actor = self._actor(center)
+        if center not in self._lost:
+            return Call(center, kind, getattr(actor, method).remote(*args))
+        if self._when_ready is None:
+            self._when_ready = ray.remote(num_cpus=0, max_retries=0)(_call_when_ready)
+        ref = self._when_ready.remote(actor, method, list(args), self.restart_wait_s)
+        return Call(center, kind, ref, after_loss=True)
+
     def submit_fit(self, center: str, plan: RoundPlan) -> Call:
         ref = self.state_ref(plan.global_state)
         light = dataclasses.replace(plan, global_state=None)  # the state travels by reference
-        return Call(center, "fit", self._actor(center).fit.remote(light, ref))
+        return self._submit(center, "fit", "fit", light, ref)
 
     def submit_evaluate(self, center: str, split: str, personalized: bool,
                         dataset_center: str | None = None,
                         global_state: Tensors | None = None) -> Call:
         ref = self.state_ref(global_state)
-        return Call(center, "evaluate", self._actor(center).evaluate.remote(
-            split, personalized, dataset_center, ref))
+        return self._submit(center, "evaluate", "evaluate", split, personalized,
+                            dataset_center, ref)
 
     def wait(self, handles: Sequence[Call], num_returns: int, timeout_s: float | None
              ) -> tuple[list[Call], list[Call]]:
@@ -327,37 +383,27 @@ class RayClientPool:
         try:
             reply = ray.get(handle.ref)
         except RayError as e:
-            if isinstance(e, RayActorError) and handle.center not in self._probes:
-                self._probes[handle.center] = self.actors[handle.center].ready.remote()
+            if _actor_lost(e):
+                self._lost.add(handle.center)
             raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}") from None
-        if handle.center in self._probes:
-            self._answered.add(handle.center)
+        if handle.after_loss:
+            info, reply = reply
+            self._note_rejoin(handle.center, info)
         if self.record:
             self.received.append(reply)
         return reply
 
-    def rejoined(self, timeout_s: float = 30.0) -> list[str]:
-        """Clients restarted after a loss that have answered a call since (class docstring);
-        each restart is reported once. Their probe has already run: the wait is a formality,
-        bounded by `timeout_s` (a probe not back by then is asked again next time)."""
-        out = []
-        for center in sorted(self._answered):
-            try:
-                info = ray.get(self._probes[center], timeout=timeout_s)
-            except GetTimeoutError:
-                continue
-            except RayError:  # lost again before the probe ran: a later call will re-probe
-                info = None
-            del self._probes[center]
-            self._answered.discard(center)
-            if info is None:
-                continue
-            previous = self._pids.get(center)
-            self._pids[center] = info["pid"]
-            # a first probe trusts Ray's flag; later ones also catch a second restart
-            restarted = info["restarted"] if previous is None else info["pid"] != previous
-            if restarted:
-                out.append(center)
+    def _note_rejoin(self, center: str, info: Mapping[str, Any]) -> None:
+        self._lost.discard(center)
+        previous = self._pids.get(center)
+        self._pids[center] = info["pid"]
+        # with no pid seen before, Ray's flag; after that a new pid also shows a second restart
+        if (info["restarted"] if previous is None else info["pid"] != previous):
+            self._rejoined.append(center)
+
+    def rejoined(self) -> list[str]:
+        """Clients back from an actor restart since the last call (class docstring)."""
+        out, self._rejoined = sorted(set(self._rejoined)), []
         return out
 
     def call_all(self, method: str, *args: Any, centers: Sequence[str] | None = None,
