@@ -187,23 +187,55 @@ def data_check(config: str, overrides: tuple[str, ...]) -> None:
               help="override a key, e.g. --set federation.rounds=5")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the final table and communication totals as JSON")
-@click.option("--run-name", default=None, help="MLflow run name (default: tracking.run_name, "
-                                               "else <strategy>-<UTC time>)")
-@click.option("--resume", is_flag=True, help="continue the MLflow run of the same name")
+@click.option("--run-name", default=None,
+              help="run name: MLflow run and <tracking.storage_path>/<name> (default: "
+                   "tracking.run_name, else <strategy>-<UTC time>). A name whose run already "
+                   "started here is resumed from its last checkpoint into the same MLflow run; "
+                   "a finished one does nothing")
+@click.option("--resume", "resume", metavar="RUN", is_flag=False, flag_value="", default=None,
+              help="continue run RUN from its last complete round (its newest checkpoint) into "
+                   "the same MLflow run; without --config, with the run's own config.yaml "
+                   "(--set on top, e.g. more federation.rounds); an error if RUN never "
+                   "started. Bare --resume resumes --run-name")
+@click.option("--checkpoint-fallback", is_flag=True,
+              help="when the newest checkpoint is corrupt (checksum, missing file), resume from "
+                   "the newest good one (warned) instead of stopping with an error")
 def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
-            summary_json: Path | None, run_name: str | None, resume: bool) -> None:
+            summary_json: Path | None, run_name: str | None, resume: str | None,
+            checkpoint_fallback: bool) -> None:
     """Run a federated experiment on Ray (RAY_ADDRESS, else a local cluster) and print the
-    final metrics per center and mean, and the communication totals."""
-    from fedmrg.experiment import Experiment, ExperimentError
+    final metrics per center and mean, and the communication totals.
+
+    Resume: every completed round is checkpointed under <tracking.storage_path>/<run name>/;
+    `fedmrg run --resume RUN` (or the same command with the same --run-name, e.g. a
+    resubmitted `ray_jobs/train.py` job) continues from the last checkpoint and ends with the
+    same models as an uninterrupted run."""
+    from fedmrg.experiment import Experiment, ExperimentError, saved_run_config
+    from fedmrg.fl.checkpoint import CheckpointError
     from fedmrg.fl.messages import ClientFailure
 
+    if resume:
+        if run_name and run_name != resume:
+            _fail(f"--resume {resume} and --run-name {run_name} name different runs")
+        run_name = resume
+    elif resume is not None and not run_name:
+        _fail("--resume needs the run's name: --resume RUN (or --run-name RUN --resume)")
     if strategy:
         overrides = (*overrides, f"federation.strategy={strategy}")
     cfg = load_config(config, overrides)
+    source = click.get_current_context().get_parameter_source("config")
+    if resume is not None and source == click.core.ParameterSource.DEFAULT:
+        # no --config: the run's own config.yaml, with this command's --set on top
+        cfg = saved_run_config(cfg.tracking.storage_path, run_name, overrides) or cfg
     try:
-        result = Experiment(cfg, run_name=run_name, resume=resume).fit()
-    except (ClientFailure, ExperimentError) as e:
+        result = Experiment(cfg, run_name=run_name, resume=resume is not None,
+                            checkpoint_fallback=checkpoint_fallback).fit()
+    except (CheckpointError, ClientFailure, ExperimentError) as e:
         _fail(str(e))
+    if result.already_finished:
+        click.echo(f"run {result.run_name} already finished its {len(result.rounds)} rounds; "
+                   f"nothing to do (raise federation.rounds to continue it, or choose another "
+                   f"--run-name). Its results:")
     click.echo(result.table())
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,19 @@
 5. returns a `Result`: final generalization and personalization metrics per center and mean,
    communication totals, the round history, where MLflow and the run's files are.
 
+Resume. After every completed round the coordinator logs the round to MLflow, then writes its
+checkpoint under `<tracking.storage_path>/<run name>/checkpoints/` (`write_round_checkpoint`,
+`fedmrg.fl.checkpoint`); each client writes its own private state under
+`centers/<center>/checkpoints/` where it runs. `fit()` on a run name that already started there
+(`resume=True`, or simply the same name again: a resubmitted job) continues from the newest
+checkpoint: the same MLflow run (rounds and evaluations it already holds are not logged again),
+the coordinator's state restored, each client back at its state of that round, so the final
+models are those of an uninterrupted run. A corrupt newest checkpoint stops with a
+`CheckpointError` naming the file, or with `checkpoint_fallback=True` the newest good one is
+used; a config that changed what a round computes (the fingerprint) stops with the differing
+keys. A run that already finished its `federation.rounds` does nothing and returns its saved
+summary (`Result.already_finished`); more rounds extend it.
+
 Only the coordinator (or this driver, in process) talks to MLflow. Artifacts: the final
 generic adapter in PEFT format (from the global state), each center's specialized adapter
 (written by its client under the run's storage folder, logged to the center's nested run
@@ -36,7 +49,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -137,6 +150,8 @@ class Result:
     global_state_puts: int = 0  # global states put in the object store (once per round)
     global_state: dict | None = None  # final global shared state (tensors)
     messages: list = field(default_factory=list)  # every client reply, when recorded
+    resumed_from: int | None = None  # the checkpoint round this run continued from
+    already_finished: bool = False  # nothing was done: read back from the run's summary.json
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON: everything but the tensors and recorded messages."""
@@ -147,8 +162,18 @@ class Result:
             "wall_s": self.wall_s, "generalization": self.generalization,
             "personalization": self.personalization, "communication": self.communication,
             "rounds": self.rounds, "storage_dir": self.storage_dir, "mlflow": self.mlflow,
-            "placement": self.placement,
+            "placement": self.placement, "resumed_from": self.resumed_from,
         })
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> Result:
+        """A finished run's Result read back from its summary.json (no tensors, no messages:
+        the final generic adapter is in `<run>/generic_adapter`)."""
+        keys = ("run_name", "strategy", "centers", "rounds", "generalization",
+                "personalization", "communication", "storage_dir", "mlflow")
+        return cls(**{k: summary[k] for k in keys}, wall_s=summary.get("wall_s", 0.0),
+                   placement=summary.get("placement", {}),
+                   resumed_from=summary.get("resumed_from"), already_finished=True)
 
     def table(self, keys: Sequence[str] = TABLE_KEYS) -> str:
         """The final table: per center and mean for both views, then communication."""
@@ -225,15 +250,55 @@ def _evaluation_table(reply_or_table: Any) -> dict[str, Any]:
     return {"per_center": dict(reply_or_table.per_center), "mean": dict(reply_or_table.mean)}
 
 
+def round_metrics(row: Mapping[str, Any], center_runs: Collection[str]
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """(parent metrics, {center: metrics}) MLflow gets for one `RoundSummary.to_dict()`."""
+    metrics = {"bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"],
+               "dense_equivalent_up": row["dense_equivalent_up"],
+               "aggregation_time_s": row["aggregation_time_s"],
+               "round_time_s": row["round_time_s"],
+               "participants": len(row["participants"]), "rejected": len(row["rejected"])}
+    per_center: dict[str, dict[str, float]] = {}
+    for key, value in row["metrics"].items():
+        # "<center>/<metric>" are the clients' own numbers; the rest are round-level
+        center, _, name = key.partition("/")
+        if name and center in center_runs:
+            per_center.setdefault(center, {})[name] = value
+        else:
+            metrics[key] = value
+    return metrics, per_center
+
+
+def write_round_checkpoint(run_dir: str | Path, coordinator: Any, cfg: ExperimentConfig,
+                           fingerprint: Mapping[str, Any],
+                           meta: Mapping[str, Any] | None = None) -> Path:
+    """The coordinator's checkpoint of its last finished round, `<run dir>/checkpoints/
+    round-NNNNNN/`: `Coordinator.state_dict()` (round, strategy state: global shared state,
+    server optimizer, prototypes, label counts; sampling RNG; round history) and, in the
+    manifest, per-client bookkeeping and `meta`. Keeps `tracking.checkpoint_keep` rounds."""
+    from fedmrg.fl.checkpoint import client_bookkeeping, run_checkpoint_dir, write_checkpoint
+
+    rows = [s.to_dict() for s in coordinator.history]
+    return write_checkpoint(run_checkpoint_dir(run_dir), coordinator.round_id,
+                            {"coordinator": coordinator.state_dict()},
+                            keep=cfg.tracking.checkpoint_keep, kind="coordinator",
+                            fingerprint=fingerprint,
+                            meta={**(meta or {}), "clients": client_bookkeeping(rows)})
+
+
 def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers: list[str],
                    dataset_root: str, run_name: str, heldout_centers: Sequence[str] = (),
-                   resume: bool = False, record: bool = False,
+                   resume: bool = False, resume_from: str | None = None, record: bool = False,
                    emit: Callable[[dict], None] = lambda event: None) -> dict[str, Any]:
     """The coordinator's side of a run over started client actors: strategy, `Coordinator`,
-    MLflow, end-of-run artifacts. `centers` are the participating centers (evaluated, their
-    mean reported), `heldout_centers` are evaluated for generalization only. Runs in the
+    MLflow, checkpoints, end-of-run artifacts. `centers` are the participating centers
+    (evaluated, their mean reported), `heldout_centers` are evaluated for generalization only.
+    `resume` reattaches the MLflow run of that name; `resume_from` is the coordinator
+    checkpoint folder to continue from (verified again here). After every round: its metrics
+    go to MLflow, then its checkpoint is written (`write_round_checkpoint`). Runs in the
     coordinator actor or in the driver; returns a picklable outcome (see `Experiment.fit`)."""
     from fedmrg.fl.actors import RayClientPool, write_folder
+    from fedmrg.fl.checkpoint import load_checkpoint, run_fingerprint
     from fedmrg.fl.coordinator import Coordinator
     from fedmrg.fl.strategies import make_strategy
     from fedmrg.tracking import RunTracker
@@ -248,26 +313,20 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tracked = sorted(set(pool.centers()) | set(centers))
-    tracker = RunTracker.start(cfg, tracked, dataset_root, run_name=run_name, resume=resume)
-    emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
-          "rounds": cfg.federation.rounds, "clients": pool.centers()})
+    fingerprint = run_fingerprint(cfg, dataset_root)
+    checkpoint_state = None
+    if resume_from is not None:
+        checkpoint_state, _ = load_checkpoint(resume_from, fingerprint)
+    tracker = RunTracker.start(cfg, tracked, dataset_root, run_name=run_name,
+                               resume=resume or resume_from is not None)
 
     def on_round(summary) -> None:
         row = summary.to_dict()
-        metrics = {"bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"],
-                   "dense_equivalent_up": row["dense_equivalent_up"],
-                   "aggregation_time_s": row["aggregation_time_s"],
-                   "round_time_s": row["round_time_s"],
-                   "participants": len(row["participants"]), "rejected": len(row["rejected"])}
-        per_center: dict[str, dict[str, float]] = {}
-        for key, value in row["metrics"].items():
-            # "<center>/<metric>" are the clients' own numbers; the rest are round-level
-            center, _, name = key.partition("/")
-            if name and center in tracker.center_run_ids:
-                per_center.setdefault(center, {})[name] = value
-            else:
-                metrics[key] = value
-        tracker.log_round(row["round_id"], metrics, per_center)
+        # MLflow first, then the checkpoint: a crash between the two re-runs the round on
+        # resume, and the tracker skips its already logged metrics (never logged twice).
+        tracker.log_round(row["round_id"], *round_metrics(row, tracker.center_run_ids))
+        write_round_checkpoint(run_dir, coordinator, cfg, fingerprint,
+                               meta={"run_name": run_name, "mlflow_run_id": tracker.run_id})
         emit({"type": "round", "summary": row})
 
     def on_evaluation(view: str, per_center: Mapping[str, Mapping[str, float]],
@@ -282,6 +341,21 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
                                   rng=np.random.default_rng(cfg.seed), on_round=on_round,
                                   on_evaluation=on_evaluation, eval_centers=centers,
                                   heldout_centers=heldout_centers)
+        resumed_from = None
+        if checkpoint_state is not None:
+            coordinator.load_state_dict(checkpoint_state["coordinator"])
+            resumed_from = coordinator.round_id
+            tracker.tag({"fedmrg.resumed_from_round": str(resumed_from),
+                         "fedmrg.resumed_from_checkpoint": str(resume_from)})
+            # rounds the checkpoint holds but this MLflow run lacks (another tracking store)
+            last = tracker.last_logged_round()
+            for row in (s.to_dict() for s in coordinator.history):
+                if last is None or row["round_id"] > last:
+                    tracker.log_round(row["round_id"], *round_metrics(row,
+                                                                      tracker.center_run_ids))
+        emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
+              "rounds": cfg.federation.rounds, "clients": pool.centers(),
+              "resumed_from": resumed_from})
         federated = coordinator.run()
         global_state = federated.global_state
         # every client's final model (global state + its private state), for `evaluate_run`
@@ -318,6 +392,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             "global_state": global_state,
             "messages": list(pool.received),
             "global_state_puts": pool.puts,
+            "resumed_from": resumed_from,
         }
         tracker.log_plots()
         summary = {k: v for k, v in outcome.items()
@@ -430,20 +505,24 @@ class Experiment:
     """
 
     def __init__(self, cfg: ExperimentConfig, *, run_name: str | None = None,
-                 resume: bool = False, in_process: bool = False, record_messages: bool = False,
+                 resume: bool = False, checkpoint_fallback: bool = False,
+                 in_process: bool = False, record_messages: bool = False,
                  progress: bool = True, out: TextIO | None = None):
         self.cfg = cfg
         self.run_name = run_name
         self.resume = resume
+        self.checkpoint_fallback = checkpoint_fallback
         self.in_process = in_process
         self.record_messages = record_messages
         self.progress = progress
         self.out = out
 
     def fit(self) -> Result:
+        """Run the experiment, or continue it (module docstring, "Resume")."""
         from fedmrg.data.prepare import ensure_dataset, participating_centers
         from fedmrg.data.shards import read_manifest
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
+        from fedmrg.fl.checkpoint import run_fingerprint
         from fedmrg.fl.strategies import make_strategy
         from fedmrg.ray_cluster import connect
         from fedmrg.tracking import default_run_name
@@ -451,17 +530,33 @@ class Experiment:
         start = time.perf_counter()
         cfg = resolve_paths(self.cfg)
         cfg = make_strategy(cfg).cfg  # with the switches the strategy's definition implies
+        run_name = self.run_name or cfg.tracking.run_name or default_run_name(
+            cfg.federation.strategy)
+        # the clients find their own checkpoint folder through the run's name
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking,
+                                                                    run_name=run_name))
+        run_dir = Path(cfg.tracking.storage_path) / run_name
+        started = (run_dir / RUN_CONFIG).is_file()
+        if self.resume and not started:
+            raise ExperimentError(f"nothing to resume: no run {run_name!r} at {run_dir} (no "
+                                  f"{RUN_CONFIG}; tracking.storage_path/<run name>)")
+        finished = finished_summary(run_dir, cfg.federation.rounds)
+        if finished is not None:
+            log.warning("run %r already finished its %d rounds (%s); nothing to do", run_name,
+                        cfg.federation.rounds, run_dir / RUN_SUMMARY)
+            return Result.from_summary(finished)
         connect(cfg.resources)
         root = ensure_dataset(cfg.data)
         manifest = read_manifest(root)
         centers = participating_centers(cfg.data, manifest)
         heldout = [c for c in sorted(manifest["centers"]) if c not in centers]
+        checkpoint = resume_checkpoint(run_dir, run_fingerprint(cfg, root),
+                                       rounds=cfg.federation.rounds,
+                                       fallback=self.checkpoint_fallback)
         if cfg.model.lm.startswith("builtin:"):
             from fedmrg.model.base_lm import builtin_build_info
 
             builtin_build_info(cfg.model)  # build once here; every actor reads the cache
-        run_name = self.run_name or cfg.tracking.run_name or default_run_name(
-            cfg.federation.strategy)
         layout = client_layout(cfg.federation.strategy, centers)
         progress = _Progress(cfg.federation.rounds, self.progress, self.out)
         actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
@@ -469,7 +564,8 @@ class Experiment:
         try:
             run_fn = functools.partial(
                 run_federation, cfg, actors, centers=centers, dataset_root=str(root),
-                run_name=run_name, heldout_centers=heldout, resume=self.resume,
+                run_name=run_name, heldout_centers=heldout, resume=self.resume or started,
+                resume_from=str(checkpoint.path) if checkpoint else None,
                 record=self.record_messages)
             if self.in_process:
                 outcome = run_fn(emit=progress.on_event)
@@ -486,7 +582,61 @@ class Experiment:
             communication=outcome["communication"], wall_s=time.perf_counter() - start,
             storage_dir=outcome["storage_dir"], mlflow=outcome["mlflow"],
             placement=placement, global_state_puts=outcome["global_state_puts"],
-            global_state=outcome["global_state"], messages=outcome["messages"])
+            global_state=outcome["global_state"], messages=outcome["messages"],
+            resumed_from=outcome["resumed_from"])
+
+
+def saved_run_config(storage_path: str | Path, run_name: str, overrides: Sequence[str] = ()
+                     ) -> ExperimentConfig | None:
+    """The config a run used (`<storage>/<run>/config.yaml`) with `overrides` on top (e.g.
+    `federation.rounds=20` to extend it), or None when the run never started there."""
+    from fedmrg.config import load_config
+
+    path = Path(storage_path).expanduser() / run_name / RUN_CONFIG
+    return load_config(str(path), overrides) if path.is_file() else None
+
+
+def finished_summary(run_dir: str | Path, rounds: int) -> dict[str, Any] | None:
+    """The summary of a run that finished at least `rounds` rounds, else None (not started,
+    interrupted, or asked now for more rounds than it ran: then it continues)."""
+    path = Path(run_dir) / RUN_SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        done = max((r["round_id"] for r in summary["rounds"]), default=0)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentError(f"{path}: unreadable summary of a finished run ({e})") from None
+    return summary if done >= rounds else None
+
+
+def resume_checkpoint(run_dir: str | Path, fingerprint: Mapping[str, Any], *, rounds: int,
+                      fallback: bool = False) -> Any:
+    """The coordinator checkpoint a run continues from (`fedmrg.fl.checkpoint.Checkpoint`),
+    None when it has none (a new run, or one that crashed in its first round). A corrupt or
+    incompatible newest checkpoint is a `CheckpointError` naming the file, with what to do;
+    `fallback=True` uses the newest good one instead (warned)."""
+    from fedmrg.fl.checkpoint import CheckpointError, latest_checkpoint, run_checkpoint_dir
+
+    run_dir = Path(run_dir)
+    try:
+        found = latest_checkpoint(run_checkpoint_dir(run_dir), fingerprint=fingerprint,
+                                  fallback=fallback)
+    except CheckpointError as e:
+        if e.reason.startswith("incompatible"):
+            hint = (f"resume with the run's own config ({run_dir / RUN_CONFIG}) or start "
+                    f"another run name")
+        elif not fallback:
+            hint = ("--checkpoint-fallback (Experiment(checkpoint_fallback=True)) resumes from "
+                    "the newest good checkpoint instead")
+        else:
+            hint = "start another run name"
+        raise CheckpointError(e.path, f"{e.reason}; {hint}") from None
+    if found is not None and found.round_id > rounds:
+        raise ExperimentError(f"{found.path}: the run's checkpoint is at round {found.round_id}, "
+                              f"beyond federation.rounds={rounds}; resume with at least "
+                              f"{found.round_id} rounds")
+    return found
 
 
 class _Progress:
@@ -504,11 +654,15 @@ class _Progress:
 
         kind = event.get("type")
         if kind == "start":
-            self.bar = tqdm(total=event["rounds"], desc=f"{event['run_name']}", unit="round",
-                            file=sys.stderr, dynamic_ncols=True, leave=False,
+            done = event.get("resumed_from") or 0
+            self.bar = tqdm(total=event["rounds"], initial=done, desc=f"{event['run_name']}",
+                            unit="round", file=sys.stderr, dynamic_ncols=True, leave=False,
                             disable=None)  # a bar on a terminal only; the lines always
             tqdm.write(f"run {event['run_name']}: clients {', '.join(event['clients'])}",
                        file=self.out)
+            if event.get("resumed_from") is not None:
+                tqdm.write(f"resumed from the round-{done} checkpoint: rounds {done + 1}.."
+                           f"{self.rounds} to go", file=self.out)
         elif kind == "round":
             tqdm.write(round_line(event["summary"], self.rounds), file=self.out)
             if self.bar is not None:

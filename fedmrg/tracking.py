@@ -18,6 +18,13 @@ A relative `artifact_location` is a folder next to a local store (sqlite); with 
 (http/https) a relative folder would be the driver's disk, which the server cannot see, so the
 server's own artifact root is used instead (e.g. `--serve-artifacts`). An absolute path or any
 URI is used as given.
+
+Resume (`RunTracker.start(..., resume=True)`): the newest active parent run of that name and its
+nested runs are reattached and their metric history reloaded. A round at or below the last
+logged one, and an evaluation view already logged at its step, are skipped with a warning
+(MLflow cannot overwrite a metric at a step: it would hold two values there), so a run resumed
+from a checkpoint older than its last logged round never logs a metric twice; the re-run's
+values equal the skipped ones (deterministic resume) except wall-clock times.
 """
 
 from __future__ import annotations
@@ -335,6 +342,7 @@ class RunTracker:
             c: {} for c in self.center_run_ids}
         self.nonfinite_skipped = 0  # NaN/inf metric values not logged (each one warned)
         self.rounds_skipped = 0  # rounds at or below last_logged_round(), not logged twice
+        self.evaluations_skipped = 0  # evaluations already logged at their step, not twice
         self._last_round: int | None = None
         self._finished = False
         self._lock = threading.Lock()
@@ -513,13 +521,22 @@ class RunTracker:
                        mean: Mapping[str, Any]) -> None:
         """Evaluation metrics named `<view>/<metric>`: the mean on the parent, each center's on
         its nested run; the parent also keeps `<view>/<center>/<metric>` for every center, so a
-        held-out center (no nested run) is recorded too and the parent holds the whole table."""
+        held-out center (no nested run) is recorded too and the parent holds the whole table.
+        A view already logged at `step` (a resumed run repeating an evaluation it logged before
+        a crash) is skipped with a warning, so no evaluation metric is logged twice."""
         if view not in VIEWS:
             raise TrackingError(f"evaluation view {view!r} is not one of {list(VIEWS)}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrackingError(f"evaluation step must be an integer >= 0, got {step!r}")
         with self._lock:
             self._check_open()
+            if self.has_evaluation(view, step):
+                # a resumed run re-running an evaluation logged before the crash: MLflow cannot
+                # overwrite a (metric, step), a second entry would duplicate it
+                self.evaluations_skipped += 1
+                log.warning("%s evaluation at step %d not logged: run %r already has it", view,
+                            step, self.run_name)
+                return
             where = f"{view} evaluation at step {step}"
             parent = {f"{view}/{k}": v for k, v in self._finite(mean, f"{where}, mean").items()}
             batches: dict[str, dict[str, float]] = {}
@@ -532,6 +549,19 @@ class RunTracker:
                                                             for k, v in values.items()}
             batches[self.run_id] = parent
             self._log_metrics(batches, step)
+
+    def has_evaluation(self, view: str, step: int) -> bool:
+        """Whether this run already holds `view`'s evaluation at `step` (parent metrics)."""
+        prefix = f"{view}/"
+        return any(s == step for key, points in self.history.items() if key.startswith(prefix)
+                   for s, _ in points)
+
+    def tag(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the parent run (e.g. where a resumed run continued from)."""
+        with self._lock:
+            self._check_open()
+            _set_tags(self.client, self.run_id, {k: str(v)[:MAX_TAG_CHARS]
+                                                 for k, v in tags.items()})
 
     def _finite(self, metrics: Mapping[str, Any], where: str) -> dict[str, float]:
         if not isinstance(metrics, Mapping):
@@ -655,7 +685,8 @@ class RunTracker:
                 return
             _set_tags(self.client, self.run_id, {
                 "fedmrg.nonfinite_metrics_skipped": str(self.nonfinite_skipped),
-                "fedmrg.rounds_skipped": str(self.rounds_skipped)})
+                "fedmrg.rounds_skipped": str(self.rounds_skipped),
+                "fedmrg.evaluations_skipped": str(self.evaluations_skipped)})
             for run_id in self.center_run_ids.values():
                 self.client.set_terminated(run_id, status=status)
             self.client.set_terminated(self.run_id, status=status)

@@ -5,6 +5,13 @@
 
 Under `ray job submit` the driver is already pointed at the cluster (RAY_ADDRESS), so the
 run's client actors and coordinator land on the cluster's nodes.
+
+Resubmitting the job with the same `--run-name` (and the same config) resumes it: the run
+continues from its last checkpoint under `<tracking.storage_path>/<run name>/` into the same
+MLflow run; a finished run does nothing. `--resume RUN` says so explicitly (an error when RUN
+never started); `--checkpoint-fallback` resumes from the newest good checkpoint when the newest
+one is corrupt. Give an absolute `tracking.storage_path` on shared storage: the job's working
+directory is a fresh temporary copy on every submission.
 """
 
 import sys

@@ -386,6 +386,7 @@ def test_resume_reattaches_without_duplicates(store, dataset_root):
     for r in range(3):
         first.log_round(r, {"loss/total": 1.0 / (r + 1), "bytes_up": 10.0},
                         {"a": {"loss": 1.0}, "b": {"loss": 2.0}})
+    first.log_evaluation(2, "generalization", {"a": {"bleu4": 0.1}}, {"bleu4": 0.1})
     first.finish("FAILED")
 
     resumed = start(store, dataset_root, centers=("a", "b", "c"), resume=True,
@@ -409,11 +410,21 @@ def test_resume_reattaches_without_duplicates(store, dataset_root):
     resumed.log_round(2, {"loss/total": 9.0})  # already logged before the crash: skipped
     resumed.log_round(3, {"loss/total": 0.25, "bytes_up": 10.0}, {"c": {"loss": 3.0}})
     assert resumed.rounds_skipped == 1
+    # an evaluation repeated at a step the run already holds is skipped; another view is not
+    resumed.log_evaluation(2, "generalization", {"a": {"bleu4": 0.9}}, {"bleu4": 0.9})
+    resumed.log_evaluation(2, "personalization", {"a": {"bleu4": 0.2}}, {"bleu4": 0.2})
+    assert resumed.evaluations_skipped == 1
+    assert history(client, resumed.run_id, "generalization/bleu4") == [(2, 0.1)]
+    assert history(client, resumed.center_run_ids["a"], "generalization/bleu4") == [(2, 0.1)]
+    assert history(client, resumed.run_id, "personalization/a/bleu4") == [(2, 0.2)]
     assert [s for s, _ in history(client, resumed.run_id, "round")] == [0, 1, 2, 3]
     assert history(client, resumed.run_id, "loss/total")[-2:] == [(2, 1 / 3), (3, 0.25)]
     assert history(client, resumed.run_id, "bytes_up_cumulative")[-1] == (3, 40.0)
+    resumed.tag({"fedmrg.resumed_from_round": 2})
     resumed.finish()
     assert parent.info.run_id == resumed.run_id
+    tags = client.get_run(resumed.run_id).data.tags
+    assert tags["fedmrg.resumed_from_round"] == "2" and tags["fedmrg.evaluations_skipped"] == "1"
     assert client.get_run(resumed.center_run_ids["c"]).info.status == "FINISHED"
 
     # resume with no such run starts one; without resume a same-named run is a new one

@@ -26,6 +26,20 @@ One round (`fit`):
    label-state counts of the train split. Private tensors are never read into a message.
 A plan without a global state (`local`) trains the client's own model and sends no tensors.
 
+Own checkpoints (`fedmrg.fl.checkpoint`): with a checkpoint folder (`checkpoint_dir`, by default
+`<tracking.storage_path>/<tracking.run_name>/centers/<center>/checkpoints` when the config names
+its run) the client writes its `state_dict()` after every fit, where it runs, never sent:
+private adapter and head, optimizer state, teacher-forcing generator (with the trainer's step,
+which seeds every step's dropout and augmentation draws), error-feedback residuals and stream
+position; the shared tensors only under `local`, where they are the client's own model
+(otherwise they are the server's: its checkpoint holds them). Atomic, `tracking.checkpoint_keep`
++ 1 rounds kept (one more than the coordinator: a crash may leave a client one round ahead).
+It restores the newest one when built, so an actor restarted by Ray rejoins with its private
+state. The coordinator says which round it continues from through the plan's round id: a plan
+for a round at or below the round of the client's state (a resume from an earlier checkpoint
+than this client's newest, written before the crash) makes the client go back to its newest
+checkpoint before that round, or to the state as built when it had not trained before.
+
 Evaluation on another center's data (generalization on the held-out center): the client asked
 to evaluate builds that center's test stream itself, lazily (`dataset_center`). In simulation
 the coordinator asks a participating client (the first by id); in a deployment the held-out
@@ -42,6 +56,7 @@ import dataclasses
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +69,15 @@ from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest
 from fedmrg.data.stream import CenterStream
 from fedmrg.eval.evaluator import evaluate_model
+from fedmrg.fl.checkpoint import (
+    CheckpointError,
+    client_checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    run_fingerprint,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from fedmrg.fl.lowrank import ErrorFeedback, is_lora_factor, lora_matrices, lora_pairs
 from fedmrg.fl.messages import STACKED, ClientUpdate, EvalReply, RoundPlan
 from fedmrg.fl.wire import from_wire, to_wire
@@ -111,7 +135,8 @@ class FederatedClient:
     def __init__(self, cfg: ExperimentConfig, center: str, *, dataset_root: str | None = None,
                  centers_for_data: list[str] | None = None, seed: int = 0,
                  generation: Mapping[str, Any] | None = None,
-                 eval_samples: int | None = None):
+                 eval_samples: int | None = None,
+                 checkpoint_dir: str | Path | None = None):
         self.cfg, self.center, self.seed = cfg, center, seed
         self.root = str(dataset_root or cfg.data.root)
         self.data_centers = list(centers_for_data) if centers_for_data else [center]
@@ -136,6 +161,17 @@ class FederatedClient:
         self._base_weights: dict[str, Tensor] = {}  # module -> original base weight (stack)
         self.epoch, self.batch_in_epoch = 0, 0  # stream position, continues across rounds
         self._batches = self._batch_iterator()
+
+        # Own checkpoints (module docstring): restored at once, so an actor restarted by Ray
+        # or rebuilt on resume comes back with its private state.
+        self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
+                               else default_checkpoint_dir(cfg, center))
+        self.state_round: int | None = None  # the round the state ends with (None: as built)
+        self._initial_state: dict[str, Any] | None = None
+        if self.checkpoint_dir is not None:
+            self._fingerprint = run_fingerprint(cfg, self.root)
+            self._initial_state = self.state_dict()  # to go back before the first checkpoint
+            self.restore_latest_checkpoint()
 
     # ----------------------------------------------------------------- data
 
@@ -224,12 +260,56 @@ class FederatedClient:
             raise ClientError(f"client {self.center!r}: checkpoint of center "
                               f"{state.get('center')!r}")
         load_private_state(self.model, state["private"])
-        load_shared_state(self.model, state["shared"])
+        if "shared" in state:  # absent from a federated client's own checkpoint
+            load_shared_state(self.model, state["shared"])
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self._batches.close()
         self._batches = self._batch_iterator()
+
+    def restore_latest_checkpoint(self, max_round: int | None = None) -> int | None:
+        """Load this client's newest valid own checkpoint (at or below `max_round` when
+        given) and return its round; None when there is none, the state then being the one
+        as built. A corrupt or incompatible newest checkpoint raises `CheckpointError` (the
+        state as of that round cannot be had from an older one); so does a `max_round`
+        older than every kept checkpoint when the client had trained before them (pruned:
+        `tracking.checkpoint_keep` too small for the round resumed from)."""
+        if self.checkpoint_dir is None:
+            return None
+        found = latest_checkpoint(self.checkpoint_dir, fingerprint=self._fingerprint,
+                                  max_round=max_round)
+        if found is not None:
+            self.load_state_dict(found.load(self._fingerprint))
+            self.state_round = found.round_id
+            return found.round_id
+        kept = list_checkpoints(self.checkpoint_dir)
+        if kept and max_round is not None and max_round > 0:
+            oldest = verify_checkpoint(kept[0][1], self._fingerprint)
+            previous = oldest.get("meta", {}).get("previous_round")
+            if previous is not None:
+                raise CheckpointError(self.checkpoint_dir, (
+                    f"client {self.center!r}: no checkpoint at or before round {max_round}; "
+                    f"kept rounds {[r for r, _ in kept]}, the oldest continues round "
+                    f"{previous} (raise tracking.checkpoint_keep)"))
+        if self.state_round is not None:
+            self.load_state_dict(self._initial_state)
+            self.state_round = None
+        return None
+
+    def _write_checkpoint(self, round_id: int, previous_round: int | None) -> None:
+        """This round's own state, kept where the client runs (never sent): the coordinator's
+        `checkpoint_keep` rounds plus one, the round a crash may leave this client ahead."""
+        state = self.state_dict()
+        if self.cfg.federation.strategy != "local":
+            # The shared tensors are the server's (its checkpoint holds them; every plan and
+            # export loads them): kept out, so a client rebuilt from its checkpoint still shows
+            # the model as built to a coordinator that starts afresh.
+            del state["shared"]
+        write_checkpoint(self.checkpoint_dir, round_id, state,
+                         keep=self.cfg.tracking.checkpoint_keep + 1, kind="client",
+                         fingerprint=self._fingerprint,
+                         meta={"center": self.center, "previous_round": previous_round})
 
     def close(self) -> None:
         """End the train stream's pass in progress (a suspended Ray Data iterator); call before
@@ -243,6 +323,11 @@ class FederatedClient:
     def fit(self, plan: RoundPlan) -> ClientUpdate:
         start_time = time.perf_counter()
         plan = from_wire(plan)
+        if (self.checkpoint_dir is not None and self.state_round is not None
+                and plan.round_id <= self.state_round):
+            # the coordinator resumed from before this client's state: go back to its round
+            self.restore_latest_checkpoint(max_round=plan.round_id - 1)
+        previous_round = self.state_round
         federated = plan.global_state is not None
         if federated:
             self.load_global_state(plan.global_state)
@@ -283,6 +368,9 @@ class FederatedClient:
                               num_samples=self.num_samples, lora=lora, dense=dense,
                               prototypes=prototypes, prototype_counts=counts,
                               label_counts=label_counts, metrics=metrics)
+        self.state_round = plan.round_id
+        if self.checkpoint_dir is not None:
+            self._write_checkpoint(plan.round_id, previous_round)
         return to_wire(update, self.cfg.federation.wire_dtype)
 
     def _log_prior(self, plan: RoundPlan) -> Tensor | None:
@@ -315,6 +403,14 @@ class FederatedClient:
         metrics = {**result.metrics, "eval_s": result.wall_s}
         return EvalReply(center=target, view=PERSONALIZATION if personalized else GENERALIZATION,
                          metrics=metrics, samples=result.samples)
+
+
+def default_checkpoint_dir(cfg: ExperimentConfig, center: str) -> Path | None:
+    """`<tracking.storage_path>/<tracking.run_name>/centers/<center>/checkpoints` when the
+    config names its run (`Experiment` sets `tracking.run_name`), else None: no checkpoints."""
+    if not cfg.tracking.run_name:
+        return None
+    return client_checkpoint_dir(Path(cfg.tracking.storage_path) / cfg.tracking.run_name, center)
 
 
 def _device(name: str) -> torch.device:
