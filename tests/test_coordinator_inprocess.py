@@ -10,6 +10,7 @@ and both evaluation views come back per center and as a mean.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -452,7 +453,7 @@ def test_a_failed_round_names_every_attempt_and_leaves_the_coordinator_untouched
     coordinator = fake_coordinator(clients, rounds=3, fraction=0.5, min_clients=2,
                                    round_retries=1)
     coordinator.step()
-    before = coordinator.state_dict()
+    before = copy.deepcopy(coordinator.state_dict())  # the strategy's dict is live
     clients["b"].fault = clients["c"].fault = "crash"
     clients["a"].fault = "nan"
     with pytest.raises(RoundFailedError) as info:
