@@ -1,0 +1,104 @@
+"""The low-rank downlink (`fedmrg.fl.broadcast`): what it sends, and that clients stay in sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmrg.fl.broadcast import BroadcastError, StateBroadcast, StateDelta, apply_delta
+from fedmrg.fl.lowrank import LowRankUpdate
+from fedmrg.fl.wire import message_bytes
+
+LORA_A = "decoder.layers.0.q_proj.lora_A.generic.weight"
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "projector.weight": torch.randn(64, 48, generator=g),  # factorizes at rank 4
+        "projector.bias": torch.randn(64, generator=g),  # 1-D: sent as it is
+        "encoder.conv.weight": torch.randn(16, 8, 3, 3, generator=g),  # conv: (16, 72) matrix
+        LORA_A: torch.randn(4, 48, generator=g),  # LoRA factor: sent as it is
+        "encoder.bn.num_batches_tracked": torch.tensor(3),
+    }
+
+
+def low_rank_change(s: dict, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = dict(s)
+    out["projector.weight"] = s["projector.weight"] + (
+        torch.randn(64, rank, generator=g) @ torch.randn(rank, 48, generator=g))
+    out["projector.bias"] = s["projector.bias"] + 1.0
+    out[LORA_A] = torch.randn(4, 48, generator=g)
+    return out
+
+
+def test_a_change_within_the_rank_arrives_exactly_and_costs_less_than_the_state():
+    s0 = state()
+    b = StateBroadcast(s0, rank=4)
+    s1 = low_rank_change(s0, rank=3, seed=1)
+    delta = b.advance(s1)
+    assert (delta.base_version, delta.version, b.version) == (0, 1, 1)
+    assert set(delta.add) == {"projector.weight"}
+    assert isinstance(delta.add["projector.weight"], LowRankUpdate)
+    assert set(delta.replace) == {"projector.bias", LORA_A}  # unchanged tensors are not sent
+    client = apply_delta(s0, delta)
+    for name in s1:
+        torch.testing.assert_close(client[name], s1[name], atol=1e-4, rtol=1e-4)
+        assert torch.equal(client[name], b.full_state()[name]), name  # server knows B exactly
+    assert message_bytes(delta).bytes < 0.5 * message_bytes(s1).bytes
+
+
+def test_what_a_round_cannot_send_is_sent_later_error_feedback():
+    """B tracks S: with a fixed target, the distance shrinks round after round."""
+    s0 = state()
+    b = StateBroadcast(s0, rank=2)
+    target = low_rank_change(s0, rank=12, seed=2)  # more than one round's rank
+    client = dict(s0)
+    gaps = []
+    for _ in range(8):
+        client = apply_delta(client, b.advance(target))
+        gaps.append(float((client["projector.weight"] - target["projector.weight"]).norm()))
+        assert torch.equal(client["projector.weight"], b.full_state()["projector.weight"])
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] < 1e-3 * gaps[0]
+
+
+def test_bf16_wire_keeps_server_and_client_identical():
+    s0 = state()
+    b = StateBroadcast(s0, rank=4, wire="bf16")
+    client = dict(s0)
+    for seed in (1, 2, 3):
+        delta = b.advance(low_rank_change(b.full_state(), rank=3, seed=seed))
+        assert delta.add["projector.weight"].U.dtype == torch.bfloat16
+        assert delta.replace["projector.bias"].dtype == torch.bfloat16
+        client = apply_delta(client, delta)
+        for name, t in b.full_state().items():
+            assert torch.equal(client[name].to(t.dtype), t), name
+
+
+def test_rank_zero_sends_every_changed_tensor_whole():
+    s0 = state()
+    b = StateBroadcast(s0, rank=0)
+    delta = b.advance(low_rank_change(s0, rank=3, seed=1))
+    assert not delta.add and {"projector.weight", "projector.bias", LORA_A} == set(delta.replace)
+
+
+def test_only_a_client_at_the_base_version_gets_the_delta():
+    s0 = state()
+    b = StateBroadcast(s0, rank=4)
+    assert b.message_for(0) is None  # nothing sent yet: a client needs the full state
+    delta = b.advance(low_rank_change(s0, rank=3, seed=1))
+    assert b.message_for(0) is delta
+    assert b.message_for(None) is None and b.message_for(1) is None
+    b.advance(low_rank_change(b.full_state(), rank=3, seed=2))
+    assert b.message_for(0) is None  # missed a delta: full state
+
+
+def test_a_delta_that_does_not_fit_is_a_clear_error():
+    s0 = state()
+    bad = StateDelta(0, 1, add={"projector.weight": torch.zeros(3, 3)})
+    with pytest.raises(BroadcastError, match="'projector.weight' has shape \\(3, 3\\)"):
+        apply_delta(s0, bad)
+    with pytest.raises(BroadcastError, match="'nope'"):
+        apply_delta(s0, StateDelta(0, 1, add={"nope": torch.zeros(1)}))
