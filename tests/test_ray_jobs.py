@@ -1,5 +1,8 @@
 """`ray job submit --working-dir . -- python ray_jobs/<x>.py ...` against a real `ray start --head`.
 
+prepare_data, train (its round checkpoints written; resubmitted with the same run name, the
+finished run does nothing), evaluate.
+
 The external cluster is a second Ray on this machine, beside the session's `ray_cluster` (which
 may be running in this same pytest process): its own temp dir, its own free ports, its own
 worker port range, token auth off (`RAY_AUTH_MODE=disabled`), and the job CLI reaches it only
@@ -118,6 +121,15 @@ def test_prepare_data_then_train_as_ray_jobs(external_cluster, tmp_path):
     if ray.is_initialized():
         assert nodes.isdisjoint({n["NodeID"] for n in ray.nodes()})
     assert (Path(result["storage_dir"]) / "generic_adapter" / "adapter_config.json").is_file()
+    checkpoints = sorted(p.name for p in (Path(result["storage_dir"]) / "checkpoints").iterdir())
+    assert checkpoints == ["round-000001", "round-000002"]
+
+    # the same job resubmitted (same run name): it would resume; the run is finished, so the
+    # job says so and does nothing
+    again = _submit(external_cluster, *args)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "run job-fedavg already finished its 2 rounds; nothing to do" in again.stdout
+    assert "round 1/2" not in again.stdout
 
     # evaluate: the finished run's saved models, as a third job
     metrics = tmp_path / "eval.json"

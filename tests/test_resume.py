@@ -2,7 +2,8 @@
 
 On the shared Ray cluster with the tiny config of test_federation_ray.py (2 centers, 3 rounds of
 2 local steps; greedy 8-token evaluation):
-(a) an uninterrupted run, checkpointed every round (coordinator and each client);
+(a) an uninterrupted run (coordinator in this process), checkpointed every round (coordinator
+    and each client);
 (b) the same config as `python -m fedmrg run` in a subprocess (a driver of the same cluster),
     killed with SIGKILL as soon as its round-2 checkpoint appears: Ray then kills its
     coordinator and client actors, which had logged rounds 1-2 to MLflow;
@@ -90,8 +91,9 @@ def runs(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     items = overrides(tmp)
     # (a) uninterrupted
-    full = Experiment(load_config("default", items), run_name="full", progress=False,
-                      out=io.StringIO()).fit()
+    # (coordinator in this process: where it runs must not change a bit of the result)
+    full = Experiment(load_config("default", items), run_name="full", in_process=True,
+                      progress=False, out=io.StringIO()).fit()
 
     # (b) the same run, its driver killed once round 2 is checkpointed
     killed_dir = tmp / "runs" / "killed"
