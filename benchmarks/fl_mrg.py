@@ -263,7 +263,7 @@ def _finite(value: Any) -> float | None:
 def final_metrics(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """`<scope>/<metric>` for the table from a `Result.summary()`: generalization (mean over
     the participating centers), heldout (mean over the centers evaluated but not trained on),
-    personalization; plus bytes and wall time."""
+    personalization; plus bytes and the run's own wall time."""
     centers = set(summary["centers"])
     generalization = summary["generalization"]
     heldout = [m for c, m in generalization.get("per_center", {}).items() if c not in centers]
@@ -340,7 +340,7 @@ def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[
     """What the benchmark keeps of one run (JSON): spec, overrides, wall time (of the whole
     `fit()`, as measured here), load average, final metrics per center and for the table,
     per-round metrics and evaluations, bytes, where MLflow and the run's files are."""
-    final = final_metrics(summary)
+    final = {**final_metrics(summary), "wall_s": wall_s}
     evaluations = [dict(e) for e in evaluations]
     last = max((r["round_id"] for r in summary["rounds"]), default=0)
     if not any(e["round"] == last for e in evaluations):  # MLflow unreadable: the final one

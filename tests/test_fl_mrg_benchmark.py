@@ -1,0 +1,330 @@
+"""benchmarks/fl_mrg.py, the FL-MRG benchmark table: its pure parts (the run matrix and the
+budget rule, argument parsing, mean ± std, the tables, the target checks, the plot, `--resume`
+records) on synthetic run records, and one tiny end-to-end invocation (one fedmrg run of one
+round on a 2-center phantom) through `main`, then again with `--resume`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from test_federation_ray import tiny_overrides
+
+from fedmrg.config import load_config
+from fedmrg.fl.strategies import make_strategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import fl_mrg  # noqa: E402
+from fl_mrg import BenchmarkError, RunSpec  # noqa: E402
+
+# --------------------------------------------------------------------------- the run matrix
+
+
+def matrix(**kw):
+    args = dict(rounds=3, local_steps=5, n_centers=4, eval_every=0, experiment="bench",
+                storage_path="/tmp/bench-storage")
+    args.update(kw)
+    return args
+
+
+def test_run_matrix_is_seed_major_with_names_and_the_same_budget():
+    rows = ["centralized", "local", "fedavg", "fedmrg", "fedmrg-no_specialized"]
+    specs = fl_mrg.run_matrix(rows, [0, 7], **matrix())
+    assert [s.name for s in specs[:5]] == [
+        "centralized-base-seed0", "local-base-seed0", "fedavg-base-seed0",
+        "fedmrg-base-seed0", "fedmrg-no_specialized-seed0"]
+    assert [s.seed for s in specs] == [0] * 5 + [7] * 5
+    steps = {}
+    for spec in specs:
+        cfg = make_strategy(load_config("default", spec.overrides)).cfg
+        assert cfg.seed == spec.seed and cfg.federation.strategy == spec.strategy
+        assert cfg.tracking.experiment == "bench"
+        assert cfg.tracking.storage_path == "/tmp/bench-storage"
+        steps[spec.row] = (cfg.federation.rounds, cfg.train.local_steps)
+    # every client 3 x 5 steps; centralized's one client as many as the 4 together
+    assert all(steps[r] == (3, 5) for r in rows if r != "centralized")
+    assert steps["centralized"] == (3, 20)
+    rule = fl_mrg.budget_rule(3, 5, 4, 16)
+    assert "3 rounds x 5 steps = 15 steps" in rule and "3 rounds x 20 steps = 60 steps" in rule
+
+
+def test_each_ablation_switches_off_exactly_its_mechanism():
+    base = {s.row: s for s in fl_mrg.run_matrix(fl_mrg.ROWS, [0], **matrix())}
+    full = make_strategy(load_config("default", base["fedmrg"].overrides)).cfg.flat()
+    expected = {
+        "fedmrg-no_lowrank": {"federation.aggregation": "fedavg",
+                              "federation.dense_update_rank": 0},
+        "fedmrg-no_contrastive": {"model.losses.contrastive_global": 0.0,
+                                  "model.losses.contrastive_local": 0.0},
+        "fedmrg-no_prompts": {"model.diagnosis_prompts": False},
+        "fedmrg-no_mutual": {"model.losses.mutual": 0.0},
+        "fedmrg-no_specialized": {"model.specialized_adapter": False,
+                                  "model.losses.lm_personal": 0.0, "model.losses.mutual": 0.0},
+    }
+    assert set(expected) == {r for r in fl_mrg.ROWS if r.startswith("fedmrg-")}
+    for row, changes in expected.items():
+        cfg = make_strategy(load_config("default", base[row].overrides)).cfg.flat()
+        differ = {k: cfg[k] for k in cfg if cfg[k] != full[k]}
+        assert differ == changes, row
+        # and the full model really has the mechanism on
+        assert all(full[k] != v for k, v in changes.items()), row
+
+
+def test_extra_overrides_come_last_and_the_tracking_uri_only_when_given():
+    (spec,) = fl_mrg.run_matrix(["fedavg"], [1], **matrix(tracking_uri="sqlite:////x.db"),
+                                extra=["train.local_steps=2"])
+    assert spec.overrides[-1] == "train.local_steps=2"
+    assert "tracking.tracking_uri=sqlite:////x.db" in spec.overrides
+    assert load_config("default", spec.overrides).train.local_steps == 2
+    (plain,) = fl_mrg.run_matrix(["fedavg"], [1], **matrix())
+    assert not any(o.startswith("tracking.tracking_uri=") for o in plain.overrides)
+
+
+def test_bad_rows_seeds_and_budgets_are_named():
+    assert fl_mrg.parse_rows("fedmrg, local,centralized") == ["centralized", "local", "fedmrg"]
+    assert fl_mrg.parse_rows("ablations") == [r for r in fl_mrg.ROWS if "-" in r]
+    assert fl_mrg.parse_rows("all") == list(fl_mrg.ROWS)
+    with pytest.raises(BenchmarkError, match="'fedsgd'"):
+        fl_mrg.parse_rows("fedmrg,fedsgd")
+    with pytest.raises(BenchmarkError, match="no row"):
+        fl_mrg.parse_rows(" , ")
+    assert fl_mrg.parse_seeds("3") == [0, 1, 2]
+    assert fl_mrg.parse_seeds("0,4,7") == [0, 4, 7]
+    assert fl_mrg.parse_seeds("5,") == [5]
+    for bad in ("x", "0", "1,1", "-1,2", ""):
+        with pytest.raises(BenchmarkError, match="--seeds"):
+            fl_mrg.parse_seeds(bad)
+    with pytest.raises(BenchmarkError, match="'fedsgd'"):
+        fl_mrg.budget_overrides("fedsgd", 1, 1, 1)
+    with pytest.raises(BenchmarkError, match="local steps \\(0\\)"):
+        fl_mrg.budget_overrides("fedmrg", 1, 0, 4)
+    assert issubclass(BenchmarkError, ValueError)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def summary(*, gen=0.2, heldout=(0.1, 0.3), pers=0.4, up=1000.0, down=3000.0, rounds=2):
+    """A `Result.summary()` of a 2-center run with two held-out centers."""
+    def m(v):
+        return {k: v for k in fl_mrg.METRICS} | {"num_studies": 10}
+
+    return {
+        "centers": ["a", "b"], "wall_s": 12.0,
+        "generalization": {"per_center": {"a": m(gen), "b": m(gen), "x": m(heldout[0]),
+                                          "y": m(heldout[1])}, "mean": m(gen)},
+        "personalization": {"per_center": {"a": m(pers), "b": m(pers)}, "mean": m(pers)},
+        "communication": {"bytes_up_total": up, "bytes_down_total": down},
+        "rounds": [{"round_id": i, "participants": ["a", "b"], "rejected": {},
+                    "bytes_up": up / rounds, "bytes_down": down / rounds, "round_time_s": 1.0,
+                    "metrics": {"loss": 5.0 - i, "lm_generic": 4.0 - i, "steps": 3.0}}
+                   for i in range(1, rounds + 1)],
+        "mlflow": {"tracking_uri": "sqlite:///x.db", "run_id": "r1"}, "storage_dir": "/s",
+    }
+
+
+def record(row="fedmrg", seed=0, **kw):
+    strategy, _, ablation = row.partition("-")
+    spec = RunSpec(row, strategy, ablation or fl_mrg.BASE, seed, ("a=1",))
+    return fl_mrg.run_record(spec, summary(**kw), [], wall_s=60.0, loadavg_start=[1, 1, 1],
+                             loadavg_end=[2, 2, 2])
+
+
+def test_final_metrics_take_the_heldout_centers_and_the_bytes():
+    s = summary()
+    s["personalization"]["mean"]["cider"] = math.nan
+    final = fl_mrg.final_metrics(s)
+    assert final["generalization/bleu4"] == 0.2
+    assert final["heldout/bleu4"] == pytest.approx(0.2)  # mean of the centers not trained on
+    assert final["personalization/cider"] is None  # NaN is "no value", never a number
+    assert final["bytes_total"] == 4000.0 and final["bytes_up"] == 1000.0
+
+
+def test_evaluations_by_round_average_heldout_centers_and_keep_every_step():
+    keys = fl_mrg.evaluation_keys(["x", "y"])
+    assert keys["heldout/bleu4"] == ("generalization/x/bleu4", "generalization/y/bleu4")
+    histories = {"generalization/bleu4": [(2, 0.1), (4, 0.2)],
+                 "generalization/x/bleu4": [(2, 0.0), (4, 0.4)],
+                 "generalization/y/bleu4": [(2, 0.2), (4, math.nan)],
+                 "personalization/bleu4": [(4, 0.5)]}
+    rows = fl_mrg.evaluations_by_round(histories, keys)
+    assert rows == [{"round": 2, "generalization/bleu4": 0.1, "heldout/bleu4": 0.1},
+                    {"round": 4, "generalization/bleu4": 0.2, "heldout/bleu4": 0.4,
+                     "personalization/bleu4": 0.5}]
+
+
+def test_run_record_falls_back_to_the_final_evaluation_and_keeps_round_losses():
+    r = record()
+    assert r["name"] == "fedmrg-base-seed0" and r["overrides"] == ["a=1"]
+    assert [x["round"] for x in r["rounds"]] == [1, 2]
+    assert r["rounds"][1]["lm_generic"] == 2.0 and "steps" not in r["rounds"][1]
+    (last,) = r["evaluations"]  # MLflow gave nothing: the final metrics at the last round
+    assert last["round"] == 2 and last["personalization/bleu4"] == 0.4
+    json.dumps(r)  # plain JSON
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_mean_std_and_its_formatting():
+    mean, std, n = fl_mrg.mean_std([0.1, 0.2, None, math.nan, 0.3])
+    assert (round(mean, 6), round(std, 6), n) == (0.2, 0.1, 3)
+    assert fl_mrg.mean_std([0.5]) == (0.5, None, 1)
+    assert fl_mrg.mean_std([None]) == (None, None, 0)
+    assert fl_mrg.format_mean_std(0.2, 0.1) == "0.200 ± 0.100"
+    assert fl_mrg.format_mean_std(0.2, None) == "0.200"
+    assert fl_mrg.format_mean_std(None, None) == "n/a"
+    assert fl_mrg.format_bytes(21_600_000, 100_000) == "21.6 MB ± 0.1"
+    assert fl_mrg.format_bytes(276) == "276 B" and fl_mrg.format_bytes(None) == "n/a"
+    assert fl_mrg.format_bytes(1.5e9) == "1.5 GB" and fl_mrg.format_bytes(2048) == "2.0 KB"
+
+
+def test_tables_show_mean_and_std_per_row_in_the_table_order():
+    records = [record("local", gen=0.5), record("fedmrg", 0, pers=0.1),
+               record("fedmrg", 1, pers=0.2), record("fedmrg", 2, pers=0.3),
+               record("fedmrg-no_mutual", pers=0.05)]
+    agg = fl_mrg.aggregate(records)
+    assert list(agg) == ["local", "fedmrg", "fedmrg-no_mutual"]
+    assert agg["fedmrg"]["seeds"] == [0, 1, 2]
+    text = fl_mrg.results_tables(agg)
+    personalization = text.split("**personalization**")[1].split("**cost**")[0]
+    fedmrg_line = next(line for line in personalization.splitlines()
+                       if line.startswith("| fedmrg | 3 |"))
+    assert fedmrg_line.count("0.200 ± 0.100") == len(fl_mrg.METRICS)
+    assert "| fedmrg - mutual boosting | 1 | 0.050 |" in personalization
+    generalization = text.split("**heldout**")[0]
+    assert "| local | 1 | 0.500 |" in generalization
+    cost = text.split("**cost**")[1]
+    assert "| fedmrg | 3 | 4.0 KB ± 0.0 | 1.0 KB ± 0.0 | 3.0 KB ± 0.0 | 1.0 ± 0.0 |" in cost
+
+
+def test_per_round_series_are_means_over_seeds():
+    records = [record("fedmrg", 0, pers=0.1), record("fedmrg", 1, pers=0.3)]
+    records[1]["rounds"][0]["lm_generic"] = 5.0  # seed 1, round 1 (seed 0: 3.0)
+    series = fl_mrg.per_round_series(records)["fedmrg"]
+    assert series["train/lm_generic"] == [(1, 4.0), (2, 2.0)]
+    assert series["personalization/bleu4"] == [(2, pytest.approx(0.2))]
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def agg_of(values: dict[str, dict[str, float]], std: float | None = None) -> dict:
+    return {row: {"seeds": [0], "stats": {k: (v, std, 1) for k, v in metrics.items()}}
+            for row, metrics in values.items()}
+
+
+def test_targets_met_missed_and_skipped():
+    pers = {"personalization/ce_f1_macro": 0.5, "personalization/bleu4": 0.2,
+            "heldout/ce_f1_macro": 0.3, "heldout/bleu4": 0.1,
+            "generalization/ce_f1_macro": 0.45, "bytes_total": 100.0}
+    agg = agg_of({"fedmrg": pers,
+                  "fedavg": {**pers, "personalization/ce_f1_macro": 0.4,
+                             "personalization/bleu4": 0.3},
+                  "centralized": {"generalization/ce_f1_macro": 0.5}}, std=0.05)
+    targets = fl_mrg.check_targets(agg)
+    by = {c["target"]: c for c in targets["checks"]}
+    beat_ce = by["fedmrg > fedavg on personalization/ce_f1_macro"]
+    assert beat_ce["passed"] is True and beat_ce["delta"] == pytest.approx(0.1)
+    assert beat_ce["margin_std"] == pytest.approx(2.0)  # 0.1 / pooled std 0.05
+    assert by["fedmrg > fedavg on personalization/bleu4"]["passed"] is False
+    assert by["fedmrg > local on heldout/bleu4"]["passed"] is None  # local did not run
+    assert "local" in by["fedmrg > local on heldout/bleu4"]["detail"]
+    fraction = by["fedmrg generalization/ce_f1_macro >= 90% of centralized"]
+    assert fraction["passed"] is True and fraction["ratio"] == pytest.approx(0.9)
+    assert (targets["passed"], targets["decided"]) == (2, 3)
+    agg["centralized"]["stats"]["generalization/ce_f1_macro"] = (0.51, None, 1)
+    again = {c["target"]: c for c in fl_mrg.check_targets(agg)["checks"]}
+    assert again["fedmrg generalization/ce_f1_macro >= 90% of centralized"]["passed"] is False
+    text = fl_mrg.targets_text(targets)
+    assert "2 of 3 met" in text and "MISSED: fedmrg > fedavg on personalization/bleu4" in text
+
+
+def test_ablation_contribution_is_full_minus_ablated():
+    full = {"personalization/bleu4": 0.2, "generalization/bleu4": 0.1, "bytes_total": 100.0}
+    agg = agg_of({"fedmrg": full,
+                  "fedmrg-no_lowrank": {**full, "generalization/bleu4": 0.15,
+                                        "bytes_total": 2500.0},
+                  "fedmrg-no_mutual": {**full, "personalization/bleu4": 0.15}})
+    ablations = fl_mrg.check_targets(agg)["ablations"]
+    lowrank, mutual = ablations["fedmrg-no_lowrank"], ablations["fedmrg-no_mutual"]
+    assert lowrank["contribution"]["generalization/bleu4"] == pytest.approx(-0.05)
+    assert lowrank["hurts_on"] == ["generalization/bleu4"]
+    assert lowrank["bytes_ratio_without"] == 25.0
+    assert mutual["helps_on"] == ["personalization/bleu4"] and not mutual["hurts_on"]
+    assert mutual["contribution"]["heldout/bleu4"] is None  # no value on either side
+    text = fl_mrg.targets_text(fl_mrg.check_targets(agg))
+    assert "| mutual boosting | " in text and "+0.0500" in text and "| 25.00 |" in text
+
+
+# --------------------------------------------------------------------------- plot, resume
+
+
+def test_plot_writes_a_png_with_one_line_per_row(tmp_path):
+    import matplotlib.image
+
+    series = fl_mrg.per_round_series([record("fedmrg"), record("local", pers=0.3),
+                                      record("fedmrg-no_prompts")])
+    path = fl_mrg.write_plot(series, tmp_path / "p" / "rounds.png", "title")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert width > 1000 and height > 700
+    # a panel with no data (no periodic evaluation) still writes the figure
+    fl_mrg.write_plot({"fedmrg": {"train/lm_generic": [(1, 3.0)]}}, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_resume_accepts_only_a_record_made_with_the_same_overrides(tmp_path):
+    spec = RunSpec("fedmrg", "fedmrg", "base", 0, ("a=1",))
+    path = tmp_path / "fedmrg-base-seed0.json"
+    path.write_text(json.dumps(record()))
+    assert fl_mrg.load_recorded(path, spec)["name"] == "fedmrg-base-seed0"
+    with pytest.raises(BenchmarkError, match="fedmrg-base-seed0.json.*'a=2'"):
+        fl_mrg.load_recorded(path, RunSpec("fedmrg", "fedmrg", "base", 0, ("a=2",)))
+    path.write_text("{half")
+    with pytest.raises(BenchmarkError, match="unreadable run record"):
+        fl_mrg.load_recorded(path, spec)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    tiny = [o for o in tiny_overrides(tmp_path) if not o.startswith("federation.rounds=")]
+    args = ["--quick", "--strategies", "fedmrg", "--rounds", "1", "--local-steps", "1",
+            "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "storage"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/bench.db",
+            *[a for o in tiny if not o.startswith("tracking.") for a in ("--set", o)],
+            "--set", f"tracking.artifact_location={tmp_path}/artifacts"]
+    assert fl_mrg.main(args) == 0
+    doc = json.loads((tmp_path / "out" / "quick.json").read_text())
+    (run,) = doc["runs"]
+    assert run["name"] == "fedmrg-base-seed0" and not doc["failed"]
+    assert [r["round"] for r in run["rounds"]] == [1] and run["rounds"][0]["participants"] == 2
+    assert run["evaluations"][-1]["round"] == 1  # read back from the run's MLflow metrics
+    assert run["final"]["generalization/bleu4"] is not None and run["final"]["bytes_up"] > 0
+    assert doc["budget"]["n_centers"] == 2 and "1 rounds x 1 steps" in doc["budget"]["rule"]
+    assert (tmp_path / "out" / "runs" / "quick" / "fedmrg-base-seed0.json").is_file()
+    assert (tmp_path / "out" / "quick_rounds.png").stat().st_size > 0
+    assert "| fedmrg | 1 |" in (tmp_path / "out" / "quick.md").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path}/bench.db")
+    experiment = client.get_experiment_by_name("fl_mrg_benchmark_quick")
+    names = [r.info.run_name for r in client.search_runs([experiment.experiment_id],
+                                                         "tags.`fedmrg.role` = 'parent'")]
+    assert names == ["fedmrg-base-seed0"]
+    capsys.readouterr()
+    # --resume: the recorded run is skipped (no new MLflow run), the outputs rewritten
+    assert fl_mrg.main([*args, "--resume"]) == 0
+    assert "[1/1] fedmrg-base-seed0: recorded" in capsys.readouterr().out
+    assert len(client.search_runs([experiment.experiment_id],
+                                  "tags.`fedmrg.role` = 'parent'")) == 1
+    again = json.loads((tmp_path / "out" / "quick.json").read_text())
+    assert again["runs"][0]["final"] == run["final"]
