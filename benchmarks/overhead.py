@@ -17,7 +17,10 @@ fedmrg) with K = `--clients` centers, for each K in turn:
   with torch limited to the actors' thread count (`--plain-threads`, default: the actors'
   count and, when it differs, torch's default here).
 
-Both run in the same process on the same machine, interleaved (ABBA order over `--reps`
+Both run in the same process on the same machine, at the same niceness (the driver takes
+the actors' niceness, 15, as Ray gives its workers: on a shared machine a nice-0 plain arm
+won CPU time from other work that the actors could not, measured 23-28 s vs 15-21 s for
+the same round), interleaved (ABBA order over `--reps`
 repetitions, after one warm-up round each, reported apart: it pays the streams' first
 decode). Actor start-up, model builds and the base LM build are timed and reported apart.
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ from _common import (
     local_ray,
     machine_info,
     markdown_table,
+    match_niceness,
     median,
     probe_actors,
     write_json,
@@ -100,7 +105,7 @@ def ray_round(coordinator: Coordinator) -> dict[str, Any]:
 
 
 def measure(cfg: ExperimentConfig, root: str, centers: list[str], reps: int,
-            plain_threads: list[int] | None) -> dict[str, Any]:
+            plain_threads: list[int] | None, renice: bool = True) -> dict[str, Any]:
     """Both arms for one set of clients (module docstring)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, centers=centers))
     started = time.perf_counter()
@@ -110,6 +115,8 @@ def measure(cfg: ExperimentConfig, root: str, centers: list[str], reps: int,
     plain: dict[str, FederatedClient] = {}
     try:
         probes = probe_actors(actors)
+        # both arms at the actors' niceness
+        niceness = match_niceness(probes) if renice else os.nice(0)
         actor_threads = sorted({p["torch_threads"] for p in probes.values()})
         threads = plain_threads or sorted({*actor_threads, torch.get_num_threads()})
         pool = RayClientPool(actors)
@@ -141,7 +148,7 @@ def measure(cfg: ExperimentConfig, root: str, centers: list[str], reps: int,
         "clients": len(centers), "centers": centers, "reps": reps,
         "local_steps": cfg.train.local_steps, "batch_size": cfg.data.batch_size,
         "actor_threads": actor_threads, "actor_start_s": actor_start_s,
-        "plain_build_s": plain_build_s, "probes": probes,
+        "plain_build_s": plain_build_s, "probes": probes, "driver_niceness": niceness,
         "ray_round_s": median([r["round_s"] for r in ray_runs]),
         "ray_own_s": median([r["own_s"] for r in ray_runs]),
         "ray_transport_s": median([r["transport_s"] for r in ray_runs]),
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plain-threads", type=int, nargs="+", default=None,
                         help="torch threads of the plain arm (default: the actors' count and "
                              "torch's default here)")
+    parser.add_argument("--keep-niceness", action="store_true",
+                        help="do not raise this process's niceness to the actors' (tests)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override section.key=value (default config otherwise)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"{len(available)} participating centers {available}")
             print(f"K={k} clients ({', '.join(available[:k])}), "
                   f"{cfg.train.local_steps} local steps, {args.reps} reps", flush=True)
-            results.append(measure(cfg, root, available[:k], args.reps, args.plain_threads))
+            results.append(measure(cfg, root, available[:k], args.reps, args.plain_threads,
+                                   renice=not args.keep_niceness))
     text = tables(results)
     met = all(r["ratio"] < TARGET_RATIO for r in results)
     print()

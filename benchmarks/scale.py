@@ -63,6 +63,7 @@ from _common import (
     local_ray,
     machine_info,
     markdown_table,
+    match_niceness,
     median,
     mem_available_mib,
     probe_actors,
@@ -231,7 +232,8 @@ def growth_line(name: str, g: dict[str, Any] | None) -> str:
 
 
 def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[int],
-               rounds: int, reserve_gib: float) -> tuple[list[dict[str, Any]], str | None]:
+               rounds: int, reserve_gib: float, renice: bool = True,
+               ) -> tuple[list[dict[str, Any]], str | None]:
     """Real client actors, added as K grows (module docstring); (rows, why it stopped)."""
     results: list[dict[str, Any]] = []
     tree_before = tree_memory_mib()["pss"]
@@ -257,6 +259,8 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
                 return results, f"stopped at K={k}: {e}"
             start_s = time.perf_counter() - t0
             actors.update(more)
+            if renice:  # the product's coordinator actor runs at the actors' niceness
+                match_niceness(probe_actors(more))
             rounds_out = run_rounds(cfg, {c: actors[c] for c in client_ids(k)}, rounds)
             probes = probe_actors(actors)
             tree = tree_memory_mib()
@@ -285,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="resources.num_cpus_per_client")
     parser.add_argument("--reserve-gib", type=float, default=4.0,
                         help="MemAvailable to leave free on this (shared) machine")
+    parser.add_argument("--keep-niceness", action="store_true",
+                        help="do not raise this process's niceness to the actors' (tests)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override section.key=value")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -302,9 +308,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from fedmrg.model.base_lm import builtin_build_info
 
             builtin_build_info(cfg.model)  # as Experiment.fit: built once, actors read it
-        stubs = stub_rounds(cfg, args.stub_clients, args.rounds) if args.stub_clients else []
         results, stopped = actor_runs(cfg, root, centers, args.clients, args.rounds,
-                                      args.reserve_gib)
+                                      args.reserve_gib, renice=not args.keep_niceness)
+        # after the actors: at their niceness, and with their memory given back
+        stubs = stub_rounds(cfg, args.stub_clients, args.rounds) if args.stub_clients else []
 
     actor_growth, stub_growth = growth(results), growth(stubs)
     met = all(g is None or g["met"] for g in (actor_growth, stub_growth)) and bool(

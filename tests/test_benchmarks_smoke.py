@@ -64,7 +64,7 @@ def test_overhead_one_client_one_rep(ray_cluster, tiny):
     import overhead
 
     out = tiny / "overhead.json"
-    overhead.main(["--clients", "1", "--reps", "1", "--plain-threads", "1",
+    overhead.main(["--clients", "1", "--reps", "1", "--plain-threads", "1", "--keep-niceness",
                    *sets([*tiny_overrides(tiny), "train.local_steps=1"]), "--out", str(out)])
     (r,) = read(out)["results"]
     assert r["clients"] == 1 and len(r["runs"]["ray"]) == len(r["runs"]["plain_1"]) == 1
@@ -80,7 +80,8 @@ def test_scale_two_actors_and_stub_clients(ray_cluster, tiny):
 
     out = tiny / "scale.json"
     scale.main(["--clients", "2", "--stub-clients", "2", "4", "--rounds", "2", "--steps", "1",
-                "--reserve-gib", "0", *sets(tiny_overrides(tiny)), "--out", str(out)])
+                "--reserve-gib", "0", "--keep-niceness", *sets(tiny_overrides(tiny)),
+                "--out", str(out)])
     record = read(out)
     (r,) = record["results"]
     assert r["clients"] == 2 and len({p["pid"] for p in r["probes"].values()}) == 2
