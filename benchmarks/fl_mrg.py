@@ -32,10 +32,11 @@ loss of the generic path (`lm_generic`, the one loss every strategy trains) and 
 evaluation as a point. Full mode evaluates every `--eval-every` rounds (default 2) with the
 same settings, read back per round from the run's MLflow metrics. Why not a cheaper greedy
 evaluation for the intermediate points: the evaluation config applies to every evaluation of
-a run (there is no separate setting for the periodic ones), and measured on a trained default
-fedmrg model greedy decoding was not cheaper (an undertrained generic model writes up to
-`eval.max_new_tokens` without stopping: 23 s greedy vs 4 s with 3 beams on one center) and
-changed the scores (BLEU-4 0.021 vs 0.069).
+a run (there is no separate setting for the periodic ones), and greedy decoding is not a
+faithful cheap proxy: on a trained default fedmrg model (center b, 60 test studies, warmed
+up) it changed the scores a lot (generic model BLEU-4 0.000 vs 0.041, CE macro-F1 0.017 vs
+0.122: greedy stops after ~10 tokens) and was not consistently cheaper (generic 4 s vs 17 s,
+personalized 7 s vs 6 s). A client's first evaluation also pays a one-time ~20 s start-up.
 
 Outputs in `--out` (default `benchmarks/results/fl_mrg/`), named by mode (`quick`/`full`):
 `<mode>.json` (command, machine, load average, budget rule, every run: overrides, wall time,
@@ -91,11 +92,11 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
 }
 ROWS = (*STRATEGIES, *(f"fedmrg-{a}" for a in ABLATIONS))
 ROW_LABELS = {
-    "fedmrg-no_lowrank": "fedmrg - low-rank/exact aggregation",
-    "fedmrg-no_contrastive": "fedmrg - client-aware contrastive",
-    "fedmrg-no_prompts": "fedmrg - diagnosis prompts",
-    "fedmrg-no_mutual": "fedmrg - mutual boosting",
-    "fedmrg-no_specialized": "fedmrg - specialized adapter",
+    "fedmrg-no_lowrank": "fedmrg w/o low-rank/exact aggregation",
+    "fedmrg-no_contrastive": "fedmrg w/o client-aware contrastive",
+    "fedmrg-no_prompts": "fedmrg w/o diagnosis prompts",
+    "fedmrg-no_mutual": "fedmrg w/o mutual boosting",
+    "fedmrg-no_specialized": "fedmrg w/o specialized adapter",
 }
 
 
@@ -112,8 +113,9 @@ class Mode:
 
 
 MODES = {
-    # measured: 4 runs in TODO min on 2 cores (the JSON records the load it ran under)
-    "quick": Mode("quick", ("fedmrg", "fedavg", "local", "centralized"), (0,), rounds=3,
+    # 4 x 10 steps per client: start-up and the final evaluation dominate a run's time
+    # (measured in quick.json, with the load average it ran under)
+    "quick": Mode("quick", ("fedmrg", "fedavg", "local", "centralized"), (0,), rounds=4,
                   local_steps=10, eval_every=0),
     # the default budget (federation.rounds x train.local_steps of fedmrg/config.py)
     "full": Mode("full", ROWS, (0, 1, 2), rounds=None, local_steps=None, eval_every=2),
@@ -545,7 +547,7 @@ def targets_text(targets: Mapping[str, Any]) -> str:
         rows = []
         for row, a in targets["ablations"].items():
             ratio = a["bytes_ratio_without"]
-            rows.append([row_label(row).removeprefix("fedmrg - "),
+            rows.append([row_label(row).removeprefix("fedmrg w/o "),
                          *("n/a" if v is None else f"{v:+.4f}"
                            for v in a["contribution"].values()),
                          "n/a" if ratio is None else f"{ratio:.2f}"])
@@ -575,7 +577,8 @@ def write_plot(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], 
                 continue
             xs, ys = zip(*points, strict=True)
             style = "--" if row.startswith("fedmrg-") else "-"
-            ax.plot(xs, ys, style, marker="o", markersize=3, label=row_label(row))
+            ax.plot(xs, ys, style, marker="o", markersize=3, label=row_label(row),
+                    linewidth=2.5 if row == "fedmrg" else 1.2)
             drawn = True
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("round")

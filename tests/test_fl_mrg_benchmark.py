@@ -195,7 +195,7 @@ def test_tables_show_mean_and_std_per_row_in_the_table_order():
     fedmrg_line = next(line for line in personalization.splitlines()
                        if line.startswith("| fedmrg | 3 |"))
     assert fedmrg_line.count("0.200 ± 0.100") == len(fl_mrg.METRICS)
-    assert "| fedmrg - mutual boosting | 1 | 0.050 |" in personalization
+    assert "| fedmrg w/o mutual boosting | 1 | 0.050 |" in personalization
     generalization = text.split("**heldout**")[0]
     assert "| local | 1 | 0.500 |" in generalization
     cost = text.split("**cost**")[1]
