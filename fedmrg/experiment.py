@@ -269,6 +269,17 @@ def round_metrics(row: Mapping[str, Any], center_runs: Collection[str]
     return metrics, per_center
 
 
+def log_missing_rounds(tracker: Any, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Log the rounds of a checkpoint's history that the MLflow run lacks (a resume into
+    another tracking store, or an MLflow run lost); returns their ids. Rounds it already has
+    are left as they are."""
+    last = tracker.last_logged_round()
+    missing = [row for row in rows if last is None or row["round_id"] > last]
+    for row in missing:
+        tracker.log_round(row["round_id"], *round_metrics(row, tracker.center_run_ids))
+    return [row["round_id"] for row in missing]
+
+
 def write_round_checkpoint(run_dir: str | Path, coordinator: Any, cfg: ExperimentConfig,
                            fingerprint: Mapping[str, Any],
                            meta: Mapping[str, Any] | None = None) -> Path:
@@ -347,12 +358,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             resumed_from = coordinator.round_id
             tracker.tag({"fedmrg.resumed_from_round": str(resumed_from),
                          "fedmrg.resumed_from_checkpoint": str(resume_from)})
-            # rounds the checkpoint holds but this MLflow run lacks (another tracking store)
-            last = tracker.last_logged_round()
-            for row in (s.to_dict() for s in coordinator.history):
-                if last is None or row["round_id"] > last:
-                    tracker.log_round(row["round_id"], *round_metrics(row,
-                                                                      tracker.center_run_ids))
+            log_missing_rounds(tracker, [s.to_dict() for s in coordinator.history])
         emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
               "rounds": cfg.federation.rounds, "clients": pool.centers(),
               "resumed_from": resumed_from})
@@ -502,6 +508,11 @@ class Experiment:
     `in_process=True` runs the coordinator in this process (tests, debugging) instead of an
     actor; `record_messages=True` keeps every client reply in `Result.messages`; `progress`
     shows the bar and round lines on `out` (default stderr / stdout).
+
+    Resume (module docstring): a `run_name` (or `tracking.run_name`) whose run already started
+    under `tracking.storage_path` is continued from its newest checkpoint; `resume=True` also
+    insists that it did start (else `ExperimentError`); `checkpoint_fallback=True` resumes from
+    the newest good checkpoint when the newest is corrupt, instead of a `CheckpointError`.
     """
 
     def __init__(self, cfg: ExperimentConfig, *, run_name: str | None = None,
@@ -661,8 +672,9 @@ class _Progress:
             tqdm.write(f"run {event['run_name']}: clients {', '.join(event['clients'])}",
                        file=self.out)
             if event.get("resumed_from") is not None:
-                tqdm.write(f"resumed from the round-{done} checkpoint: rounds {done + 1}.."
-                           f"{self.rounds} to go", file=self.out)
+                left = (f"rounds {done + 1}..{self.rounds} to go" if done < self.rounds
+                        else "every round done: evaluation and end-of-run artifacts only")
+                tqdm.write(f"resumed from the round-{done} checkpoint: {left}", file=self.out)
         elif kind == "round":
             tqdm.write(round_line(event["summary"], self.rounds), file=self.out)
             if self.bar is not None:

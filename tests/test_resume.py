@@ -13,6 +13,7 @@ On the shared Ray cluster with the tiny config of test_federation_ray.py (2 cent
     MLflow run, which then holds each round once (the re-run round 2 is skipped, its values
     equal), the same losses as (a), and the final global state equals (a)'s bit for bit;
     resuming the finished run does nothing.
+A resume into a tracking store that lacks the checkpoint's rounds logs them from its history.
 (b) and (c) share one killed run: a resume from the newest checkpoint is the same path as the
 fallback's (which only picks an older folder), and a second killed run would cost another
 minute or two on the shared 2-core machine.
@@ -132,6 +133,31 @@ def test_uninterrupted_run_checkpointed_every_round(runs):
         state = own.load()
         assert "shared" not in state and state["private"] and state["trainer"]["step"] == (
             ROUNDS * cfg.train.local_steps)
+        # Adam moments of the private tensors only (the shared ones are forgotten every fit)
+        assert len(state["trainer"]["optimizer"]["state"]) == len(state["private"])
+
+
+def test_rounds_a_new_tracking_store_lacks_are_logged_from_the_checkpoint_history(runs):
+    from mlflow import MlflowClient
+
+    from fedmrg.experiment import log_missing_rounds
+    from fedmrg.tracking import RunTracker
+
+    tmp, full = runs["tmp"], runs["full"]
+    store = f"sqlite:///{tmp}/mlflow-elsewhere.db"
+    cfg = load_config("default", [*runs["items"], f"tracking.tracking_uri={store}"])
+    tracker = RunTracker.start(cfg, ["a", "b"], str(tmp / "data"), run_name="full",
+                               resume=True)
+    assert log_missing_rounds(tracker, full.rounds[:2]) == [1, 2]
+    assert log_missing_rounds(tracker, full.rounds) == [3]
+    assert log_missing_rounds(tracker, full.rounds) == []
+    tracker.finish()
+    client = MlflowClient(store)
+    assert metric_steps(client, tracker.run_id, "round") == [1, 2, 3]
+    ours = client.get_metric_history(tracker.run_id, "loss")
+    theirs = MlflowClient(full.mlflow["tracking_uri"]).get_metric_history(
+        full.mlflow["run_id"], "loss")
+    assert sorted((m.step, m.value) for m in ours) == sorted((m.step, m.value) for m in theirs)
 
 
 def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_state(runs):

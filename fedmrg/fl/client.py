@@ -29,7 +29,7 @@ A plan without a global state (`local`) trains the client's own model and sends 
 Own checkpoints (`fedmrg.fl.checkpoint`): with a checkpoint folder (`checkpoint_dir`, by default
 `<tracking.storage_path>/<tracking.run_name>/centers/<center>/checkpoints` when the config names
 its run) the client writes its `state_dict()` after every fit, where it runs, never sent:
-private adapter and head, optimizer state, teacher-forcing generator (with the trainer's step,
+private adapter and head, their optimizer state, teacher-forcing generator (with the trainer's step,
 which seeds every step's dropout and augmentation draws), error-feedback residuals and stream
 position; the shared tensors only under `local`, where they are the client's own model
 (otherwise they are the server's: its checkpoint holds them). Atomic, `tracking.checkpoint_keep`
@@ -304,12 +304,24 @@ class FederatedClient:
         if self.cfg.federation.strategy != "local":
             # The shared tensors are the server's (its checkpoint holds them; every plan and
             # export loads them): kept out, so a client rebuilt from its checkpoint still shows
-            # the model as built to a coordinator that starts afresh.
+            # the model as built to a coordinator that starts afresh. Their Adam moments go
+            # too: the next fit forgets them anyway (about 2/3 of the file at default scale).
             del state["shared"]
+            state["trainer"]["optimizer"] = self._without_shared_moments(
+                state["trainer"]["optimizer"])
         write_checkpoint(self.checkpoint_dir, round_id, state,
                          keep=self.cfg.tracking.checkpoint_keep + 1, kind="client",
                          fingerprint=self._fingerprint,
                          meta={"center": self.center, "previous_round": previous_round})
+
+    def _without_shared_moments(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        """A torch optimizer state_dict without the entries of shared parameters (its state is
+        keyed by the parameters' positions in the param groups)."""
+        shared = {id(p) for p in self.trainer.shared.values()}
+        params = [p for group in self.trainer.optimizer.param_groups for p in group["params"]]
+        keep = {i for i, p in enumerate(params) if id(p) not in shared}
+        return {**optimizer_state, "state": {i: v for i, v in optimizer_state["state"].items()
+                                             if i in keep}}
 
     def close(self) -> None:
         """End the train stream's pass in progress (a suspended Ray Data iterator); call before
