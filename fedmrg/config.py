@@ -113,7 +113,7 @@ class ModelConfig:
     lm_layers: int = _f(2, "builtin LM layers", min=1)
     lm_heads: int = _f(4, "builtin LM attention heads", min=1)
     lm_vocab_size: int = _f(1024, "builtin LM tokenizer vocabulary", min=64)
-    lm_warmup_steps: int = _f(300, "builtin LM warm-up steps on the neutral corpus", min=0)
+    lm_warmup_steps: int = _f(1000, "builtin LM warm-up steps on the neutral corpus", min=0)
     lora_rank: int = _f(8, "rank of the generic and specialized decoder adapters", min=1)
     lora_alpha: float = _f(16.0, "LoRA alpha", min=0)
     lora_dropout: float = _f(0.0, "LoRA dropout", min=0, max=1)
