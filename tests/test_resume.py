@@ -91,14 +91,14 @@ def runs(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("resume")
     items = overrides(tmp)
-    # (a) uninterrupted
-    # (coordinator in this process: where it runs must not change a bit of the result)
+    # (a) uninterrupted; its coordinator in this process (where it runs changes no bit)
     full = Experiment(load_config("default", items), run_name="full", in_process=True,
                       progress=False, out=io.StringIO()).fit()
 
     # (b) the same run, its driver killed once round 2 is checkpointed
     killed_dir = tmp / "runs" / "killed"
     log = tmp / "killed.log"
+    idle_cpus = ray.available_resources().get("CPU", 0)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fedmrg", "run", "--run-name", "killed",
@@ -113,7 +113,7 @@ def runs(ray_cluster, tmp_path_factory):
             proc.kill()
         proc.wait(timeout=30)
     # Ray kills a dead driver's actors: once their CPUs are back, nothing writes any more
-    wait_for(lambda: ray.available_resources().get("CPU", 0) >= ray_cluster["CPU"], 60,
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= idle_cpus, 60,
              "the killed run's actors released")
     at_kill = [r for r, _ in list_checkpoints(killed_dir / "checkpoints")]
     return {"tmp": tmp, "items": items, "full": full, "killed_dir": killed_dir,
