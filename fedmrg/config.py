@@ -154,6 +154,9 @@ class FederationConfig:
     aggregation: str = _f("exact", "LoRA aggregation", choices=("exact", "fedavg", "stack"))
     dense_update_rank: int = _f(8, "truncated-SVD rank of dense shared updates (0: dense)",
                                 min=0)
+    download_rank: int = _f(8, "rank of the low-rank round change of dense shared tensors sent "
+                               "down to up-to-date clients (0: the full state every round)",
+                            min=0)
     wire_dtype: str = _f("fp32", "dtype of floating tensors in messages (bf16 halves the bytes)",
                          choices=("fp32", "bf16"))
     server_optimizer: str = _f("none", "server optimizer on the aggregated update",

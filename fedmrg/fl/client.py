@@ -69,6 +69,7 @@ from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest
 from fedmrg.data.stream import CenterStream
 from fedmrg.eval.evaluator import evaluate_model
+from fedmrg.fl.broadcast import StateDelta, apply_delta
 from fedmrg.fl.checkpoint import (
     CheckpointError,
     client_checkpoint_dir,
@@ -167,6 +168,9 @@ class FederatedClient:
         self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
                                else default_checkpoint_dir(cfg, center))
         self.state_round: int | None = None  # the round the state ends with (None: as built)
+        # the downlink version of the shared state the model holds (None: unknown, e.g. after
+        # an evaluation on the server's state); a round's delta applies only to its base
+        self.state_version: int | None = None
         self._initial_state: dict[str, Any] | None = None
         if self.checkpoint_dir is not None:
             self._fingerprint = run_fingerprint(cfg, self.root)
@@ -226,6 +230,17 @@ class FederatedClient:
                                        if not n.startswith(STACKED)})
         self._merge_into_base(stacked)
 
+    def apply_state_delta(self, delta: StateDelta) -> None:
+        """Bring the shared state up to date with the round's low-rank delta (`fl.broadcast`);
+        a client not at the delta's base version cannot, and says so (the coordinator then
+        sends it the full state next round)."""
+        if self.state_version != delta.base_version:
+            raise ClientError(f"client {self.center!r} holds shared state version "
+                              f"{self.state_version}, the round's delta is against version "
+                              f"{delta.base_version}: it needs the full state")
+        self.load_global_state(apply_delta(get_shared_state(self.model), delta))
+        self.state_version = delta.version
+
     @torch.no_grad()
     def _merge_into_base(self, stacked: Mapping[str, Tensor]) -> None:
         """base weight = original + scaling * B @ A for each stacked pair (FLoRA); modules
@@ -265,6 +280,7 @@ class FederatedClient:
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.state_version = None  # a restored client gets the full shared state next
         self._batches.close()
         self._batches = self._batch_iterator()
 
@@ -340,9 +356,13 @@ class FederatedClient:
             # the coordinator resumed from before this client's state: go back to its round
             self.restore_latest_checkpoint(max_round=plan.round_id - 1)
         previous_round = self.state_round
-        federated = plan.global_state is not None
-        if federated:
+        federated = plan.global_state is not None or plan.global_delta is not None
+        if plan.global_delta is not None:
+            self.apply_state_delta(plan.global_delta)
+        elif plan.global_state is not None:
             self.load_global_state(plan.global_state)
+            self.state_version = plan.state_version
+        if federated:
             self.trainer.reset_optimizer("shared")
         start = get_shared_state(self.model)  # (the global state, as loaded)
 
@@ -407,6 +427,7 @@ class FederatedClient:
         (its own model is then its generic path)."""
         if global_state is not None:
             self.load_global_state(from_wire(dict(global_state)))
+            self.state_version = None  # the server's own state, not a synced version
         target = dataset_center or self.center
         use_specialized = personalized and self.cfg.model.specialized_adapter
         result = evaluate_model(self.model, self.eval_stream(target, split).iter_batches(0),

@@ -2,9 +2,10 @@
 leaves in the history.
 
 - `RoundPlan` (server -> client): the round id, the global shared state (None for the `local`
-  strategy: the client keeps its own model and sends no model update), the merged diagnosis
-  prototypes and the global label prior, the local-training knobs of the round and which
-  statistics to send back. A global state may hold `stacked.`-prefixed LoRA factors
+  strategy: the client keeps its own model and sends no model update) or, for a client that
+  holds the previous round's state, the low-rank delta to the new one (`fl.broadcast`); the
+  merged diagnosis prototypes and the global label prior, the local-training knobs of the round
+  and which statistics to send back. A global state may hold `stacked.`-prefixed LoRA factors
   (aggregation `stack`, FLoRA): a cumulative update the client merges into its frozen base
   weights (`strategies.STACKED`).
 - `ClientUpdate` (client -> server): the ONLY thing a client sends after training. Model-level
@@ -28,6 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
+from fedmrg.fl.broadcast import StateDelta
 from fedmrg.fl.lowrank import LowRankUpdate
 
 STACKED = "stacked."  # prefix of cumulative FLoRA factors in a global state (aggregation stack)
@@ -46,6 +48,10 @@ class RoundPlan:
     fedprox_mu: float = 0.0
     # statistics the strategy wants back besides the update: "prototypes", "label_counts"
     collect: tuple[str, ...] = ()
+    # the downlink (`fl.broadcast`): the version of `global_state`, or instead of it the
+    # low-rank delta that brings a client holding `global_delta.base_version` up to date
+    state_version: int | None = None
+    global_delta: StateDelta | None = None
 
 
 @dataclass

@@ -208,6 +208,7 @@ class FedAvg(Strategy):
         "model.losses.contrastive_local": 0.0,
         "federation.aggregation": "fedavg",
         "federation.dense_update_rank": 0,
+        "federation.download_rank": 0,
     }
 
     def __init__(self, cfg: ExperimentConfig):
