@@ -53,6 +53,23 @@ def mem_available_mib() -> float:
     return math.nan
 
 
+def git_commit() -> str | None:
+    """The code's commit: $FEDMRG_GIT_COMMIT (set it when running from an exported tree, e.g.
+    `git archive HEAD`), else `git rev-parse HEAD` here, with "+dirty" when the tracked
+    files differ from it; None outside a checkout."""
+    if os.environ.get("FEDMRG_GIT_COMMIT"):
+        return os.environ["FEDMRG_GIT_COMMIT"]
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def machine_info(**extra: Any) -> dict[str, Any]:
     """nproc, CPU model, memory, OS, library versions and the load average right now (the
     machine may be shared: every number should be read next to the load it ran under)."""
@@ -66,7 +83,7 @@ def machine_info(**extra: Any) -> dict[str, Any]:
             "mem_available_gib": round(mem_available_mib() / 1024, 1),
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "git_commit": git_commit()}
     with contextlib.suppress(ImportError):
         import ray
 

@@ -212,7 +212,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     cfg = make_strategy(resolve_paths(load_config("default", args.overrides))).cfg
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def save(complete: bool, cluster_cpus: float | None, lm_build_s: float) -> dict[str, Any]:
+        """The JSON record; written after every K too, so a crash keeps what was measured."""
+        met = bool(results) and all(r["ratio"] < TARGET_RATIO for r in results)
+        record = {"command": command_line("overhead.py", argv), "complete": complete,
+                  "machine": machine_info(loadavg_start=machine["loadavg"],
+                                          ray_cluster_cpus=cluster_cpus),
+                  "args": vars(args), "wall_s": time.perf_counter() - started,
+                  "lm_build_s": lm_build_s,
+                  "target": {"ratio": TARGET_RATIO, "met": met,
+                             "ratios": {r["clients"]: r["ratio"] for r in results}},
+                  "results": results, "table": tables(results) if results else ""}
+        write_json(args.out, record)
+        return record
+
     with local_ray(cfg.resources) as cluster:
         root = str(ensure_dataset(cfg.data))
         available = participating_centers(cfg.data, read_manifest(root))
@@ -230,25 +245,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{cfg.train.local_steps} local steps, {args.reps} reps", flush=True)
             results.append(measure(cfg, root, available[:k], args.reps, args.plain_threads,
                                    renice=not args.keep_niceness))
-    text = tables(results)
-    met = all(r["ratio"] < TARGET_RATIO for r in results)
+            save(False, cluster.get("CPU"), lm_build_s)
+    record = save(True, cluster.get("CPU"), lm_build_s)
     print()
-    print(text)
+    print(record["table"])
     print(f"\ntarget: federated round / plain round (matched threads) < {TARGET_RATIO} at the "
           f"default scale: " + ", ".join(f"K={r['clients']} {r['ratio']:.3f}" for r in results)
-          + f" -> {'met' if met else 'MISSED'}")
-    record = {"command": command_line("overhead.py", argv),
-              "machine": machine_info(loadavg_start=machine["loadavg"],
-                                      ray_cluster_cpus=cluster.get("CPU")),
-              "args": vars(args), "wall_s": time.perf_counter() - started,
-              "lm_build_s": lm_build_s,
-              "target": {"ratio": TARGET_RATIO, "met": met,
-                         "ratios": {r["clients"]: r["ratio"] for r in results}},
-              "results": results, "table": text}
-    write_json(args.out, record)
+          + f" -> {'met' if record['target']['met'] else 'MISSED'}")
     print(f"wrote {args.out}")
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -261,7 +261,10 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
             actors.update(more)
             if renice:  # the product's coordinator actor runs at the actors' niceness
                 match_niceness(probe_actors(more))
-            rounds_out = run_rounds(cfg, {c: actors[c] for c in client_ids(k)}, rounds)
+            try:
+                rounds_out = run_rounds(cfg, {c: actors[c] for c in client_ids(k)}, rounds)
+            except Exception as e:  # e.g. an actor killed for memory: say how far it went
+                return results, f"stopped at K={k}: {type(e).__name__}: {str(e)[:500]}"
             probes = probe_actors(actors)
             tree = tree_memory_mib()
             row = summarize(k, rounds_out, probes, tree["pss"] - tree_before, start_s)
