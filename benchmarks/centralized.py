@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="recompute global-head prototypes every N epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-lr-ratio", type=float, default=0.05)
-    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="beam width (default: eval.num_beams of the config)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--skip-untrained", action="store_true",
                         help="do not evaluate the untrained model")
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     losses = cfg.model.losses
     log_prior = log_prior_from_counts(train_label_counts(root, centers),
                                       losses.diagnosis_prior_smoothing)
-    gen = {"num_beams": args.num_beams, "max_new_tokens": cfg.data.max_report_tokens,
+    gen = {"num_beams": args.num_beams or cfg.eval.num_beams,
+           "max_new_tokens": cfg.eval.max_new_tokens,
            "repetition_penalty": args.repetition_penalty}
 
     results: dict[str, CentersResult] = {}

@@ -175,7 +175,8 @@ class FederationConfig:
 class EvalConfig:
     """Report generation and scoring at evaluation time."""
 
-    num_beams: int = _f(3, "beam search width", min=1)
+    num_beams: int = _f(1, "beam search width (1: greedy; beams made the small default LM "
+                              "drop findings)", min=1)
     max_new_tokens: int = _f(160, "longest generated report in tokens", min=1)
     min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
     repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
