@@ -87,10 +87,12 @@ def test_rank_zero_sends_every_changed_tensor_whole():
 def test_only_a_client_at_the_base_version_gets_the_delta():
     s0 = state()
     b = StateBroadcast(s0, rank=4)
-    assert b.message_for(0) is None  # nothing sent yet: a client needs the full state
+    assert b.message_for(None) is None  # a client with no synced state needs the full one
     delta = b.advance(low_rank_change(s0, rank=3, seed=1))
     assert b.message_for(0) is delta
-    assert b.message_for(None) is None and b.message_for(1) is None
+    assert b.message_for(None) is None and b.message_for(7) is None
+    again = b.message_for(1)  # already at the current version (a retried round): no change
+    assert (again.base_version, again.version, again.add, again.replace) == (1, 1, {}, {})
     b.advance(low_rank_change(b.full_state(), rank=3, seed=2))
     assert b.message_for(0) is None  # missed a delta: full state
 

@@ -14,8 +14,10 @@ sent yet) is sent in later rounds: error feedback on the server, B tracks S with
 round's truncation residual. Clients train from B and send updates relative to it; the
 server folds them into S.
 
-A client that missed a delta (not sampled, restarted, or evaluated on S) gets the full B
-instead (`full_state`); the coordinator tracks which version each client holds.
+A client keeps a copy of the last B it received (its training moves the model away from it)
+and applies the next delta to that copy. A client that missed a delta (not sampled, or
+restarted) gets the full B instead (`full_state`); the coordinator tracks which version each
+client holds.
 """
 
 from __future__ import annotations
@@ -107,7 +109,10 @@ class StateBroadcast:
         return self.synced
 
     def message_for(self, client_version: int | None) -> StateDelta | None:
-        """The delta for a client at `client_version`, or None: it needs `full_state()`."""
+        """The delta for a client at `client_version` (an empty one when it is up to date: a
+        retried round restarts it from the synced state), or None: it needs `full_state()`."""
+        if client_version is not None and client_version == self.version:
+            return StateDelta(self.version, self.version)
         delta = self.last_delta
         if delta is not None and client_version == delta.base_version:
             return delta

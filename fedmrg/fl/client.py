@@ -168,9 +168,10 @@ class FederatedClient:
         self.checkpoint_dir = (Path(checkpoint_dir) if checkpoint_dir is not None
                                else default_checkpoint_dir(cfg, center))
         self.state_round: int | None = None  # the round the state ends with (None: as built)
-        # the downlink version of the shared state the model holds (None: unknown, e.g. after
-        # an evaluation on the server's state); a round's delta applies only to its base
+        # the downlink (`fl.broadcast`): the last synced global state received (training moves
+        # the model away from it; a round's delta applies to it) and its version (None: none)
         self.state_version: int | None = None
+        self._synced: dict[str, Tensor] | None = None
         self._initial_state: dict[str, Any] | None = None
         if self.checkpoint_dir is not None:
             self._fingerprint = run_fingerprint(cfg, self.root)
@@ -231,14 +232,15 @@ class FederatedClient:
         self._merge_into_base(stacked)
 
     def apply_state_delta(self, delta: StateDelta) -> None:
-        """Bring the shared state up to date with the round's low-rank delta (`fl.broadcast`);
-        a client not at the delta's base version cannot, and says so (the coordinator then
-        sends it the full state next round)."""
-        if self.state_version != delta.base_version:
+        """Bring the last synced state up to date with the round's low-rank delta
+        (`fl.broadcast`) and load it; a client not at the delta's base version cannot, and
+        says so (the coordinator then sends it the full state next round)."""
+        if self._synced is None or self.state_version != delta.base_version:
             raise ClientError(f"client {self.center!r} holds shared state version "
                               f"{self.state_version}, the round's delta is against version "
                               f"{delta.base_version}: it needs the full state")
-        self.load_global_state(apply_delta(get_shared_state(self.model), delta))
+        self._synced = apply_delta(self._synced, delta)
+        self.load_global_state(self._synced)
         self.state_version = delta.version
 
     @torch.no_grad()
@@ -280,7 +282,7 @@ class FederatedClient:
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.state_version = None  # a restored client gets the full shared state next
+        self.state_version, self._synced = None, None  # restored: full shared state next
         self._batches.close()
         self._batches = self._batch_iterator()
 
@@ -362,6 +364,8 @@ class FederatedClient:
         elif plan.global_state is not None:
             self.load_global_state(plan.global_state)
             self.state_version = plan.state_version
+            self._synced = (None if plan.state_version is None else
+                            {n: t.detach().clone() for n, t in plan.global_state.items()})
         if federated:
             self.trainer.reset_optimizer("shared")
         start = get_shared_state(self.model)  # (the global state, as loaded)
@@ -426,8 +430,7 @@ class FederatedClient:
         + specialized adapters; a model without a specialized adapter uses the generic one
         (its own model is then its generic path)."""
         if global_state is not None:
-            self.load_global_state(from_wire(dict(global_state)))
-            self.state_version = None  # the server's own state, not a synced version
+            self.load_global_state(from_wire(dict(global_state)))  # the synced copy stays
         target = dataset_center or self.center
         use_specialized = personalized and self.cfg.model.specialized_adapter
         result = evaluate_model(self.model, self.eval_stream(target, split).iter_batches(0),
