@@ -104,3 +104,17 @@ def test_a_delta_that_does_not_fit_is_a_clear_error():
         apply_delta(s0, bad)
     with pytest.raises(BroadcastError, match="'nope'"):
         apply_delta(s0, StateDelta(0, 1, add={"nope": torch.zeros(1)}))
+
+
+def test_state_dict_round_trip_continues_the_same_deltas():
+    s0 = state()
+    a = StateBroadcast(s0, rank=4)
+    a.advance(low_rank_change(s0, rank=6, seed=1))
+    b = StateBroadcast(state(seed=9), rank=4)
+    b.load_state_dict(a.state_dict())
+    assert b.version == 1 and b.message_for(0) is None  # the old delta is not kept
+    target = low_rank_change(a.full_state(), rank=6, seed=2)
+    da, db = a.advance(target), b.advance(target)
+    for name in da.add:
+        assert torch.equal(da.add[name].U, db.add[name].U), name
+    assert all(torch.equal(a.full_state()[n], b.full_state()[n]) for n in s0)

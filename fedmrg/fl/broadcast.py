@@ -117,3 +117,13 @@ class StateBroadcast:
         if delta is not None and client_version == delta.base_version:
             return delta
         return None
+
+    def state_dict(self) -> dict:
+        """B and its version, for the coordinator's checkpoint (tensors and ints only). The
+        last delta is left out: clients rebuilt on resume get the full state anyway."""
+        return {"synced": self.synced, "version": self.version}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.synced = {n: t.detach().clone() for n, t in state["synced"].items()}
+        self.version = int(state["version"])
+        self.last_delta = None
