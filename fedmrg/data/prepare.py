@@ -63,12 +63,35 @@ def _check_phantom_matches(root: Path, manifest: dict, cfg: DataConfig) -> None:
 
 
 def participating_centers(cfg: DataConfig, manifest: dict) -> list[str]:
-    """The configured centers, or every center in the manifest except the held-out one."""
+    """The configured centers, or every center in the manifest except the held-out one.
+
+    Checked here, in the driver, before any client starts: an unknown or repeated center, and
+    a participating center the manifest gives no train rows (nothing to train on) or no test
+    rows (nothing to evaluate it on at the end of the run). Each is a DatasetError naming the
+    center and the manifest.
+    """
     known = sorted(manifest["centers"])
+    where = Path(cfg.root) / MANIFEST
     if not cfg.centers:
-        return [c for c in known if c != "heldout"]
-    unknown = [c for c in cfg.centers if c not in known]
-    if unknown:
-        raise DatasetError(f"data.centers: unknown center {unknown[0]!r}; the dataset at "
-                           f"{cfg.root} has {known}")
-    return list(cfg.centers)
+        centers = [c for c in known if c != "heldout"]
+        if not centers:
+            raise DatasetError(f"{where}: no center to train on besides 'heldout' ({known}); "
+                               f"name the centers in data.centers")
+    else:
+        unknown = [c for c in cfg.centers if c not in known]
+        if unknown:
+            raise DatasetError(f"data.centers: unknown center {unknown[0]!r}; the dataset at "
+                               f"{cfg.root} has {known}")
+        repeated = sorted({c for c in cfg.centers if cfg.centers.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"data.centers: center {repeated[0]!r} is listed more than once "
+                               f"({cfg.centers})")
+        centers = list(cfg.centers)
+    for center in centers:
+        rows = manifest["centers"][center]["rows"]
+        for split, why in (("train", "nothing to train on"), ("test", "nothing to evaluate on")):
+            if rows.get(split, 0) <= 0:
+                raise DatasetError(
+                    f"{where}: center {center!r} has no {split!r} rows ({why}; rows per split: "
+                    f"{rows}); leave it out of data.centers")
+    return centers

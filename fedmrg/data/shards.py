@@ -71,6 +71,9 @@ class Study:
                                f"codes are 0..3 ({', '.join(LABEL_NAMES)})")
 
 
+SKIPPED = "skipped"  # prefix of the skip metrics (`SkipLog.metrics`)
+
+
 @dataclass
 class SkipLog:
     """Rows skipped under `on_error=skip`: counted by reason, first examples kept."""
@@ -91,6 +94,15 @@ class SkipLog:
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
                 "examples": self.examples}
+
+    def metrics(self, reasons: Iterable[str] = ()) -> dict[str, float]:
+        """The counts as metrics: `skipped_rows` and `skipped_<reason>` for every reason
+        counted or listed in `reasons` (zeros included, so a run's metrics show the policy at
+        work, or that it had nothing to do)."""
+        out = {f"{SKIPPED}_rows": float(self.total)}
+        for reason in sorted({*reasons, *self.counts}):
+            out[f"{SKIPPED}_{reason}"] = float(self.counts.get(reason, 0))
+        return out
 
 
 def sha256_file(path: Path) -> str:

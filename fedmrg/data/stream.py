@@ -37,7 +37,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +65,7 @@ from fedmrg.data.transforms import (
 ON_ERROR = ("raise", "skip")
 # Why a row was skipped under on_error="skip" (keys of `CenterStream.skipped.counts`).
 CORRUPT_IMAGE, EMPTY_REPORT, BAD_LABELS = "corrupt_image", "empty_report", "bad_labels"
+SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_REPORT, BAD_LABELS)
 
 # Decoded pixels up to this size per stream are materialized once (see the module docstring).
 CACHE_MAX_BYTES = 512 * 1024 * 1024
@@ -77,19 +78,38 @@ STAGE_BATCH_BYTES = 64 * 1024 * 1024
 READ_COLUMNS = ("study_id", "split", "images", "report", "labels")
 
 
+def skip_metrics(skipped: SkipLog) -> dict[str, float]:
+    """A stream's skipped rows as the metrics a client reports with its update or evaluation:
+    `skipped_rows` and `skipped_<reason>` for every reason a stream skips for, zeros included."""
+    return skipped.metrics(SKIP_REASONS)
+
+
 # --------------------------------------------------------------------------- reading
 
 
-def read_center_file(path: str, columns: tuple[str, ...], center: str | None = None
-                     ) -> list[pa.Table]:
+def file_error(center: str | None, path: str, error: BaseException) -> DatasetError:
+    """A DatasetError naming the center and the file a read failed on. A file the manifest
+    lists that is gone (deleted or unmounted during a run) is always an error, whatever
+    `on_error` says: that policy is for bad rows, and skipping a whole file would change the
+    dataset, and the sample count the aggregation weighs by, under a running experiment."""
+    where = f"center {center!r}, file {path}" if center is not None else path
+    if isinstance(error, FileNotFoundError) or not os.path.exists(path):
+        return DatasetError(f"{where}: missing (the manifest lists it; did the dataset change "
+                            f"during the run? `fedmrg data validate` re-checks it)")
+    return DatasetError(f"{where}: cannot read parquet ({type(error).__name__}: {error})")
+
+
+def read_center_file(path: str, columns: tuple[str, ...], center: str | None = None,
+                     tag_center: bool = False) -> list[pa.Table]:
     """One parquet file -> [table of `columns` + its `path`] (runs in a Ray read task), plus a
-    `center` column naming the file's center when `center` is given (pooled streams)."""
+    `center` column naming the file's center when `tag_center` (pooled streams); `center`
+    also names the center in errors."""
     try:
         table = pq.read_table(path, columns=list(columns))
     except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from e
+        raise file_error(center, path, e) from e
     table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
-    if center is not None:
+    if tag_center:
         table = table.append_column("center", pa.array([center] * table.num_rows, pa.string()))
     return [table]
 
@@ -102,22 +122,24 @@ class CenterFiles(Datasource):
     """
 
     def __init__(self, paths: list[str], columns: tuple[str, ...] = READ_COLUMNS,
-                 centers: list[str] | None = None):
+                 centers: list[str] | None = None, tag_center: bool = False):
         self.paths, self.columns = list(paths), tuple(columns)
+        # each file's center: named in errors, and a `center` column when `tag_center`
         self.centers = list(centers) if centers is not None else [None] * len(self.paths)
+        self.tag_center = tag_center
         self.rows, self.sizes = [], []
-        for path in self.paths:
+        for path, center in zip(self.paths, self.centers, strict=True):
             try:
                 schema = pq.read_schema(path)
                 self.rows.append(pq.ParquetFile(path).metadata.num_rows)
+                self.sizes.append(os.path.getsize(path))
             except (OSError, pa.ArrowException) as e:
-                raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {e})"
-                                   ) from e
+                raise file_error(center, path, e) from e
             missing = [c for c in self.columns if c not in schema.names]
             if missing:
-                raise DatasetError(f"{path}: missing column(s) {missing}; the file has "
+                where = f"center {center!r}, file {path}" if center is not None else path
+                raise DatasetError(f"{where}: missing column(s) {missing}; the file has "
                                    f"{schema.names}")
-            self.sizes.append(os.path.getsize(path))
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(self.sizes)
@@ -129,7 +151,8 @@ class CenterFiles(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(read_center_file, path, self.columns, center),
+            ReadTask(functools.partial(read_center_file, path, self.columns, center,
+                                       self.tag_center),
                      BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None,
                                    input_files=(path,)),
                      per_task_row_limit=per_task_row_limit)
@@ -310,16 +333,20 @@ class CenterStream:
             self.file_centers += [c] * len(files)
             self.manifest_rows += rows
         # Reads footers now: a bad file fails here.
-        self.source = CenterFiles(self.files, centers=self._centers_of(range(len(self.files))))
+        self.source = self._files(range(len(self.files)))
         decoded_bytes = self.manifest_rows * max_views * image_size * image_size * 4
         self.cache_decoded = (decoded_bytes <= CACHE_MAX_BYTES if cache_decoded is None
                               else cache_decoded)
         self._decoded: ray.data.Dataset | None = None  # materialized stage A (cached mode)
         self._skipped = SkipLog()
 
-    def _centers_of(self, indices: Iterable[int]) -> list[str] | None:
-        """The `center` column values of these files (pooled streams), else None."""
-        return [self.file_centers[i] for i in indices] if self.pooled else None
+    def _files(self, indices: Iterable[int]) -> CenterFiles:
+        """These files as a source (footers read now), each named with its center in errors;
+        pooled streams also get the `center` column."""
+        indices = list(indices)
+        return CenterFiles([self.files[i] for i in indices],
+                           centers=[self.file_centers[i] for i in indices],
+                           tag_center=self.pooled)
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig, center: str | Sequence[str], split: str,
@@ -396,7 +423,7 @@ class CenterStream:
         source = self.source
         if file_seed is not None:
             order = np.random.default_rng(file_seed).permutation(len(self.files))
-            source = CenterFiles([self.files[i] for i in order], centers=self._centers_of(order))
+            source = self._files(order)
         tasks = self._ray_args(len(self.files))
         dataset = ray.data.read_datasource(source, **tasks)
         context = dataset.context  # a copy owned by this dataset and the ones derived from it
