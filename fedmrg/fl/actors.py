@@ -13,7 +13,10 @@
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
   a round's global state is `ray.put` ONCE and every client gets the same ObjectRef as a
   top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
-  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`.
+  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`, or
+  `ClientDataError` when the client raised a `DatasetError` (bad data is not transient: the
+  coordinator stops the run with it instead of dropping the client; so does
+  `start_client_actors` for a client whose data fails while it is built).
   A client whose actor was lost: Ray restarts it (the new actor rebuilds its model and
   stream in `ClientHost.__init__`, its private state from its own checkpoint); the pool sends
   that client's next calls through a small task that waits for the restart (Ray itself
@@ -54,6 +57,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedmrg.config import ExperimentConfig, ResourcesConfig
+from fedmrg.fl.coordinator import ClientDataError
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 
 if TYPE_CHECKING:
@@ -169,13 +173,23 @@ class ClientHost:
         return parameter_group_summary(self.client.model)
 
     def fit(self, plan: RoundPlan, global_state: Tensors | None) -> ClientUpdate:
+        from fedmrg.data.stream import skip_metrics
+
         # `global_state` arrives as a top-level argument: Ray resolved the round's ObjectRef.
-        return self.client.fit(dataclasses.replace(plan, global_state=global_state))
+        update = self.client.fit(dataclasses.replace(plan, global_state=global_state))
+        # rows data.on_error=skip left out of the train split, by reason (counted, not lost)
+        update.metrics.update(skip_metrics(self.client.train_stream.skipped))
+        return update
 
     def evaluate(self, split: str, personalized: bool, dataset_center: str | None,
                  global_state: Tensors | None) -> EvalReply:
-        return self.client.evaluate(split, personalized, dataset_center=dataset_center,
-                                    global_state=global_state)
+        from fedmrg.data.stream import skip_metrics
+
+        reply = self.client.evaluate(split, personalized, dataset_center=dataset_center,
+                                     global_state=global_state)
+        stream = self.client.eval_stream(dataset_center or self.center, split)
+        reply.metrics.update(skip_metrics(stream.skipped))
+        return reply
 
     def export_generic_adapter(self, global_state: Tensors | None) -> dict[str, bytes]:
         """The generic adapter in PEFT format as `{file: bytes}`, with `global_state` loaded
@@ -238,6 +252,9 @@ def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] |
         except RayError as e:
             for other in actors.values():
                 ray.kill(other, no_restart=True)
+            data = _data_error(e)
+            if data is not None:
+                raise ClientDataError({client_id: f"could not start: {data}"}) from None
             raise ClientFailure(client_id, f"could not start: {_cause(e)}") from None
     return actors, placement
 
@@ -257,6 +274,30 @@ def _cause(error: BaseException) -> str:
     if raised:
         return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"
     return f"{type(error).__name__}: {last}"
+
+
+# A DatasetError that ended a client's constructor, as the last line of the error's text.
+_DATA_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?DatasetError: (.*)$")
+
+
+def _data_error(error: BaseException) -> str | None:
+    """The message of the `DatasetError` a client raised, found through Ray's wrappers (a
+    method's error keeps it as `cause`; a constructor's only as the traceback's last line),
+    or None when the failure was something else."""
+    from fedmrg.data.shards import DatasetError
+
+    if isinstance(error, RayTaskError):
+        cause = error.cause
+        if isinstance(cause, DatasetError) and not isinstance(cause, RayError):
+            return str(cause)
+        if isinstance(cause, RayError) and cause is not error:  # raised in a task that called
+            return _data_error(cause)                           # the actor (_call_when_ready)
+        return None
+    if isinstance(error, RayActorError):
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        match = _DATA_ERROR_LINE.match(lines[-1]) if lines else None
+        return match.group(1) if match else None
+    return None
 
 
 # --------------------------------------------------------------------------- the pool
@@ -385,6 +426,9 @@ class RayClientPool:
         except RayError as e:
             if _actor_lost(e):
                 self._lost.add(handle.center)
+            data = _data_error(e)
+            if data is not None:
+                raise ClientDataError({handle.center: data}) from None
             raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}") from None
         if handle.after_loss:
             info, reply = reply

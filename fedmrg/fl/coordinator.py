@@ -22,9 +22,12 @@ A round (`run_round`) is one or more attempts; an attempt:
    abandoned one; see `drop_late_replies`). A second reply for a client that already answered
    (a transport that delivers twice) is dropped and counted;
 4. every reply is counted in bytes (`message_bytes`), then checked (`validate_update`: round
-   id, center, names, shapes, wire dtype, finite values), cast back from the wire dtype and
-   held to the update-norm bound (`bound_update_norm`: `federation.max_update_norm`,
-   rejected or clipped by `update_norm_action`); see `fedmrg.fl.validation` for the norm;
+   id, center, names, shapes, wire dtype, finite values, statistics' shapes, numeric metrics),
+   cast back from the wire dtype and held to the update-norm bound (`bound_update_norm`:
+   `federation.max_update_norm`, rejected or clipped by `update_norm_action`); see
+   `fedmrg.fl.validation` for the norm. A client whose call raised a `DatasetError` (bad data:
+   the same on every retry) stops the run once the attempt's replies are in, with one
+   `ClientDataError` naming every such client and its own message (center, file, study);
 5. fewer than `min_clients` accepted updates: the attempt failed; the round is tried again,
    up to `federation.round_retries` more times, with a fresh sample drawn from the same seeded
    RNG stream (so the same seed and the same failures give the same clients; with fraction 1
@@ -37,13 +40,15 @@ A round (`run_round`) is one or more attempts; an attempt:
 7. a `RoundSummary` goes to `on_round`: bytes up/down (every attempt's), dense equivalent,
    times, who was rejected and why (last attempt; earlier attempts in `failed_attempts`), who
    was clipped and who rejoined after an actor restart, and metrics: the strategy's, the
-   clients' (their mean and "<center>/<metric>"), "<center>/update_norm" of every update
+   clients' (their mean, the sum for the "skipped_*" row counts of `data.on_error=skip`, and
+   "<center>/<metric>"), "<center>/update_norm" of every update
    measured, `update_norm_max`, and counts over all the round's attempts: `rejected_failed`
    (the call raised or the actor died), `rejected_deadline`, `rejected_invalid`,
    `rejected_norm`, `clipped` (last attempt), `late_replies_dropped`,
    `duplicate_replies_dropped`, `round_attempts`, `rejoined`.
 `on_evaluation(view, per_center, mean, step=round_id)` gets every evaluation.
-`eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation).
+`eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation; a
+`ClientDataError` then names every client whose evaluation data was bad).
 
 Evaluation (`evaluate`): generalization = the generic model (the global state) on the test
 split of every evaluated center (`eval_centers`, default the pool's centers) and of every
@@ -67,14 +72,15 @@ import numpy as np
 from torch import Tensor
 
 from fedmrg.config import ExperimentConfig
+from fedmrg.data.shards import SKIPPED, DatasetError
 from fedmrg.eval.evaluator import mean_over_centers
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
-from fedmrg.fl.validation import bound_update_norm, validate_update
+from fedmrg.fl.validation import bound_update_norm, statistic_shapes, validate_update
 from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
 
-__all__ = ["ClientFailure", "ClientPool", "Collected", "Coordinator", "Evaluation",
-           "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
+__all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coordinator",
+           "Evaluation", "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
            "validate_update"]
 
 GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
@@ -86,11 +92,36 @@ LATE_REPLY_GRACE_S = 5.0
 # --------------------------------------------------------------------------- the pool
 
 
+class ClientDataError(DatasetError):
+    """Bad data at one or more clients: a `DatasetError` raised in a client (a corrupt image or
+    an empty report under `data.on_error=raise`, a shard file gone, a split with no usable
+    row). Unlike a `ClientFailure` it is not transient: the same data fails again on a retry
+    or after a restart, so instead of dropping the client from the round the run stops with
+    this one error, which keeps each client's own message (center, file, study).
+    `errors`: {center: message}."""
+
+    def __init__(self, errors: Mapping[str, str], context: str = ""):
+        self.errors = dict(sorted(errors.items()))
+        self.context = context
+        parts = [f"client {c!r}: {m}" for c, m in self.errors.items()]
+        head = f"{context}: " if context else ""
+        super().__init__(head + ("bad data at " if len(parts) == 1 else
+                                 f"bad data at {len(parts)} clients: ") + " | ".join(parts))
+
+    @property
+    def centers(self) -> list[str]:
+        return list(self.errors)
+
+    def __reduce__(self):  # picklable across Ray (the coordinator may run in an actor)
+        return (type(self), (self.errors, self.context))
+
+
 class ClientPool(Protocol):
     """How the coordinator reaches its clients: in-process (`InProcessPool`) or Ray actors.
 
     A handle is opaque and hashable (a Ray ObjectRef, or an in-process record). `wait` returns
-    (ready, pending) like `ray.wait`; `result` returns the reply or raises `ClientFailure`.
+    (ready, pending) like `ray.wait`; `result` returns the reply or raises `ClientFailure`, or
+    `ClientDataError` when the client raised a `DatasetError`.
     `global_state` in `submit_evaluate` is the server's generic state for an evaluation
     (None: the client's own model as it stands).
     """
@@ -120,7 +151,7 @@ class _Call:
 
     center: str
     reply: ClientUpdate | EvalReply | None = None
-    error: ClientFailure | None = None
+    error: ClientFailure | ClientDataError | None = None
 
 
 class InProcessPool:
@@ -142,7 +173,11 @@ class InProcessPool:
         try:
             return _Call(center, reply=fn(self.clients[center]))
         except Exception as e:  # a client's failure is the round's to judge, as over Ray
-            failure = ClientFailure(center, f"{type(e).__name__}: {e}")
+            failure: ClientFailure | ClientDataError
+            if isinstance(e, DatasetError):
+                failure = ClientDataError({center: str(e)})
+            else:
+                failure = ClientFailure(center, f"{type(e).__name__}: {e}")
             failure.__cause__ = e  # the client's traceback, for debugging in process
             return _Call(center, error=failure)
 
@@ -229,6 +264,7 @@ class Collected:
 
     replies: dict[str, Any] = field(default_factory=dict)  # center -> reply as received
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # center -> (kind, reason)
+    data_errors: dict[str, str] = field(default_factory=dict)  # center -> ClientDataError text
     duplicates: int = 0  # second deliveries for a call already answered: dropped
     late_dropped: int = 0  # replies of earlier abandoned calls that arrived meanwhile: dropped
 
@@ -311,13 +347,16 @@ class Coordinator:
         fed = self.cfg.federation
         rng_state = self.rng.bit_generator.state  # a failed round gives back its draws
         attempts: list[RoundAttempt] = []
-        for number in range(1, fed.round_retries + 2):
-            attempts.append(self._attempt(round_id, number))
-            if len(attempts[-1].accepted) >= fed.min_clients:
-                break
-        else:
+        try:
+            for number in range(1, fed.round_retries + 2):
+                attempts.append(self._attempt(round_id, number))
+                if len(attempts[-1].accepted) >= fed.min_clients:
+                    break
+            else:
+                self.on_round_failure(round_id, attempts)
+        except (FederationError, ClientDataError):
             self.rng.bit_generator.state = rng_state
-            self.on_round_failure(round_id, attempts)
+            raise
         final = attempts[-1]
         rejoined = sorted(set(self.pool.rejoined()) if hasattr(self.pool, "rejoined") else ())
 
@@ -347,11 +386,14 @@ class Coordinator:
                                bytes_down=sum(message_bytes(p).bytes for p in plans.values()))
         handles = {self.pool.submit_fit(c, plans[c]): c for c in centers}
         collected = self.collect_replies(handles, fed.min_clients, fed.round_deadline_s)
+        if collected.data_errors:  # every reply of the attempt is in: one error names them all
+            raise ClientDataError(collected.data_errors, f"round {round_id}")
         attempt.duplicates, attempt.late_dropped = collected.duplicates, collected.late_dropped
         for center, (kind, reason) in collected.failed.items():
             attempt.reject(center, kind, reason)
 
         lora_spec, dense_spec = self.strategy.update_spec()
+        stats = statistic_shapes(self.cfg.model.projection_dim)
         reference = self.strategy.global_state()
         dtype = wire_dtype(fed.wire_dtype)
         for center, reply in sorted(collected.replies.items()):
@@ -359,7 +401,8 @@ class Coordinator:
             attempt.bytes_up += size.bytes
             attempt.dense_up += size.dense_equivalent_bytes
             reason = validate_update(reply, center=center, round_id=round_id,
-                                     lora_spec=lora_spec, dense_spec=dense_spec, dtype=dtype)
+                                     lora_spec=lora_spec, dense_spec=dense_spec, dtype=dtype,
+                                     stats=stats)
             if reason is not None:
                 attempt.reject(center, "invalid", reason)
                 continue
@@ -415,6 +458,9 @@ class Coordinator:
                     out.replies[center] = self.pool.result(handle)
                 except ClientFailure as e:
                     out.failed[center] = ("failed", f"failed: {e.message}")
+                except ClientDataError as e:
+                    out.failed[center] = ("data", str(e))
+                    out.data_errors.update(e.errors)
         earlier = dict(self.abandoned)
         for handle in pending:
             out.failed[handles[handle]] = ("deadline",
@@ -486,6 +532,7 @@ class Coordinator:
             handles[self.pool.submit_evaluate(client, self.eval_split, personalized,
                                               dataset_center=dataset, global_state=state)] = job
         replies: dict[tuple, EvalReply] = {}
+        data_errors: dict[str, str] = {}
         pending = list(handles)
         while pending:
             ready, pending = self.pool.wait(pending, len(pending), None)
@@ -493,10 +540,14 @@ class Coordinator:
                 view, dataset, client, _ = handles[handle]
                 try:
                     replies[handles[handle]] = self.pool.result(handle)
+                except ClientDataError as e:  # after every reply: one error names them all
+                    data_errors.update(e.errors)
                 except ClientFailure as e:
                     raise FederationError(f"round {round_id}: {view} evaluation of "
                                           f"{dataset!r} on client {client!r} failed: "
                                           f"{e.message}") from None
+        if data_errors:
+            raise ClientDataError(data_errors, f"round {round_id} evaluation")
         out = []
         for view in (GENERALIZATION, PERSONALIZATION):
             per_center: dict[str, dict[str, float]] = {}
@@ -527,14 +578,15 @@ class Coordinator:
 
 
 def client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
-    """The clients' own metrics: "<center>/<metric>" each, and the mean over clients."""
+    """The clients' own metrics: "<center>/<metric>" each, and over clients the mean, or the
+    sum for counts of skipped rows ("skipped_*": rows the round's clients left out)."""
     out: dict[str, float] = {}
     for u in updates:
         out.update({f"{u.center}/{k}": float(v) for k, v in u.metrics.items()})
     keys = dict.fromkeys(k for u in updates for k in u.metrics)
     for k in keys:
         values = [float(u.metrics[k]) for u in updates if k in u.metrics]
-        out[k] = float(np.mean(values))
+        out[k] = float(np.sum(values) if k.startswith(f"{SKIPPED}_") else np.mean(values))
     return out
 
 

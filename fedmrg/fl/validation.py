@@ -7,7 +7,9 @@
 1. `validate_update`: the reply's form. A `ClientUpdate` of this round from this center, a
    positive sample count, exactly the expected tensor names, shapes (a LoRA factor may differ in
    rank only; a low-rank update must stand for the tensor's shape), floating tensors in the wire
-   dtype, finite values.
+   dtype, finite values; the statistics besides the model update in their model-level shapes
+   (`statistic_shapes`: prototypes (14, P), counts (14,) and (14, 4), never rows of samples)
+   with non-negative counts; metrics a mapping of names to numbers (no text).
 2. `update_norm`: its size. The update norm is the L2 norm, over every shared tensor at once,
    of the change the update applies to the server's shared state:
    - a LoRA factor X (the client sends its factors as trained): X - G, G the round's global
@@ -44,12 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import FederationError
 
-__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update", "update_norm",
-           "validate_update"]
+__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update",
+           "statistic_shapes", "update_norm", "validate_update"]
 
 NORM_ACTIONS = ("reject", "clip")
 _F64 = torch.float64
@@ -81,12 +84,29 @@ def lora_rank_dim(name: str) -> int:
     return 0 if ".lora_A." in name else 1
 
 
+def statistic_shapes(projection_dim: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the statistics a `ClientUpdate` may carry besides its model update:
+    diagnosis prototypes in the global head's space (14, `model.projection_dim`), the samples
+    behind each prototype (14,), the label-state counts of the train split (14, 4). Fixed by
+    the model, never by how many samples a center has."""
+    return {"prototypes": (NUM_OBSERVATIONS, projection_dim),
+            "prototype_counts": (NUM_OBSERVATIONS,),
+            "label_counts": (NUM_OBSERVATIONS, NUM_STATES)}
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer,
+                                                               np.floating))
+
+
 def validate_update(update: Any, *, center: str, round_id: int,
                     lora_spec: Mapping[str, tuple[int, ...]],
                     dense_spec: Mapping[str, tuple[int, ...]],
-                    dtype: torch.dtype | None = None) -> str | None:
+                    dtype: torch.dtype | None = None,
+                    stats: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
     """Why `update` must not be aggregated, or None (module docstring, 1). `dtype`: the wire
-    dtype every floating model tensor must have (None: any floating dtype)."""
+    dtype every floating model tensor must have (None: any floating dtype); `stats`: the
+    shapes of the statistics (`statistic_shapes`; None: any shape)."""
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate but a {type(update).__name__}"
     if update.round_id != round_id:
@@ -137,8 +157,19 @@ def validate_update(update: Any, *, center: str, round_id: int,
             return f"dense update {name!r} has non-finite values"
     for field_name in ("prototypes", "prototype_counts", "label_counts"):
         t = getattr(update, field_name)
-        if t is not None and (not isinstance(t, Tensor) or not _finite(t)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not _finite(t):
             return f"{field_name} is not a finite tensor"
+        want = (stats or {}).get(field_name)
+        if want is not None and tuple(t.shape) != tuple(want):
+            return f"{field_name} has shape {tuple(t.shape)}, expected {tuple(want)}"
+        if field_name != "prototypes" and bool((t < 0).any()):
+            return f"{field_name} has negative counts"
+    metrics = update.metrics
+    if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in metrics.items()):
+        return "metrics are not a mapping of names to numbers"
     return None
 
 
