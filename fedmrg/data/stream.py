@@ -197,8 +197,8 @@ def decode_rows(batch: pa.Table, *, center: str, image_size: int, max_views: int
                 pixels[i], n_views[i] = decode_study(images or [], study_id, image_size,
                                                      max_views)
                 labels[i] = row_labels
-            except ImageDecodeError as e:
-                reason, detail = CORRUPT_IMAGE, str(e)
+            except ImageDecodeError as e:  # "study 's' view 1: ...": the study is named below
+                reason, detail = CORRUPT_IMAGE, str(e).removeprefix(f"study {study_id!r} ")
         if reason:
             message = (f"center {row_centers[i]!r}, file {paths[i]}, study {study_id!r}: "
                        f"{detail}")
@@ -558,8 +558,19 @@ def _dataset_error(error: BaseException) -> DatasetError | None:
     return None
 
 
+# Ray Data 2.60 appends its retry advice to the message of an exception raised in a map task.
+_RAY_DATA_NOTE = "\nFailed to apply UDF transform"
+
+
+def _own_message(error: BaseException) -> str:
+    """The message fedmrg wrote, without what Ray Data appended to it."""
+    message = str(error.args[0]) if error.args else str(error)
+    return message.split(_RAY_DATA_NOTE, 1)[0]
+
+
 class _clear_errors:
-    """Re-raise a DatasetError from inside Ray as itself, without the worker traceback."""
+    """Re-raise a DatasetError from inside Ray as itself: fedmrg's own message, without the
+    worker traceback or Ray Data's retry advice."""
 
     def __enter__(self) -> None:
         return None
@@ -568,9 +579,12 @@ class _clear_errors:
         if exc is None or isinstance(exc, GeneratorExit):
             return False
         error = _dataset_error(exc)
-        if error is None or error is exc:
+        if error is None:
             return False
-        raise DatasetError(str(error.args[0]) if error.args else str(error)) from None
+        message = _own_message(error)
+        if error is exc and exc.args == (message,):
+            return False
+        raise DatasetError(message) from None
 
 
 def _derive_seed(seed: int, epoch: int, purpose: str) -> int:
