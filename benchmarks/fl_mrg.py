@@ -11,9 +11,10 @@ Usage (from the repository root):
 
 Rows: the strategies `centralized`, `local`, `fedavg`, `fedprox`, `fedmrg`, and `fedmrg` with
 one mechanism switched off (config switches, `ABLATIONS`): `fedmrg-no_lowrank` (factor-wise
-fedavg aggregation, dense updates of the other shared tensors), `fedmrg-no_contrastive` (both
-contrastive heads off), `fedmrg-no_prompts` (no diagnosis prompt), `fedmrg-no_mutual` (no
-two-way KL), `fedmrg-no_specialized` (no private adapter, hence no personal LM loss and no KL).
+fedavg aggregation, dense updates of the other shared tensors up, the full state down),
+`fedmrg-no_contrastive` (both contrastive heads off), `fedmrg-no_prompts` (no diagnosis
+prompt), `fedmrg-no_mutual` (no two-way KL), `fedmrg-no_specialized` (no private adapter,
+hence no personal LM loss and no KL).
 Each run is `fedmrg.experiment.Experiment(cfg, run_name=...).fit()` on the default config
 with the row's overrides: real client actors on the local Ray, the phantom benchmark
 (`data/phantom-v1`), MLflow (every run under one experiment, `fl_mrg_benchmark` or
@@ -26,17 +27,18 @@ fedavg, fedprox) and every `local` client trains `rounds x local_steps` optimize
 participating centers; it runs the same number of rounds with `local_steps x N` steps per
 round, so it sees as many training samples as all N federated clients together.
 
-Evaluation: generation uses the config's `eval.*` settings (beam search, 3 beams) in every
-mode. Quick mode evaluates only after the last round; its plot shows the per-round training
-loss of the generic path (`lm_generic`, the one loss every strategy trains) and the final
-evaluation as a point. Full mode evaluates every `--eval-every` rounds (default 2) with the
-same settings, read back per round from the run's MLflow metrics. Why not a cheaper greedy
-evaluation for the intermediate points: the evaluation config applies to every evaluation of
-a run (there is no separate setting for the periodic ones), and greedy decoding is not a
-faithful cheap proxy: on a trained default fedmrg model (center b, 60 test studies, warmed
-up) it changed the scores a lot (generic model BLEU-4 0.000 vs 0.041, CE macro-F1 0.017 vs
-0.122: greedy stops after ~10 tokens) and was not consistently cheaper (generic 4 s vs 17 s,
-personalized 7 s vs 6 s). A client's first evaluation also pays a one-time ~20 s start-up.
+Evaluation: every evaluation of every run generates with the config's `eval.*` settings
+(the default config's, recorded per run under "generation"), on the test splits. Quick mode
+evaluates only after the last round; its plot shows the per-round training loss of the
+generic path (`lm_generic`, the one loss every strategy trains) and the final evaluation as
+a point. Full mode also evaluates every `--eval-every` rounds (default 2), read back per
+round from the run's MLflow metrics; the config has no separate (cheaper) setting for these
+periodic evaluations, so they cost as much as the final one. A client's first evaluation
+pays a one-time start-up (~20 s measured under load).
+
+Consistency: every run records the git commit of the code it ran (`fedmrg.tracking.git_commit`)
+and its generation settings; when the runs of one table differ in either (the tree changed
+during a long run, or `--resume` picked up older records) the table says so.
 
 Outputs in `--out` (default `benchmarks/results/fl_mrg/`), named by mode (`quick`/`full`):
 `<mode>.json` (command, machine, load average, budget rule, every run: overrides, wall time,
@@ -81,7 +83,10 @@ STRATEGIES = ("centralized", "local", "fedavg", "fedprox", "fedmrg")
 BASE = "base"  # the ablation name of a plain strategy in run names
 # One FedMRG mechanism off per row (overrides on top of strategy fedmrg).
 ABLATIONS: dict[str, tuple[str, ...]] = {
-    "no_lowrank": ("federation.aggregation=fedavg", "federation.dense_update_rank=0"),
+    # every low-rank factorization off: factor-wise averaging, dense updates up, the full
+    # state down (the three keys FedAvg.implies sets for the same reason)
+    "no_lowrank": ("federation.aggregation=fedavg", "federation.dense_update_rank=0",
+                   "federation.download_rank=0"),
     "no_contrastive": ("model.losses.contrastive_global=0", "model.losses.contrastive_local=0"),
     "no_prompts": ("model.diagnosis_prompts=false",),
     "no_mutual": ("model.losses.mutual=0",),
@@ -337,8 +342,9 @@ def read_evaluations(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[Mapping],
-               *, wall_s: float, loadavg_start: Sequence[float],
-               loadavg_end: Sequence[float]) -> dict[str, Any]:
+               *, wall_s: float, loadavg_start: Sequence[float], loadavg_end: Sequence[float],
+               git_commit: str = "unknown", generation: Mapping[str, Any] | None = None
+               ) -> dict[str, Any]:
     """What the benchmark keeps of one run (JSON): spec, overrides, wall time (of the whole
     `fit()`, as measured here), load average, final metrics per center and for the table,
     per-round metrics and evaluations, bytes, where MLflow and the run's files are."""
@@ -351,7 +357,8 @@ def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[
     return {
         "name": spec.name, "row": spec.row, "strategy": spec.strategy,
         "ablation": spec.ablation, "seed": spec.seed, "overrides": list(spec.overrides),
-        "wall_s": wall_s, "fit_wall_s": summary.get("wall_s"),
+        "wall_s": wall_s, "fit_wall_s": summary.get("wall_s"), "git_commit": git_commit,
+        "generation": dict(generation or {}),
         "loadavg_start": list(loadavg_start), "loadavg_end": list(loadavg_end),
         "final": final,
         "per_center": {"generalization": summary["generalization"].get("per_center", {}),
@@ -630,8 +637,10 @@ def run_one(spec: RunSpec, *, resume: bool) -> dict[str, Any]:
     continues from its last checkpoint (or returns its summary if it had finished)."""
     from fedmrg.config import load_config
     from fedmrg.experiment import Experiment, resolve_paths
+    from fedmrg.tracking import git_commit
 
     cfg = load_config("default", spec.overrides)
+    commit = git_commit()
     run_dir = Path(resolve_paths(cfg).tracking.storage_path) / spec.name
     if not resume and run_dir.exists():
         log.info("%s: removing the earlier run's folder %s (fresh run)", spec.name, run_dir)
@@ -649,7 +658,28 @@ def run_one(spec: RunSpec, *, resume: bool) -> dict[str, Any]:
         log.warning("%s: per-round evaluations not read from MLflow (%s)", spec.name, e)
         evaluations = []
     return run_record(spec, summary, evaluations, wall_s=wall, loadavg_start=load_start,
-                      loadavg_end=os.getloadavg())
+                      loadavg_end=os.getloadavg(), git_commit=commit,
+                      generation=generation_settings(cfg))
+
+
+def generation_settings(cfg: Any) -> dict[str, Any]:
+    """The `eval.*` settings a run generates its reports with."""
+    return {k: getattr(cfg.eval, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens",
+                                               "repetition_penalty")}
+
+
+def consistency(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why the runs of one table may not be comparable: more than one code commit or more
+    than one set of generation settings among them (empty: consistent)."""
+    problems = []
+    for key, what in (("git_commit", "code commits"), ("generation", "generation settings")):
+        groups: dict[str, list[str]] = {}
+        for r in records:
+            groups.setdefault(json.dumps(r.get(key), sort_keys=True), []).append(r["name"])
+        if len(groups) > 1:
+            problems.append(f"{len(groups)} different {what}: " + "; ".join(
+                f"{value} ({', '.join(names)})" for value, names in groups.items()))
+    return problems
 
 
 def participating_count(extra: Sequence[str]) -> int:
@@ -684,8 +714,9 @@ def write_outputs(out: Path, mode: str, header: Mapping[str, Any],
     targets = check_targets(agg)
     tables = results_tables(agg) if agg else "(no finished run yet)"
     text = targets_text(targets)
+    problems = consistency(records)
     document = {**header, "runs": list(records), "failed": list(failed), "aggregate": agg,
-                "targets": targets, "tables_markdown": tables}
+                "targets": targets, "consistency": problems, "tables_markdown": tables}
     write_json(out / f"{mode}.json", document)
     md = [f"# FL-MRG benchmark ({mode} mode)", "", f"`{header['command']}`", "",
           f"Machine: {header['machine']['cpu']}, {header['machine']['nproc']} cores, load "
@@ -693,6 +724,8 @@ def write_outputs(out: Path, mode: str, header: Mapping[str, Any],
           f"{header['budget']['rule']}. Evaluation: {header['evaluation']['rule']}. "
           f"Mean ± sample std over seeds.", "",
           tables, "", text]
+    if problems:
+        md += ["", "**warning, runs not comparable**: " + " | ".join(problems)]
     if failed:
         md += ["", "**failed runs**: " + "; ".join(f"{f['name']}: {f['error']}" for f in failed)]
     (out / f"{mode}.md").write_text("\n".join(md) + "\n")
@@ -741,17 +774,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in specs:  # every config is valid before hours of runs start
         load_config("default", spec.overrides)
     gen = defaults.eval
+    decoding = ("greedy decoding" if gen.num_beams == 1 else
+                f"beam search ({gen.num_beams} beams)")
+    from fedmrg.tracking import git_commit
+
     header = {
         "benchmark": "fl_mrg", "mode": mode.name, "command": command_line("fl_mrg.py", argv),
-        "machine": machine_info(), "rows": rows, "seeds": seeds,
+        "machine": machine_info(), "git_commit": git_commit(), "rows": rows, "seeds": seeds,
         "budget": {"rounds": rounds, "local_steps": local_steps, "n_centers": n_centers,
                    "batch_size": defaults.data.batch_size,
                    "rule": budget_rule(rounds, local_steps, n_centers,
                                        defaults.data.batch_size)},
-        "evaluation": {"eval_every": eval_every, "num_beams": gen.num_beams,
-                       "max_new_tokens": gen.max_new_tokens,
-                       "rule": (f"test splits, beam search ({gen.num_beams} beams, up to "
-                                f"{gen.max_new_tokens} tokens), "
+        "evaluation": {"eval_every": eval_every, **generation_settings(defaults),
+                       "rule": (f"test splits, {decoding} up to {gen.max_new_tokens} tokens, "
                                 + (f"every {eval_every} rounds and after the last"
                                    if eval_every else "after the last round only"))},
         "mlflow": {"experiment": experiment,
@@ -803,6 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(document["tables_markdown"])
     print()
     print(targets_text(document["targets"]))
+    for problem in document["consistency"]:
+        print(f"WARNING, runs not comparable: {problem}")
     print(f"\nwrote {out / f'{mode.name}.json'}, {out / f'{mode.name}.md'}, "
           f"{out / f'{mode.name}_rounds.png'}")
     return 1 if failed else 0

@@ -57,7 +57,8 @@ def test_each_ablation_switches_off_exactly_its_mechanism():
     full = make_strategy(load_config("default", base["fedmrg"].overrides)).cfg.flat()
     expected = {
         "fedmrg-no_lowrank": {"federation.aggregation": "fedavg",
-                              "federation.dense_update_rank": 0},
+                              "federation.dense_update_rank": 0,
+                              "federation.download_rank": 0},
         "fedmrg-no_contrastive": {"model.losses.contrastive_global": 0.0,
                                   "model.losses.contrastive_local": 0.0},
         "fedmrg-no_prompts": {"model.diagnosis_prompts": False},
@@ -127,11 +128,12 @@ def summary(*, gen=0.2, heldout=(0.1, 0.3), pers=0.4, up=1000.0, down=3000.0, ro
     }
 
 
-def record(row="fedmrg", seed=0, **kw):
+def record(row="fedmrg", seed=0, commit="c1", beams=1, **kw):
     strategy, _, ablation = row.partition("-")
     spec = RunSpec(row, strategy, ablation or fl_mrg.BASE, seed, ("a=1",))
     return fl_mrg.run_record(spec, summary(**kw), [], wall_s=60.0, loadavg_start=[1, 1, 1],
-                             loadavg_end=[2, 2, 2])
+                             loadavg_end=[2, 2, 2], git_commit=commit,
+                             generation={"num_beams": beams, "max_new_tokens": 160})
 
 
 def test_final_metrics_take_the_heldout_centers_and_the_bytes():
@@ -165,6 +167,18 @@ def test_run_record_falls_back_to_the_final_evaluation_and_keeps_round_losses():
     (last,) = r["evaluations"]  # MLflow gave nothing: the final metrics at the last round
     assert last["round"] == 2 and last["personalization/bleu4"] == 0.4
     json.dumps(r)  # plain JSON
+
+
+def test_runs_of_other_code_or_generation_settings_are_flagged():
+    same = [record("fedmrg"), record("local")]
+    assert fl_mrg.consistency(same) == []
+    mixed = [record("fedmrg"), record("local", commit="c2"), record("fedavg", beams=3)]
+    problems = fl_mrg.consistency(mixed)
+    assert len(problems) == 2
+    assert problems[0].startswith("2 different code commits") and "(local-base-seed0)" in (
+        problems[0])
+    assert "2 different generation settings" in problems[1] and "fedavg-base-seed0" in (
+        problems[1])
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -312,6 +326,8 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
     assert run["evaluations"][-1]["round"] == 1  # read back from the run's MLflow metrics
     assert run["final"]["generalization/bleu4"] is not None and run["final"]["bytes_up"] > 0
     assert doc["budget"]["n_centers"] == 2 and "1 rounds x 1 steps" in doc["budget"]["rule"]
+    assert run["git_commit"] == doc["git_commit"] != "unknown" and not doc["consistency"]
+    assert run["generation"]["max_new_tokens"] == 24  # the tiny config's, as the run used it
     assert (tmp_path / "out" / "runs" / "quick" / "fedmrg-base-seed0.json").is_file()
     assert (tmp_path / "out" / "quick_rounds.png").stat().st_size > 0
     assert "| fedmrg | 1 |" in (tmp_path / "out" / "quick.md").read_text()
