@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fedmrg.config import ExperimentConfig
+from fedmrg.fl.broadcast import apply_delta
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import (
     Coordinator,
@@ -141,12 +142,28 @@ def test_aggregated_state_equals_the_direct_aggregation_of_the_clients_messages(
     final = result.global_state
     assert direct.keys() == {n for n in final if is_lora_factor(n)}
     assert all(torch.allclose(final[n], direct[n], atol=1e-6) for n in direct)
-    start = pool.plans[2]["a"].global_state  # what round 2 started from
+    # dense tensors: the server's state moves by the mean update of every round (the clients
+    # train from the synced downlink state, so round 2's start is not sent whole)
+    start = pool.plans[1]["a"].global_state  # the initial state, sent whole in round 1
+    first = [from_wire(pool.updates[1][c]) for c in CENTERS]
     for name in final:
         if is_lora_factor(name):
             continue
-        mean_delta = sum(decompress(u.dense[name]) for u in updates) / 2
-        assert torch.allclose(final[name], start[name] + mean_delta, atol=1e-6), name
+        moves = [sum(decompress(u.dense[name]) for u in us) / 2 for us in (first, updates)]
+        assert torch.allclose(final[name], start[name] + moves[0] + moves[1], atol=1e-5), name
+
+
+def test_after_round_one_the_state_goes_down_as_a_low_rank_delta(fedmrg_run):
+    result, pool, clients = fedmrg_run
+    first, second = pool.plans[1]["a"], pool.plans[2]["a"]
+    assert first.global_state is not None and first.global_delta is None  # nothing synced yet
+    assert second.global_state is None and second.global_delta is not None
+    assert second.global_delta.base_version == first.state_version
+    assert second.global_delta.add  # dense tensors travel as low-rank factors
+    assert message_bytes(second).bytes < 0.5 * message_bytes(first).bytes
+    assert result.history[1].bytes_down < 0.5 * result.history[0].bytes_down
+    a, b = clients["a"]._synced, clients["b"]._synced
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # the same B
 
 
 def test_no_private_tensor_name_ever_travels(fedmrg_run):
@@ -160,7 +177,10 @@ def test_no_private_tensor_name_ever_travels(fedmrg_run):
             assert not any("specialized" in n or n.startswith("local_head.") for n in names)
     for round_plans in pool.plans.values():
         for plan in round_plans.values():
-            assert not set(plan.global_state) & private
+            delta = plan.global_delta
+            names = set(plan.global_state or {}) | set(delta.replace) | set(delta.add) if delta \
+                else set(plan.global_state)
+            assert names and not names & private
 
 
 def test_fedmrg_sends_low_rank_factors_prototypes_and_label_counts(fedmrg_run):
@@ -270,12 +290,17 @@ class FakeClient:
 
     def __init__(self, center: str, fault: str | None = None):
         self.center, self.fault = center, fault
+        self.synced: dict | None = None  # the downlink state, as a real client keeps it
 
     def fit(self, plan: RoundPlan) -> ClientUpdate:
         if self.fault == "crash":
             raise RuntimeError("out of memory")
+        if plan.global_delta is not None:
+            self.synced = apply_delta(self.synced, plan.global_delta)
+        else:
+            self.synced = plan.global_state
         g = torch.Generator().manual_seed(plan.round_id * 100 + ord(self.center))
-        lora = {n: plan.global_state[n] + torch.randn(SHAPES[n], generator=g)
+        lora = {n: self.synced[n] + torch.randn(SHAPES[n], generator=g)
                 for n in SHAPES if ".lora_" in n}
         dense = {n: torch.randn(SHAPES[n], generator=g) for n in SHAPES if ".lora_" not in n}
         update = ClientUpdate(plan.round_id, self.center, 10 + ord(self.center) % 7, lora, dense,
@@ -289,7 +314,7 @@ class FakeClient:
         elif self.fault == "private":
             update.dense["local_head.net.0.weight"] = torch.zeros(2, 2)
         elif self.fault == "huge":
-            update = scale_update(update, plan.global_state, 1000.0)
+            update = scale_update(update, self.synced, 1000.0)
         return update
 
     def evaluate(self, split, personalized, dataset_center=None, global_state=None):
@@ -379,9 +404,11 @@ def test_deadline_closes_the_round_at_min_clients(min_clients):
         assert len(coordinator.abandoned) == 2  # both attempts' calls to c
 
 
-def test_a_resumed_coordinator_ends_where_an_uninterrupted_one_does():
+@pytest.mark.parametrize("download_rank", [0, 2])
+def test_a_resumed_coordinator_ends_where_an_uninterrupted_one_does(download_rank):
     clients = {c: FakeClient(c) for c in "abcd"}
-    options = dict(strategy="fedmrg", rounds=3, fraction=0.5, aggregation="exact")
+    options = dict(strategy="fedmrg", rounds=3, fraction=0.5, aggregation="exact",
+                   download_rank=download_rank)
     whole = fake_coordinator(clients, **options).run()
     first = fake_coordinator(clients, **options)
     first.step()

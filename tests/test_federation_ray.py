@@ -117,9 +117,13 @@ def test_no_private_tensor_reaches_the_coordinator(run):
         assert (saved / "adapter_config.json").is_file()
 
 
-def test_global_state_is_put_once_per_round(run):
-    # 2 rounds x 2 clients got plans, one evaluation after the last aggregation: 3 puts
-    assert run["result"].global_state_puts == ROUNDS + 1
+def test_global_state_is_put_once_and_then_travels_as_deltas(run):
+    # round 1: the full state, put once for both clients; round 2: each client holds round
+    # 1's state, so the plan carries the low-rank delta (`fl.broadcast`), nothing is put; the
+    # evaluation after the last aggregation puts the server's state once: 2 puts
+    assert run["result"].global_state_puts == 2
+    downs = [r["bytes_down"] for r in run["result"].rounds]
+    assert downs[1] < 0.5 * downs[0]
 
 
 def test_clients_ran_on_fractional_cpus_without_gpus(run):

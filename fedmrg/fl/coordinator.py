@@ -74,6 +74,7 @@ from torch import Tensor
 from fedmrg.config import ExperimentConfig
 from fedmrg.data.shards import SKIPPED, DatasetError
 from fedmrg.eval.evaluator import mean_over_centers
+from fedmrg.fl.broadcast import StateBroadcast
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
 from fedmrg.fl.validation import bound_update_norm, statistic_shapes, validate_update
@@ -316,6 +317,12 @@ class Coordinator:
         # are dropped when they arrive (`drop_late_replies`)
         self.abandoned: dict[Any, str] = {}
         self.late_replies_dropped = 0  # over the run, this process (not checkpointed)
+        # the downlink (`fl.broadcast`): clients at the previous version get the round's
+        # low-rank delta, the others the full synced state; None: the full global state
+        state, rank = self.strategy.global_state(), cfg.federation.download_rank
+        self.broadcast = (StateBroadcast(state, rank, cfg.federation.wire_dtype)
+                          if state is not None and rank > 0 else None)
+        self.client_versions: dict[str, int] = {}  # center -> synced version it holds
 
     # ----------------------------------------------------------------- the run
 
@@ -362,6 +369,8 @@ class Coordinator:
 
         aggregation_started = time.perf_counter()
         metrics = self.strategy.aggregate_round(round_id, final.accepted)
+        if self.broadcast is not None:  # the next round's delta, computed once for everyone
+            self.broadcast.advance(self.strategy.global_state())
         aggregation_time = time.perf_counter() - aggregation_started
         metrics.update(client_metrics(final.accepted))
         metrics.update(round_fault_metrics(attempts, rejoined))
@@ -381,7 +390,8 @@ class Coordinator:
         """Sample, send, collect and check one attempt of a round (steps 1-4)."""
         fed = self.cfg.federation
         centers = self.strategy.configure_round(round_id, self.pool.centers(), self.rng)
-        plans = self._wire_plans({c: self.strategy.plan(round_id, c) for c in centers})
+        plans = self._wire_plans({c: self._downlink(c, self.strategy.plan(round_id, c))
+                                  for c in centers})
         attempt = RoundAttempt(number, list(centers),
                                bytes_down=sum(message_bytes(p).bytes for p in plans.values()))
         handles = {self.pool.submit_fit(c, plans[c]): c for c in centers}
@@ -391,6 +401,13 @@ class Coordinator:
         attempt.duplicates, attempt.late_dropped = collected.duplicates, collected.late_dropped
         for center, (kind, reason) in collected.failed.items():
             attempt.reject(center, kind, reason)
+            self.client_versions.pop(center, None)  # it may not hold what it was sent
+        for center in collected.replies:
+            version = _plan_version(plans[center])
+            if version is None:
+                self.client_versions.pop(center, None)
+            else:
+                self.client_versions[center] = version
 
         lora_spec, dense_spec = self.strategy.update_spec()
         stats = statistic_shapes(self.cfg.model.projection_dim)
@@ -416,6 +433,17 @@ class Coordinator:
                 attempt.clipped[center] = check.norm
             attempt.accepted.append(check.update)
         return attempt
+
+    def _downlink(self, center: str, plan: RoundPlan) -> RoundPlan:
+        """The plan with what `center` needs of the global state: the round's delta when it
+        holds the previous version, else the full synced state (`fl.broadcast`)."""
+        if self.broadcast is None or plan.global_state is None:
+            return plan
+        delta = self.broadcast.message_for(self.client_versions.get(center))
+        if delta is not None:
+            return dataclasses.replace(plan, global_state=None, global_delta=delta)
+        return dataclasses.replace(plan, global_state=self.broadcast.full_state(),
+                                   state_version=self.broadcast.version)
 
     def _wire_plans(self, plans: dict[str, RoundPlan]) -> dict[str, RoundPlan]:
         """Plans with floating tensors in the wire dtype; a global state shared by several
@@ -568,13 +596,24 @@ class Coordinator:
         """Everything to continue the run after `round_id` (issue 5 writes it to disk)."""
         return {"round_id": self.round_id, "strategy": self.strategy.state_dict(),
                 "rng": self.rng.bit_generator.state,
-                "history": [s.to_dict() for s in self.history]}
+                "history": [s.to_dict() for s in self.history],
+                "broadcast": None if self.broadcast is None else self.broadcast.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round_id = int(state["round_id"])
         self.strategy.load_state_dict(state["strategy"])
         self.rng.bit_generator.state = state["rng"]
         self.history = [RoundSummary(**row) for row in state["history"]]
+        if self.broadcast is not None and state.get("broadcast") is not None:
+            self.broadcast.load_state_dict(state["broadcast"])
+        self.client_versions = {}  # clients are rebuilt on resume: each gets the full state
+
+
+def _plan_version(plan: RoundPlan) -> int | None:
+    """The synced version a client holds once it has applied `plan` (None: not a synced one)."""
+    if plan.global_delta is not None:
+        return plan.global_delta.version
+    return plan.state_version
 
 
 def client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
