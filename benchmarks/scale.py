@@ -147,12 +147,12 @@ def tables(results: list[dict[str, Any]], stubs: list[dict[str, Any]]) -> str:
         out.append(markdown_table(
             ["clients (actors)", "round s", "slowest fit s", "coordinator own s",
              "own per client ms", "actor peak RSS MiB (max)", "actor USS MiB (mean)",
-             "cluster memory GiB", "per actor MiB"],
+             "cluster memory GiB", "per added actor MiB"],
             [[r["clients"], f"{r['round_s']:.2f}", f"{r['max_fit_s']:.2f}",
               f"{r['own_s']:.3f}", f"{1000 * r['own_per_client_s']:.1f}",
               f"{r['actor_rss_peak_mib_max']:.0f}", f"{r['actor_uss_mib_mean']:.0f}",
-              f"{r['cluster_mem_mib'] / 1024:.1f}", f"{r['cluster_mem_per_actor_mib']:.0f}"]
-             for r in results]))
+              f"{r['cluster_mem_mib'] / 1024:.1f}",
+              f"{r['marginal_mem_per_new_actor_mib']:.0f}"] for r in results]))
         out.append(split_table("coordinator part, actors", results))
     if stubs:
         out.append(markdown_table(
@@ -238,11 +238,10 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
     results: list[dict[str, Any]] = []
     tree_before = tree_memory_mib()["pss"]
     actors: dict[str, Any] = {}
+    per_actor = FIRST_ACTOR_GUESS_MIB
     try:
         for k in sorted(ks):
             new = [c for c in client_ids(k) if c not in actors]
-            per_actor = ((tree_memory_mib()["pss"] - tree_before) / len(actors) if actors
-                         else FIRST_ACTOR_GUESS_MIB)
             left = mem_available_mib() - len(new) * per_actor
             if left < reserve_gib * 1024:
                 return results, (f"stopped before K={k}: {len(new)} more actors at "
@@ -250,6 +249,7 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
                                  f"of the machine's memory available (< --reserve-gib "
                                  f"{reserve_gib:g}; the machine is shared)")
             print(f"K={k}: starting {len(new)} actors", flush=True)
+            tree_start = tree_memory_mib()["pss"]
             t0 = time.perf_counter()
             try:
                 more, _ = start_client_actors(
@@ -267,8 +267,12 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
                 return results, f"stopped at K={k}: {type(e).__name__}: {str(e)[:500]}"
             probes = probe_actors(actors)
             tree = tree_memory_mib()
+            # the next guard's footprint per actor: the marginal one of this addition (the
+            # first addition also carries the cluster's fixed processes: an overestimate)
+            per_actor = (tree["pss"] - tree_start) / len(new)
             row = summarize(k, rounds_out, probes, tree["pss"] - tree_before, start_s)
             row["mem_available_gib"] = mem_available_mib() / 1024
+            row["marginal_mem_per_new_actor_mib"] = per_actor
             results.append(row)
             print(f"K={k}: round {row['round_s']:.2f} s, coordinator own {row['own_s']:.3f} s "
                   f"({1000 * row['own_per_client_s']:.1f} ms/client), actor peak RSS "
