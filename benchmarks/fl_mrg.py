@@ -51,6 +51,12 @@ its last round checkpoint (the product resumes a run name that started in the sa
 `--storage`). Without `--resume` every run starts afresh (its storage folder is removed first).
 All outputs are rewritten after every run, so a long full run shows its partial table.
 
+A run that fails (e.g. a client actor killed by Ray's memory monitor while the machine is
+shared: the product restarts the actor, but a call in flight fails the run) is tried again
+up to `--retries` times (default 1), continuing from its last round checkpoint; its record
+keeps each failed attempt's error and wall time, and its wall time is that of all attempts.
+A run that still fails is listed under "failed" and the command exits with status 1.
+
 Targets (`check_targets`, from the issue): fedmrg beats fedavg and local on personalization CE
 macro-F1 and BLEU-4, beats local on the held-out center (CE macro-F1 and BLEU-4), reaches at
 least 90% of centralized generalization CE macro-F1; each ablation's contribution (full fedmrg
@@ -662,6 +668,31 @@ def run_one(spec: RunSpec, *, resume: bool) -> dict[str, Any]:
                       generation=generation_settings(cfg))
 
 
+def run_with_retries(spec: RunSpec, *, resume: bool, retries: int) -> dict[str, Any]:
+    """`run_one`, tried again up to `retries` times after a failure, each retry continuing
+    from the run's last checkpoint (`resume=True`); the last error is raised. The record's
+    wall time covers every attempt; `failed_attempts` lists the earlier errors."""
+    attempts: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for attempt in range(retries + 1):
+        began = time.perf_counter()
+        try:
+            record = run_one(spec, resume=resume or attempt > 0)
+        except Exception as e:
+            attempts.append({"error": f"{type(e).__name__}: {e}",
+                             "wall_s": time.perf_counter() - began})
+            if attempt == retries:
+                raise
+            log.warning("%s: attempt %d failed (%s); continuing it from its last checkpoint",
+                        spec.name, attempt + 1, attempts[-1]["error"])
+            continue
+        if attempts:
+            record["wall_s"] = record["final"]["wall_s"] = time.perf_counter() - start
+        record["failed_attempts"] = attempts
+        return record
+    raise AssertionError("unreachable")
+
+
 def generation_settings(cfg: Any) -> dict[str, Any]:
     """The `eval.*` settings a run generates its reports with."""
     return {k: getattr(cfg.eval, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens",
@@ -750,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every run")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="times a failed run is continued from its checkpoint")
     parser.add_argument("--resume", action="store_true",
                         help="skip runs whose record exists; continue interrupted ones")
     args = parser.parse_args(argv)
@@ -757,6 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedmrg.config import load_config
 
+    if args.retries < 0:
+        raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
     mode = MODES["quick" if args.quick else "full"]
     defaults = load_config("default", args.extra)
     rows = parse_rows(args.strategies) if args.strategies else list(mode.rows)
@@ -814,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(run_line(i, len(specs), records[-1], skipped=True), flush=True)
                 continue
             try:
-                record = run_one(spec, resume=args.resume)
+                record = run_with_retries(spec, resume=args.resume, retries=args.retries)
             except Exception as e:  # recorded and reported; the other runs go on
                 log.exception("%s failed", spec.name)
                 failed.append({"name": spec.name, "error": f"{type(e).__name__}: {e}"})

@@ -304,6 +304,28 @@ def test_resume_accepts_only_a_record_made_with_the_same_overrides(tmp_path):
         fl_mrg.load_recorded(path, spec)
 
 
+def test_a_failed_run_is_continued_from_its_checkpoint_then_given_up(monkeypatch):
+    spec = RunSpec("fedavg", "fedavg", "base", 0, ("a=1",))
+    calls = []
+
+    def flaky(spec, *, resume):
+        calls.append(resume)
+        if len(calls) < 2:
+            raise RuntimeError("actor killed by the memory monitor")
+        return record("fedavg")
+
+    monkeypatch.setattr(fl_mrg, "run_one", flaky)
+    r = fl_mrg.run_with_retries(spec, resume=False, retries=1)
+    assert calls == [False, True]  # the retry continues the run (resume), never restarts it
+    (failure,) = r["failed_attempts"]
+    assert failure["error"] == "RuntimeError: actor killed by the memory monitor"
+    assert r["wall_s"] == r["final"]["wall_s"] >= failure["wall_s"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="memory monitor"):
+        fl_mrg.run_with_retries(spec, resume=False, retries=0)
+    assert calls == [False]
+
+
 # --------------------------------------------------------------------------- end to end
 
 
