@@ -284,6 +284,7 @@ COORDINATOR_PARTS = (
     ("module", "bound_update_norm", "update norm bound"),
     ("pool", "rejoined", "restart probes"),
     ("strategy", "aggregate_round", "aggregate"),
+    ("broadcast", "advance", "downlink delta (broadcast.advance)"),
 )
 
 
@@ -296,13 +297,14 @@ def coordinator_timers(coordinator: Any) -> Iterator[Timers]:
     import fedmrg.fl.coordinator as module
 
     owners = {"strategy": coordinator.strategy, "coordinator": coordinator,
-              "pool": coordinator.pool, "module": module}
+              "pool": coordinator.pool, "module": module,
+              "broadcast": getattr(coordinator, "broadcast", None)}  # None: no low-rank downlink
     timers = Timers()
     patched: list[tuple[Any, str, bool, Any]] = []  # (owner, name, had own attribute, old)
     try:
         for owner_name, attr, label in COORDINATOR_PARTS:
             owner = owners[owner_name]
-            if not hasattr(owner, attr):  # e.g. a pool without restart probes
+            if owner is None or not hasattr(owner, attr):  # e.g. a pool without restarts
                 continue
             own = attr in vars(owner) if owner_name != "module" else True
             old = getattr(owner, attr)

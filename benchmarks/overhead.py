@@ -13,7 +13,8 @@ fedmrg) with K = `--clients` centers, for each K in turn:
   state, the clients' `fit` in their actors, replies, validation, aggregation. Its time is the
   coordinator's `RoundSummary.round_time_s`.
 - plain: the same clients as `FederatedClient`s in this process, no actor, the same plans
-  (the coordinator's wire plans for the same round), `client.fit(plan)` one after the other,
+  (the strategy's plan for the same round with the coordinator's synced state, sent whole
+  where the actors get the low-rank downlink delta), `client.fit(plan)` one after the other,
   with torch limited to the actors' thread count (`--plain-threads`, default: the actors'
   count and, when it differs, torch's default here).
 
@@ -78,8 +79,13 @@ def plain_round(clients: dict[str, FederatedClient], coordinator: Coordinator, t
     """The next round's training, client after client, in this process: the plans the
     coordinator would send (its strategy's, cast by its `_wire_plans`); nothing aggregated."""
     round_id = coordinator.round_id + 1
-    plans = coordinator._wire_plans({c: coordinator.strategy.plan(round_id, c)
-                                     for c in sorted(clients)})
+    plans = {c: coordinator.strategy.plan(round_id, c) for c in sorted(clients)}
+    broadcast = getattr(coordinator, "broadcast", None)
+    if broadcast is not None:  # the synced state the actors train from, sent whole
+        plans = {c: dataclasses.replace(p, global_state=broadcast.full_state(),
+                                        state_version=broadcast.version)
+                 for c, p in plans.items()}
+    plans = coordinator._wire_plans(plans)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
