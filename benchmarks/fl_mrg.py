@@ -36,9 +36,11 @@ round from the run's MLflow metrics; the config has no separate (cheaper) settin
 periodic evaluations, so they cost as much as the final one. A client's first evaluation
 pays a one-time start-up (~20 s measured under load).
 
-Consistency: every run records the git commit of the code it ran (`fedmrg.tracking.git_commit`)
-and its generation settings; when the runs of one table differ in either (the tree changed
-during a long run, or `--resume` picked up older records) the table says so.
+Consistency: every run records the version of the product code it ran (`product_version`: the
+last commit that changed `fedmrg/` plus a hash of its uncommitted changes, which the client
+actors import from disk), the tree's git commit, and its generation settings; when the runs
+of one table differ in product code or generation settings (the code changed during a long
+run, or `--resume` picked up older records) the table says so.
 
 Outputs in `--out` (default `benchmarks/results/fl_mrg/`), named by mode (`quick`/`full`):
 `<mode>.json` (command, machine, load average, budget rule, every run: overrides, wall time,
@@ -68,12 +70,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -349,8 +353,8 @@ def read_evaluations(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[Mapping],
                *, wall_s: float, loadavg_start: Sequence[float], loadavg_end: Sequence[float],
-               git_commit: str = "unknown", generation: Mapping[str, Any] | None = None
-               ) -> dict[str, Any]:
+               git_commit: str = "unknown", product: str = "unknown",
+               generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the benchmark keeps of one run (JSON): spec, overrides, wall time (of the whole
     `fit()`, as measured here), load average, final metrics per center and for the table,
     per-round metrics and evaluations, bytes, where MLflow and the run's files are."""
@@ -364,7 +368,7 @@ def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[
         "name": spec.name, "row": spec.row, "strategy": spec.strategy,
         "ablation": spec.ablation, "seed": spec.seed, "overrides": list(spec.overrides),
         "wall_s": wall_s, "fit_wall_s": summary.get("wall_s"), "git_commit": git_commit,
-        "generation": dict(generation or {}),
+        "product_version": product, "generation": dict(generation or {}),
         "loadavg_start": list(loadavg_start), "loadavg_end": list(loadavg_end),
         "final": final,
         "per_center": {"generalization": summary["generalization"].get("per_center", {}),
@@ -646,7 +650,7 @@ def run_one(spec: RunSpec, *, resume: bool) -> dict[str, Any]:
     from fedmrg.tracking import git_commit
 
     cfg = load_config("default", spec.overrides)
-    commit = git_commit()
+    commit, product = git_commit(), product_version()
     run_dir = Path(resolve_paths(cfg).tracking.storage_path) / spec.name
     if not resume and run_dir.exists():
         log.info("%s: removing the earlier run's folder %s (fresh run)", spec.name, run_dir)
@@ -664,8 +668,31 @@ def run_one(spec: RunSpec, *, resume: bool) -> dict[str, Any]:
         log.warning("%s: per-round evaluations not read from MLflow (%s)", spec.name, e)
         evaluations = []
     return run_record(spec, summary, evaluations, wall_s=wall, loadavg_start=load_start,
-                      loadavg_end=os.getloadavg(), git_commit=commit,
+                      loadavg_end=os.getloadavg(), git_commit=commit, product=product,
                       generation=generation_settings(cfg))
+
+
+def product_version(root: Path = ROOT) -> str:
+    """The product code (`fedmrg/`) as a run imports it: the last commit that changed it, plus
+    `+dirty.<hash>` of its uncommitted changes and untracked files when there are any. The
+    same code gives the same string whatever else changed in the tree; 'unknown' without
+    git."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True,
+                              timeout=30).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%H", "--", "fedmrg").decode().strip()
+        digest = hashlib.sha256(git("diff", "HEAD", "--", "fedmrg"))
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", "fedmrg").split()
+        for name in sorted(untracked):
+            digest.update(name + b"\0" + (root / name.decode()).read_bytes())
+        dirty = bool(git("diff", "HEAD", "--name-only", "--", "fedmrg").strip() or untracked)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+    if not commit:
+        return "unknown"
+    return f"{commit}+dirty.{digest.hexdigest()[:12]}" if dirty else commit
 
 
 def run_with_retries(spec: RunSpec, *, resume: bool, retries: int) -> dict[str, Any]:
@@ -703,7 +730,8 @@ def consistency(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Why the runs of one table may not be comparable: more than one code commit or more
     than one set of generation settings among them (empty: consistent)."""
     problems = []
-    for key, what in (("git_commit", "code commits"), ("generation", "generation settings")):
+    for key, what in (("product_version", "versions of the product code (fedmrg/)"),
+                      ("generation", "generation settings")):
         groups: dict[str, list[str]] = {}
         for r in records:
             groups.setdefault(json.dumps(r.get(key), sort_keys=True), []).append(r["name"])
@@ -815,7 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     header = {
         "benchmark": "fl_mrg", "mode": mode.name, "command": command_line("fl_mrg.py", argv),
-        "machine": machine_info(), "git_commit": git_commit(), "rows": rows, "seeds": seeds,
+        "machine": machine_info(), "git_commit": git_commit(),
+        "product_version": product_version(), "rows": rows, "seeds": seeds,
         "budget": {"rounds": rounds, "local_steps": local_steps, "n_centers": n_centers,
                    "batch_size": defaults.data.batch_size,
                    "rule": budget_rule(rounds, local_steps, n_centers,

@@ -128,11 +128,11 @@ def summary(*, gen=0.2, heldout=(0.1, 0.3), pers=0.4, up=1000.0, down=3000.0, ro
     }
 
 
-def record(row="fedmrg", seed=0, commit="c1", beams=1, **kw):
+def record(row="fedmrg", seed=0, product="c1", beams=1, **kw):
     strategy, _, ablation = row.partition("-")
     spec = RunSpec(row, strategy, ablation or fl_mrg.BASE, seed, ("a=1",))
     return fl_mrg.run_record(spec, summary(**kw), [], wall_s=60.0, loadavg_start=[1, 1, 1],
-                             loadavg_end=[2, 2, 2], git_commit=commit,
+                             loadavg_end=[2, 2, 2], git_commit="tree", product=product,
                              generation={"num_beams": beams, "max_new_tokens": 160})
 
 
@@ -172,13 +172,41 @@ def test_run_record_falls_back_to_the_final_evaluation_and_keeps_round_losses():
 def test_runs_of_other_code_or_generation_settings_are_flagged():
     same = [record("fedmrg"), record("local")]
     assert fl_mrg.consistency(same) == []
-    mixed = [record("fedmrg"), record("local", commit="c2"), record("fedavg", beams=3)]
+    mixed = [record("fedmrg"), record("local", product="c2"), record("fedavg", beams=3)]
     problems = fl_mrg.consistency(mixed)
     assert len(problems) == 2
-    assert problems[0].startswith("2 different code commits") and "(local-base-seed0)" in (
-        problems[0])
+    assert problems[0].startswith("2 different versions of the product code") and (
+        "\"c2\" (local-base-seed0)" in problems[0])
     assert "2 different generation settings" in problems[1] and "fedavg-base-seed0" in (
         problems[1])
+
+
+def test_product_version_changes_with_the_product_code_only(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "fedmrg").mkdir()
+    (tmp_path / "fedmrg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("r\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    clean = fl_mrg.product_version(tmp_path)
+    assert len(clean) == 40 and "+" not in clean
+    (tmp_path / "README.md").write_text("changed\n")  # not product code
+    git("commit", "-qam", "readme")
+    assert fl_mrg.product_version(tmp_path) == clean
+    (tmp_path / "fedmrg" / "a.py").write_text("x = 2\n")
+    edited = fl_mrg.product_version(tmp_path)
+    assert edited.startswith(clean + "+dirty.")
+    (tmp_path / "fedmrg" / "new.py").write_text("y = 1\n")  # untracked, still imported
+    assert fl_mrg.product_version(tmp_path) not in (clean, edited)
+    assert fl_mrg.product_version(tmp_path / "fedmrg" / "..") == fl_mrg.product_version(tmp_path)
+    assert fl_mrg.product_version(tmp_path.parent / "no-such-dir") == "unknown"
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -348,7 +376,8 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
     assert run["evaluations"][-1]["round"] == 1  # read back from the run's MLflow metrics
     assert run["final"]["generalization/bleu4"] is not None and run["final"]["bytes_up"] > 0
     assert doc["budget"]["n_centers"] == 2 and "1 rounds x 1 steps" in doc["budget"]["rule"]
-    assert run["git_commit"] == doc["git_commit"] != "unknown" and not doc["consistency"]
+    assert run["product_version"] == doc["product_version"] != "unknown"
+    assert not doc["consistency"]
     assert run["generation"]["max_new_tokens"] == 24  # the tiny config's, as the run used it
     assert (tmp_path / "out" / "runs" / "quick" / "fedmrg-base-seed0.json").is_file()
     assert (tmp_path / "out" / "quick_rounds.png").stat().st_size > 0
