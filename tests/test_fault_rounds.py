@@ -85,7 +85,8 @@ class FaultyHost(ClientHost):
             factor = update.lora[name]
             update.lora[name] = torch.cat([factor, factor[:, :1]], dim=1)
         elif fault == "x1000":
-            update = scale_update(update, global_state, 1000.0)
+            # against the state the client trained from (round 2 on: a delta, not the state)
+            update = scale_update(update, self.client.synced_state, 1000.0)
         return update
 
 

@@ -231,6 +231,11 @@ class FederatedClient:
                                        if not n.startswith(STACKED)})
         self._merge_into_base(stacked)
 
+    @property
+    def synced_state(self) -> dict[str, Tensor] | None:
+        """The last global state received (what this round's training started from)."""
+        return self._synced
+
     def apply_state_delta(self, delta: StateDelta) -> None:
         """Bring the last synced state up to date with the round's low-rank delta
         (`fl.broadcast`) and load it; a client not at the delta's base version cannot, and
