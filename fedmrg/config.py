@@ -181,6 +181,8 @@ class EvalConfig:
     min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
     repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
+    share_references: bool = _f(False, "send each sample's reference report and study id with "
+                                "its generated report (report text then leaves the center)")
 
 
 @dataclass

@@ -131,6 +131,10 @@ def test_fedmrg_run_completes_and_evaluates_both_views(fedmrg_run):
             np.mean([evaluation.per_center[c]["bleu1"] for c in CENTERS]))
     assert {r.center for r in result.generalization_replies} == {"a", "b", "heldout"}
     assert all(len(r.samples) == 2 for r in result.personalization_replies)
+    # generated text only: a center's reference reports and study ids stay with it
+    # (eval.share_references is off by default)
+    samples = [x for r in result.personalization_replies for x in r.samples]
+    assert all("generated" in x and "reference" not in x and "study_id" not in x for x in samples)
 
 
 def test_aggregated_state_equals_the_direct_aggregation_of_the_clients_messages(fedmrg_run):

@@ -442,8 +442,12 @@ class FederatedClient:
                                 use_specialized, num_samples=self.eval_samples,
                                 **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
+        samples = result.samples
+        if not self.cfg.eval.share_references:  # a center's own reports never leave it
+            samples = [{k: v for k, v in x.items() if k not in ("reference", "study_id")}
+                       for x in samples]
         return EvalReply(center=target, view=PERSONALIZATION if personalized else GENERALIZATION,
-                         metrics=metrics, samples=result.samples)
+                         metrics=metrics, samples=samples)
 
 
 def default_checkpoint_dir(cfg: ExperimentConfig, center: str) -> Path | None:
