@@ -33,9 +33,10 @@ decode their stream's first epoch) and the medians are over the others:
 
 The coordinator's own cost is also measured past what memory allows for actors: the same
 `Coordinator` over an `InProcessPool` of K stub clients (`--stub-clients`, up to 128) that
-answer each plan at once with a ClientUpdate of the model's real shapes, built once as a
-client builds it (`comm.client_update`): every reply costs the coordinator what a trained
-client's does (bytes, validation, norm, aggregation), with no training and no transport.
+answer each plan at once with a ClientUpdate of the model's real shapes (one built as a
+client builds it, `comm.client_update`, the others copies scaled per client): every reply
+costs the coordinator what a trained client's does (bytes, validation, norm, aggregation),
+with no training and no transport.
 
 A line own_s = a + b K is fitted for each series, and the growth exponent p of
 own_s ~ K^p (log-log); requirement (issue 6): the coordinator's own cost grows no worse than
@@ -77,7 +78,7 @@ from fedmrg.data.shards import read_manifest
 from fedmrg.experiment import resolve_paths
 from fedmrg.fl.actors import RayClientPool, start_client_actors, stop_actors
 from fedmrg.fl.coordinator import Coordinator, InProcessPool
-from fedmrg.fl.lowrank import ErrorFeedback
+from fedmrg.fl.lowrank import ErrorFeedback, LowRankUpdate
 from fedmrg.fl.messages import ClientFailure
 from fedmrg.fl.strategies import make_strategy
 from fedmrg.model.mrg import MRGModel
@@ -175,6 +176,19 @@ class StubClient:
         return dataclasses.replace(self.update, round_id=plan.round_id)
 
 
+def scaled_update(update: Any, center: str, factor: float) -> Any:
+    """`update` from `center` with every floating tensor times `factor` (new tensors)."""
+    def scale(t: Any) -> Any:
+        if isinstance(t, LowRankUpdate):
+            return LowRankUpdate(t.U * factor, t.V.clone(), t.shape)
+        return t * factor if t.is_floating_point() else t.clone()
+
+    return dataclasses.replace(
+        update, center=center, lora={n: scale(t) for n, t in update.lora.items()},
+        dense={n: scale(t) for n, t in update.dense.items()},
+        prototypes=None if update.prototypes is None else scale(update.prototypes))
+
+
 def stub_rounds(cfg: ExperimentConfig, ks: list[int], rounds: int) -> list[dict[str, Any]]:
     """The coordinator's own time for K stub clients in process (`InProcessPool`), K in ks."""
     import torch
@@ -182,8 +196,11 @@ def stub_rounds(cfg: ExperimentConfig, ks: list[int], rounds: int) -> list[dict[
 
     initial = get_shared_state(MRGModel.from_config(cfg.model, seed=cfg.seed))
     rng = torch.Generator().manual_seed(cfg.seed)
-    updates = {c: client_update(cfg, c, initial, 1, rng, ErrorFeedback())
-               for c in client_ids(max(ks))}
+    # one update built as a client builds it (an SVD per dense tensor); the others are copies
+    # scaled per client (distinct values, the same shapes and work for the coordinator)
+    template = client_update(cfg, "template", initial, 1, rng, ErrorFeedback())
+    updates = {c: scaled_update(template, c, 1.0 + i / 1000)
+               for i, c in enumerate(client_ids(max(ks)))}
     out = []
     for k in sorted(ks):
         pool = InProcessPool({c: StubClient(updates[c]) for c in client_ids(k)})
