@@ -304,7 +304,8 @@ def round_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for r in summary["rounds"]:
         row = {"round": r["round_id"], "participants": len(r["participants"]),
-               "rejected": len(r.get("rejected", {})), "bytes_up": r["bytes_up"],
+               "rejected": {c: str(why)[:200] for c, why in r.get("rejected", {}).items()},
+               "bytes_up": r["bytes_up"],
                "bytes_down": r["bytes_down"], "round_time_s": r["round_time_s"]}
         row.update({k: r["metrics"][k] for k in ROUND_METRICS if k in r.get("metrics", {})})
         out.append(row)
@@ -726,9 +727,16 @@ def generation_settings(cfg: Any) -> dict[str, Any]:
                                                "repetition_penalty")}
 
 
+def _centers(rejected: Any) -> str:
+    """The rejected centers of a round row (a count in records made before they were named)."""
+    return ", ".join(sorted(rejected)) if isinstance(rejected, Mapping) else f"{rejected} client(s)"
+
+
 def consistency(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Why the runs of one table may not be comparable: more than one code commit or more
-    than one set of generation settings among them (empty: consistent)."""
+    """Why the runs of one table may not be comparable: more than one version of the product
+    code or of the generation settings among them, and runs that lost client updates (a
+    client that failed, e.g. an actor killed and restarted, trains less than the budget).
+    Empty: consistent."""
     problems = []
     for key, what in (("product_version", "versions of the product code (fedmrg/)"),
                       ("generation", "generation settings")):
@@ -738,6 +746,12 @@ def consistency(records: Sequence[Mapping[str, Any]]) -> list[str]:
         if len(groups) > 1:
             problems.append(f"{len(groups)} different {what}: " + "; ".join(
                 f"{value} ({', '.join(names)})" for value, names in groups.items()))
+    for r in records:
+        lost = {rr["round"]: rr["rejected"] for rr in r["rounds"] if rr.get("rejected")}
+        if lost:
+            problems.append(f"{r['name']}: client updates not aggregated in round(s) "
+                            + ", ".join(f"{k} ({_centers(v)})" for k, v in lost.items())
+                            + "; it trained less than the budget")
     return problems
 
 

@@ -175,6 +175,11 @@ def test_runs_of_other_code_or_generation_settings_are_flagged():
     mixed = [record("fedmrg"), record("local", product="c2"), record("fedavg", beams=3)]
     problems = fl_mrg.consistency(mixed)
     assert len(problems) == 2
+    lost = record("fedavg")
+    lost["rounds"][1]["rejected"] = {"d": "failed: actor restarted"}
+    (lost_problem,) = fl_mrg.consistency([lost])
+    assert lost_problem == ("fedavg-base-seed0: client updates not aggregated in round(s) 2 (d); "
+                            "it trained less than the budget")
     assert problems[0].startswith("2 different versions of the product code") and (
         "\"c2\" (local-base-seed0)" in problems[0])
     assert "2 different generation settings" in problems[1] and "fedavg-base-seed0" in (
