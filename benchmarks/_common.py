@@ -240,29 +240,32 @@ def probe_actors(actors: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 class Timers:
-    """Accumulated seconds and calls per label, exclusive of the timed calls nested inside."""
+    """Accumulated wall seconds, CPU seconds of the calling thread (`time.thread_time`: not
+    counting time the thread waited or was preempted) and calls per label, each exclusive of
+    the timed calls nested inside."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._stack: list[list[float]] = []  # [start, nested seconds] per open call
-
-    def reset(self) -> None:
-        self.seconds, self.calls = {}, {}
+        self._stack: list[list[float]] = []  # [start, cpu start, nested, nested cpu]
 
     def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            frame = [time.perf_counter(), 0.0]
+            frame = [time.perf_counter(), time.thread_time(), 0.0, 0.0]
             self._stack.append(frame)
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._stack.pop()
-                total = time.perf_counter() - frame[0]
-                self.seconds[label] = self.seconds.get(label, 0.0) + total - frame[1]
+                wall = time.perf_counter() - frame[0]
+                cpu = time.thread_time() - frame[1]
+                self.seconds[label] = self.seconds.get(label, 0.0) + wall - frame[2]
+                self.cpu_seconds[label] = self.cpu_seconds.get(label, 0.0) + cpu - frame[3]
                 self.calls[label] = self.calls.get(label, 0) + 1
                 if self._stack:
-                    self._stack[-1][1] += total
+                    self._stack[-1][2] += wall
+                    self._stack[-1][3] += cpu
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
         return timed
@@ -335,10 +338,22 @@ def local_ray(resources: Any) -> Iterator[dict[str, float]]:
             ray.shutdown()
 
 
-def coordinator_split(round_time_s: float, timers: Timers) -> dict[str, float]:
-    """One round's time split: own (round - wait), wait, and each part of own, in seconds."""
+def timed_step(coordinator: Any) -> tuple[Any, dict[str, float]]:
+    """`coordinator.step()` under `coordinator_timers`: (RoundSummary, the round's time split).
+
+    The split: round_s (`round_time_s`), wait_s (blocked on clients), own_s = round - wait
+    (wall: on a busy machine it includes time the coordinator was preempted, e.g. by its own
+    clients' training), own_cpu_s (CPU time of the coordinator's thread outside the wait:
+    what its code costs, whatever the load), other_s (own wall time outside the labeled
+    parts), and each part's wall seconds ("<part> s")."""
+    with coordinator_timers(coordinator) as timers:
+        cpu_started = time.thread_time()
+        summary = coordinator.step()
+        cpu = time.thread_time() - cpu_started
     wait = timers.seconds.get(WAIT, 0.0)
     parts = {k: v for k, v in timers.seconds.items() if k != WAIT}
-    own = round_time_s - wait
-    return {"round_s": round_time_s, "wait_s": wait, "own_s": own,
-            "other_s": own - sum(parts.values()), **{f"{k} s": v for k, v in parts.items()}}
+    own = summary.round_time_s - wait
+    split = {"round_s": summary.round_time_s, "wait_s": wait, "own_s": own,
+             "own_cpu_s": cpu - timers.cpu_seconds.get(WAIT, 0.0),
+             "other_s": own - sum(parts.values()), **{f"{k} s": v for k, v in parts.items()}}
+    return summary, split

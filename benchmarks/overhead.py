@@ -50,14 +50,13 @@ import torch
 from _common import (
     RESULTS,
     command_line,
-    coordinator_split,
-    coordinator_timers,
     local_ray,
     machine_info,
     markdown_table,
     match_niceness,
     median,
     probe_actors,
+    timed_step,
     write_json,
 )
 
@@ -99,12 +98,10 @@ def plain_round(clients: dict[str, FederatedClient], coordinator: Coordinator, t
 
 def ray_round(coordinator: Coordinator) -> dict[str, Any]:
     """One federated round through the actors, with the coordinator's own time split."""
-    with coordinator_timers(coordinator) as timers:
-        summary = coordinator.step()
+    summary, split = timed_step(coordinator)
     if summary.rejected:
         raise RuntimeError(f"round {summary.round_id}: rejected {summary.rejected}")
     fits = {c: summary.metrics[f"{c}/fit_s"] for c in summary.participants}
-    split = coordinator_split(summary.round_time_s, timers)
     split["transport_s"] = split["wait_s"] - max(fits.values())
     return {**split, "fit_s": fits, "bytes_down": summary.bytes_down,
             "bytes_up": summary.bytes_up}
@@ -157,6 +154,7 @@ def measure(cfg: ExperimentConfig, root: str, centers: list[str], reps: int,
         "plain_build_s": plain_build_s, "probes": probes, "driver_niceness": niceness,
         "ray_round_s": median([r["round_s"] for r in ray_runs]),
         "ray_own_s": median([r["own_s"] for r in ray_runs]),
+        "ray_own_cpu_s": median([r["own_cpu_s"] for r in ray_runs]),
         "ray_transport_s": median([r["transport_s"] for r in ray_runs]),
         "ray_max_fit_s": median([max(r["fit_s"].values()) for r in ray_runs]),
         "ray_own_parts_s": {k: median([r[k] for r in ray_runs])
@@ -184,11 +182,12 @@ def tables(results: list[dict[str, Any]]) -> str:
             rows.append([r["clients"], r["local_steps"], f"{r['ray_round_s']:.2f}",
                          f"{plain_s:.2f}", t, f"{r['ratio_by_threads'][t]:.3f}",
                          f"{r['ray_max_fit_s']:.2f}", f"{r['ray_own_s']:.3f}",
-                         f"{r['ray_transport_s']:.3f}", f"{r['orchestration_share']:.1%}"])
+                         f"{r['ray_own_cpu_s']:.3f}", f"{r['ray_transport_s']:.3f}",
+                         f"{r['orchestration_share']:.1%}"])
     main = markdown_table(
         ["clients", "local steps", "federated round s (Ray)", "plain round s",
-         "plain threads", "ratio", "slowest client fit s", "coordinator own s",
-         "transport s", "orchestration share of the round"], rows)
+         "plain threads", "ratio", "slowest client fit s", "coordinator own s (wall)",
+         "coordinator own CPU s", "transport s", "orchestration share of the round"], rows)
     parts = sorted({k for r in results for k in r["ray_own_parts_s"]})
     split = markdown_table(["coordinator part (median s per round)",
                             *(f"K={r['clients']}" for r in results)],

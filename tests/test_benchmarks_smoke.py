@@ -71,6 +71,7 @@ def test_overhead_one_client_one_rep(ray_cluster, tiny):
     assert r["clients"] == 1 and len(r["runs"]["ray"]) == len(r["runs"]["plain_1"]) == 1
     ray_run = r["runs"]["ray"][0]
     assert 0 < ray_run["own_s"] < ray_run["round_s"] and ray_run["fit_s"]["a"] > 0
+    assert ray_run["own_cpu_s"] > 0 and ray_run["wait_s"] > 0
     assert r["ratio"] == pytest.approx(r["ray_round_s"] / r["plain_round_s"]["1"])
 
 
@@ -89,4 +90,5 @@ def test_scale_two_actors_and_stub_clients(ray_cluster, tiny):
     assert all(p["rss_peak"] > 0 and p["uss"] > 0 for p in r["probes"].values())
     assert [s["clients"] for s in record["stub_results"]] == [2, 4]
     assert all(s["own_s"] > 0 for s in record["stub_results"])
-    assert record["target"]["stub_clients"]["exponent"] is not None
+    assert record["target"]["stub_clients"]["own_cpu_s"]["exponent"] is not None
+    assert all(s["own_cpu_s"] > 0 for s in record["stub_results"])
