@@ -587,6 +587,8 @@ def write_plot(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], 
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    last_round = max((x for s in series.values() for points in s.values() for x, _ in points),
+                     default=1)
     for ax, (key, panel_title) in zip(axes.flat, PLOT_PANELS, strict=True):
         drawn = False
         for row in (r for r in ROWS if r in series):
@@ -601,6 +603,7 @@ def write_plot(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], 
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last_round + 0.5)  # every panel on the same rounds
         ax.grid(alpha=0.3)
         if not drawn:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
