@@ -25,7 +25,11 @@ Same compute budget (`budget_overrides`): every federated client (fedmrg, its ab
 fedavg, fedprox) and every `local` client trains `rounds x local_steps` optimizer steps of
 `data.batch_size` studies. `centralized` is one client over the pooled data of the N
 participating centers; it runs the same number of rounds with `local_steps x N` steps per
-round, so it sees as many training samples as all N federated clients together.
+round, so it sees as many training samples as all N federated clients together. Every
+round takes every client (`federation.fraction=1`, `federation.min_clients` = all of them):
+a client that fails (e.g. its actor killed by the memory monitor and restarted by Ray) makes
+the round try again (`federation.round_retries`) instead of aggregating without it, so no
+run trains less than its budget.
 
 Evaluation: every evaluation of every run generates with the config's `eval.*` settings
 (the default config's, recorded per run under "generation"), on the test splits. Quick mode
@@ -229,15 +233,18 @@ def budget_overrides(strategy: str, rounds: int, local_steps: int, n_centers: in
                      ) -> tuple[str, ...]:
     """The compute budget as overrides (module docstring, "Same compute budget"):
     `centralized` trains `local_steps x n_centers` steps per round, everyone else
-    `local_steps` per client."""
+    `local_steps` per client; every round takes every client (fraction 1, min_clients all)."""
     if strategy not in STRATEGIES:
         raise BenchmarkError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
     if rounds < 1 or local_steps < 1 or n_centers < 1:
         raise BenchmarkError(f"rounds ({rounds}), local steps ({local_steps}) and centers "
                              f"({n_centers}) must all be >= 1")
-    steps = local_steps * n_centers if strategy == "centralized" else local_steps
+    centralized = strategy == "centralized"
+    steps = local_steps * n_centers if centralized else local_steps
+    clients = 1 if centralized else n_centers
     return (f"federation.strategy={strategy}", f"federation.rounds={rounds}",
-            f"train.local_steps={steps}")
+            f"train.local_steps={steps}", "federation.fraction=1.0",
+            f"federation.min_clients={clients}")
 
 
 def budget_rule(rounds: int, local_steps: int, n_centers: int, batch_size: int) -> str:

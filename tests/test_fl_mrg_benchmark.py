@@ -45,6 +45,9 @@ def test_run_matrix_is_seed_major_with_names_and_the_same_budget():
         assert cfg.tracking.experiment == "bench"
         assert cfg.tracking.storage_path == "/tmp/bench-storage"
         steps[spec.row] = (cfg.federation.rounds, cfg.train.local_steps)
+        # every round waits for every client: a failed one is retried, never left out
+        assert cfg.federation.fraction == 1.0
+        assert cfg.federation.min_clients == (1 if spec.row == "centralized" else 4)
     # every client 3 x 5 steps; centralized's one client as many as the 4 together
     assert all(steps[r] == (3, 5) for r in rows if r != "centralized")
     assert steps["centralized"] == (3, 20)
