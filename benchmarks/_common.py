@@ -338,18 +338,31 @@ def local_ray(resources: Any) -> Iterator[dict[str, float]]:
             ray.shutdown()
 
 
-def timed_step(coordinator: Any) -> tuple[Any, dict[str, float]]:
-    """`coordinator.step()` under `coordinator_timers`: (RoundSummary, the round's time split).
+COORDINATOR_THREADS = 1  # the product's coordinator actor has num_cpus=0: Ray gives it
+# OMP_NUM_THREADS=1 (ray._private.utils.set_omp_num_threads_if_unset), so torch uses 1 thread
+
+
+def timed_step(coordinator: Any, threads: int = COORDINATOR_THREADS,
+               ) -> tuple[Any, dict[str, float]]:
+    """`coordinator.step()` under `coordinator_timers`, with torch on `threads` threads as in
+    the product's coordinator actor: (RoundSummary, the round's time split).
 
     The split: round_s (`round_time_s`), wait_s (blocked on clients), own_s = round - wait
     (wall: on a busy machine it includes time the coordinator was preempted, e.g. by its own
     clients' training), own_cpu_s (CPU time of the coordinator's thread outside the wait:
     what its code costs, whatever the load), other_s (own wall time outside the labeled
     parts), and each part's wall seconds ("<part> s")."""
-    with coordinator_timers(coordinator) as timers:
-        cpu_started = time.thread_time()
-        summary = coordinator.step()
-        cpu = time.thread_time() - cpu_started
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with coordinator_timers(coordinator) as timers:
+            cpu_started = time.thread_time()
+            summary = coordinator.step()
+            cpu = time.thread_time() - cpu_started
+    finally:
+        torch.set_num_threads(previous)
     wait = timers.seconds.get(WAIT, 0.0)
     parts = {k: v for k, v in timers.seconds.items() if k != WAIT}
     own = summary.round_time_s - wait

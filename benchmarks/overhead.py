@@ -10,8 +10,9 @@ fedmrg) with K = `--clients` centers, for each K in turn:
   center, fractional CPUs), a `RayClientPool`, and the product's `Coordinator` run here in the
   driver (what `Experiment(in_process=True)` does; `Experiment.fit()` runs the same class in
   a coordinator actor). A round is `Coordinator.step()`: plans, one `ray.put` of the global
-  state, the clients' `fit` in their actors, replies, validation, aggregation. Its time is the
-  coordinator's `RoundSummary.round_time_s`.
+  state, the clients' `fit` in their actors, replies, validation, aggregation, the next
+  round's downlink delta. Its time is the coordinator's `RoundSummary.round_time_s`; torch
+  runs on 1 thread in it, as in the coordinator actor (`_common.timed_step`).
 - plain: the same clients as `FederatedClient`s in this process, no actor, the same plans
   (the strategy's plan for the same round with the coordinator's synced state, sent whole
   where the actors get the low-rank downlink delta), `client.fit(plan)` one after the other,
