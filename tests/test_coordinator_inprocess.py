@@ -28,7 +28,7 @@ from fedmrg.fl.coordinator import (
 )
 from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, decompress, is_lora_factor
 from fedmrg.fl.messages import STACKED, ClientUpdate, RoundPlan
-from fedmrg.fl.strategies import make_strategy
+from fedmrg.fl.strategies import FederationError, make_strategy
 from fedmrg.fl.validation import scale_update, update_norm
 from fedmrg.fl.wire import from_wire, message_bytes
 from fedmrg.model.params import get_private_state, get_shared_state
@@ -438,6 +438,38 @@ def test_evaluation_views_route_each_dataset_to_its_client():
     assert gen.mean["score"] == (ord("a") + ord("b")) / 2  # held-out not in the mean
     assert per.per_center["a"]["score"] == ord("a") + 0.5
     assert seen == [("generalization", 1), ("personalization", 1)]
+
+
+class FlakyEvaluator(FakeClient):
+    """Its first `failures` evaluate calls fail, as calls to an actor being restarted do."""
+
+    def __init__(self, center: str, failures: int):
+        super().__init__(center)
+        self.failures = failures
+
+    def evaluate(self, *args, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("actor unavailable")
+        return super().evaluate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_a_failed_evaluation_is_asked_again_up_to_round_retries(failures):
+    # client a runs 2 evaluations (generalization, personalization), each tried 1 + 2 times
+    clients = {"a": FlakyEvaluator("a", failures), "b": FakeClient("b")}
+    gen, per = fake_coordinator(clients, rounds=1, round_retries=2).evaluate(1)
+    assert clients["a"].failures == 0
+    assert gen.per_center["a"]["score"] == ord("a")
+    assert per.per_center["a"]["score"] == ord("a") + 0.5
+
+
+def test_an_evaluation_failing_past_its_retries_stops_the_run_naming_it():
+    clients = {"a": FlakyEvaluator("a", 100), "b": FakeClient("b")}
+    with pytest.raises(FederationError, match=r"evaluation of 'a' on client 'a' failed.*"
+                                              r"actor unavailable"):
+        fake_coordinator(clients, rounds=1, round_retries=2).evaluate(1)
+    assert clients["a"].failures == 100 - 6  # both of its evaluations tried 1 + 2 times
 
 
 # --------------------------------------------------------------------------- faults, in process

@@ -48,7 +48,8 @@ A round (`run_round`) is one or more attempts; an attempt:
    `duplicate_replies_dropped`, `round_attempts`, `rejoined`.
 `on_evaluation(view, per_center, mean, step=round_id)` gets every evaluation.
 `eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation; a
-`ClientDataError` then names every client whose evaluation data was bad).
+failed one, e.g. on an actor being restarted, is asked again up to `federation.round_retries`
+times; a `ClientDataError` then names every client whose evaluation data was bad).
 
 Evaluation (`evaluate`): generalization = the generic model (the global state) on the test
 split of every evaluated center (`eval_centers`, default the pool's centers) and of every
@@ -63,6 +64,7 @@ unweighted over the evaluated (not held-out) centers.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
 # How long a finished abandoned call's reply may take to arrive once the same client has
 # answered a later call (it is already on its way: milliseconds, bounded generously).
 LATE_REPLY_GRACE_S = 5.0
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the pool
@@ -554,26 +557,39 @@ class Coordinator:
                 jobs.append((GENERALIZATION, dataset, owner(dataset), False))
         jobs += [(PERSONALIZATION, d, owner(d), True) for d in datasets]
 
-        handles = {}
-        for job in jobs:
+        def submit(job: tuple[str, str, str, bool]) -> Any:
             _, dataset, client, personalized = job
-            handles[self.pool.submit_evaluate(client, self.eval_split, personalized,
-                                              dataset_center=dataset, global_state=state)] = job
+            return self.pool.submit_evaluate(client, self.eval_split, personalized,
+                                             dataset_center=dataset, global_state=state)
+
+        # An evaluation changes no state, so a failed one (e.g. its actor killed and being
+        # restarted by Ray) is simply asked again, up to federation.round_retries times.
+        retries_left = {job: self.cfg.federation.round_retries for job in jobs}
+        handles = {submit(job): job for job in jobs}
         replies: dict[tuple, EvalReply] = {}
         data_errors: dict[str, str] = {}
         pending = list(handles)
         while pending:
             ready, pending = self.pool.wait(pending, len(pending), None)
             for handle in ready:
-                view, dataset, client, _ = handles[handle]
+                job = handles.pop(handle)
+                view, dataset, client, _ = job
                 try:
-                    replies[handles[handle]] = self.pool.result(handle)
+                    replies[job] = self.pool.result(handle)
                 except ClientDataError as e:  # after every reply: one error names them all
                     data_errors.update(e.errors)
                 except ClientFailure as e:
-                    raise FederationError(f"round {round_id}: {view} evaluation of "
-                                          f"{dataset!r} on client {client!r} failed: "
-                                          f"{e.message}") from None
+                    if retries_left[job] <= 0:
+                        raise FederationError(f"round {round_id}: {view} evaluation of "
+                                              f"{dataset!r} on client {client!r} failed: "
+                                              f"{e.message}") from None
+                    retries_left[job] -= 1
+                    log.warning("round %d: %s evaluation of %r on client %r failed (%s); "
+                                "asking again (%d retries left)", round_id, view, dataset,
+                                client, e.message, retries_left[job])
+                    retry = submit(job)
+                    handles[retry] = job
+                    pending.append(retry)
         if data_errors:
             raise ClientDataError(data_errors, f"round {round_id} evaluation")
         out = []
