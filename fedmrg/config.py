@@ -139,6 +139,11 @@ class TrainConfig:
     warmup_steps: int = _f(10, "linear warm-up steps", min=0)
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)", min=0)
     local_steps: int = _f(20, "optimizer steps per round per client", min=1)
+    # Keeping them trained the from-scratch encoder and diagnosis head faster in the federated
+    # default (diagnosis loss after 5 rounds of fedavg: 0.517 kept vs 0.592 reset): a reset
+    # makes AdamW's next steps about lr * sign(grad) on every shared weight.
+    reset_shared_moments: bool = _f(False, "forget the AdamW moments of the shared tensors "
+                                           "each round when the global state is loaded")
     fedprox_mu: float = _f(0.01, "FedProx proximal weight mu (used by strategy fedprox only)",
                            min=0)
 

@@ -9,13 +9,14 @@ model's switches (specialized adapter, loss terms) and the update's form (dense_
 wire_dtype). Everything is built once and stays resident across rounds: the frozen base LM
 (`load_base_lm`) wrapped into an `MRGModel` from `seed` (identical initial weights in every
 client, so the run's initial global state is any client's shared state), the train stream, the
-`LocalTrainer` (AdamW state of the private tensors survives rounds), the `ErrorFeedback`
+`LocalTrainer` (its AdamW state survives rounds), the `ErrorFeedback`
 residuals, and the stream position (epochs continue across rounds). The Ray actor wrapper is
 `fedmrg.fl.actors.ClientHost`; no Ray here except what the Ray Data stream does.
 
 One round (`fit`):
-1. load the plan's global state into the shared group (`load_global_state`), forget the Adam
-   moments of the shared tensors (they describe a trajectory the model left);
+1. load the plan's global state into the shared group (`load_global_state`); with
+   `train.reset_shared_moments` forget the AdamW moments of the shared tensors (by default they
+   are kept: the client's own gradient statistics still describe the nearby global model);
 2. train `plan.local_steps` steps on the next batches of the stream (FedProx term when
    `plan.fedprox_mu` > 0, prototypes and global log prior from the plan; without a global
    prior, the center's own label prior);
@@ -327,11 +328,12 @@ class FederatedClient:
         if self.cfg.federation.strategy != "local":
             # The shared tensors are the server's (its checkpoint holds them; every plan and
             # export loads them): kept out, so a client rebuilt from its checkpoint still shows
-            # the model as built to a coordinator that starts afresh. Their Adam moments go
-            # too: the next fit forgets them anyway (about 2/3 of the file at default scale).
+            # the model as built to a coordinator that starts afresh. Their Adam moments stay
+            # unless the next fit forgets them anyway (`train.reset_shared_moments`).
             del state["shared"]
-            state["trainer"]["optimizer"] = self._without_shared_moments(
-                state["trainer"]["optimizer"])
+            if self.cfg.train.reset_shared_moments:
+                state["trainer"]["optimizer"] = self._without_shared_moments(
+                    state["trainer"]["optimizer"])
         write_checkpoint(self.checkpoint_dir, round_id, state,
                          keep=self.cfg.tracking.checkpoint_keep + 1, kind="client",
                          fingerprint=self._fingerprint,
@@ -371,7 +373,7 @@ class FederatedClient:
             self.state_version = plan.state_version
             self._synced = (None if plan.state_version is None else
                             {n: t.detach().clone() for n, t in plan.global_state.items()})
-        if federated:
+        if federated and self.cfg.train.reset_shared_moments:
             self.trainer.reset_optimizer("shared")
         start = get_shared_state(self.model)  # (the global state, as loaded)
 

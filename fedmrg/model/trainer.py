@@ -20,10 +20,11 @@ Choices, and why:
 - Optimizer state persists across `fit` calls: a centralized run can call `fit` many times,
   and a client's private tensors (specialized adapter, local head) continue their own
   trajectory across rounds, so their Adam moments stay valid. The shared tensors are
-  overwritten by the server's aggregate each round, which makes their moments describe a
-  trajectory the model is no longer on: a federated client should call
-  `reset_optimizer("shared")` after loading the global state (FedAvg practice is a fresh local
-  optimizer per round; resetting only the shared state keeps that for what is aggregated).
+  overwritten by the server's aggregate each round; their moments still describe the client's
+  gradients near it, and a federated client keeps them unless `train.reset_shared_moments`
+  (FedAvg's fresh local optimizer per round) makes it call `reset_optimizer("shared")`: a reset
+  makes AdamW's next steps about lr * sign(grad) on every shared weight, which slowed the
+  from-scratch encoder and diagnosis head in the federated default.
 - FedProx: `mu/2 * ||w - w_ref||^2` over the trainable SHARED parameters (what is aggregated),
   on when `fit(..., mu=...)` is given mu > 0 (the fedprox strategy passes `train.fedprox_mu`;
   the trainer never turns it on by itself). `w_ref` is `prox_reference` (e.g. the round's
