@@ -105,6 +105,8 @@ class ModelConfig:
     pretrained: bool = _f(False, "load pretrained encoder weights (local cache or hub)")
     in_chans: int = _f(1, "image channels fed to the encoder", choices=(1, 3))
     freeze_encoder: bool = _f(False, "freeze the encoder (paper scale: true)")
+    local_batchnorm: bool = _f(True, "keep a trained encoder's BatchNorm layers (weights and "
+                                     "running statistics) private to each center (FedBN)")
     encoder_lora_rank: int = _f(0, "LoRA rank on a frozen encoder (0: none)", min=0)
     visual_tokens: int = _f(4, "visual tokens the projector produces", min=1, max=256)
     lm: str = _f("builtin:tiny-llama", "causal LM: 'builtin:tiny-llama', an HF id or a path")

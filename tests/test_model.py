@@ -25,6 +25,7 @@ from fedmrg.model.params import (
     get_private_state,
     get_shared_state,
     load_shared_state,
+    local_norm_modules,
     parameter_group_summary,
     parameter_groups,
 )
@@ -340,7 +341,11 @@ def test_parameter_groups_keep_private_tensors_private(make_model):
     assert names["shared"] | names["private"] | names["frozen"] == all_names
     assert not (names["shared"] & names["private"]) and not (names["shared"] & names["frozen"])
     assert not any(f".{SPECIALIZED}." in n for n in names["shared"])
-    assert all(f".{SPECIALIZED}." in n or n.startswith("local_head.") for n in names["private"])
+    norm = local_norm_modules(model)  # FedBN (model.local_batchnorm, the default)
+    assert norm and all(n.startswith("encoder.") for n in norm)
+    assert all(f".{SPECIALIZED}." in n or n.startswith("local_head.")
+               or n.rsplit(".", 1)[0] in norm for n in names["private"])
+    assert any(n.rsplit(".", 1)[0] in norm for n in names["private"])
     assert any(n.startswith("local_head.") for n in names["private"])
     assert sum(f"lora_A.{GENERIC}." in n for n in names["shared"]) == 4
     for prefix in ("projector.", "diagnosis_head.", "global_head.", "encoder."):
@@ -349,12 +354,26 @@ def test_parameter_groups_keep_private_tensors_private(make_model):
     assert all(p.requires_grad for g in ("shared", "private") for p in groups[g].values())
     assert not any(p.requires_grad for p in groups["frozen"].values())
     shared = get_shared_state(model)
-    assert any(n.endswith("running_mean") for n in shared)  # trained encoder: BN stats travel
+    assert not any(n.rsplit(".", 1)[0] in norm for n in shared)  # BN weights and stats stay
+    assert any(n.endswith("running_mean") for n in get_private_state(model))
     assert not any(f".{SPECIALIZED}." in n or n.startswith("local_head.") for n in shared)
     rows = describe_parameter_groups(model)
     summary = parameter_group_summary(model)
     assert summary["shared"]["bytes"] == sum(r.bytes for r in rows if r.group == "shared")
-    assert summary["private"]["tensors"] == len(names["private"])
+    assert summary["private"]["tensors"] == len(get_private_state(model))  # buffers too
+
+
+def test_without_local_batchnorm_the_encoder_norm_layers_and_statistics_travel(make_model):
+    model = make_model(local_batchnorm=False)
+    assert local_norm_modules(model) == set()
+    groups = parameter_groups(model)
+    assert all(n.startswith("local_head.") or f".{SPECIALIZED}." in n
+               for n in groups["private"])
+    shared = get_shared_state(model)
+    assert any(n.endswith("running_mean") for n in shared)  # trained encoder: BN stats travel
+    assert not any("running" in n for n in get_private_state(model))
+    rows = describe_parameter_groups(model)
+    assert {r.group for r in rows if r.kind == "buffer"} == {"shared"}
 
 
 def test_frozen_encoder_with_lora_shares_only_its_adapter(make_model):

@@ -63,6 +63,8 @@ class VisionEncoder(nn.Module):
         self.num_features: int = int(self.backbone.num_features)
         self.in_chans = cfg.in_chans
         self.frozen = cfg.freeze_encoder
+        # FedBN: a trained encoder's BatchNorm layers stay with the center (fedmrg.model.params)
+        self.local_norm = bool(cfg.local_batchnorm) and not self.frozen
         if cfg.encoder_lora_rank and not cfg.freeze_encoder:
             raise EncoderError("model.encoder_lora_rank > 0 needs model.freeze_encoder=true "
                                "(LoRA adapts a frozen encoder; a trainable one needs none)")
