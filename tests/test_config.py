@@ -57,6 +57,7 @@ def test_later_override_wins():
         ("data.augment=maybe", "data.augment: expected true or false"),
         ("model.lora_targets=q_proj", "model.lora_targets: expected a list"),
         ("data.centers=[a, zz]", "unknown center 'zz'"),
+        ("data.centers=[a, b, a]", "center 'a' is listed more than once"),
         ("model.lm_heads=3", "divisible by model.lm_heads"),
         ("federation", "expected section.key=value"),
     ],
@@ -65,6 +66,12 @@ def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("default", [override])
     assert fragment in str(err.value)
+
+
+def test_heldout_is_a_phantom_center_only_when_it_is_generated():
+    assert load_config("default", ["data.centers=[a, heldout]"]).data.centers == ["a", "heldout"]
+    with pytest.raises(ConfigError, match="unknown center 'heldout'"):
+        load_config("default", ["data.centers=[a, heldout]", "data.phantom.heldout_center=false"])
 
 
 def test_section_given_a_scalar_is_an_error():
