@@ -325,9 +325,6 @@ def _validate_cross(cfg: ExperimentConfig) -> None:
             f"model.lm_hidden_size ({cfg.model.lm_hidden_size}) must be divisible by "
             f"model.lm_heads ({cfg.model.lm_heads})"
         )
-    repeated = sorted({c for c in cfg.data.centers if cfg.data.centers.count(c) > 1})
-    if repeated:
-        raise ConfigError(f"data.centers: center {repeated[0]!r} is listed more than once")
     if cfg.data.source == "phantom" and cfg.data.centers:
         n = cfg.data.phantom.centers
         known = {chr(ord("a") + i) for i in range(n)}
