@@ -277,6 +277,36 @@ def test_local_sends_no_tensors_and_evaluates_each_own_model(ray_cluster, datase
     assert any(not torch.equal(a[n], b[n]) for n in a if is_lora_factor(n))
 
 
+def test_a_fit_failing_inside_the_stream_leaves_the_client_able_to_train_again(
+        ray_cluster, dataset, lm_cache):
+    """An error raised by the train stream (seen on a machine missing a package Ray Data's
+    torch batches import) finishes the suspended pass; the client's next fit must start a new
+    pass at its kept position, not find no batch (every retry used to fail so)."""
+    cfg = make_strategy(tiny_config("local", dataset, lm_cache)).cfg
+    client = FederatedClient(cfg, "a", dataset_root=dataset, seed=cfg.seed,
+                             generation=GENERATION, eval_samples=2)
+    stream = client.train_stream
+    real_iter_batches = stream.iter_batches
+
+    def failing_after_one_batch(epoch: int = 0):
+        batches = real_iter_batches(epoch)
+        yield next(batches)
+        batches.close()
+        raise ImportError("injected: a package the stream needs is missing")
+
+    try:
+        stream.iter_batches = failing_after_one_batch
+        with pytest.raises(ImportError, match="injected"):
+            client.fit(RoundPlan(round_id=1, global_state=None, local_steps=2))
+        assert (client.epoch, client.batch_in_epoch) == (0, 1)  # the one batch it trained on
+        stream.iter_batches = real_iter_batches
+        update = client.fit(RoundPlan(round_id=1, global_state=None, local_steps=2))
+    finally:
+        client.close()
+    assert update.metrics["epoch"] == 0.0 and client.batch_in_epoch == 3
+    assert math.isfinite(update.metrics["loss"])
+
+
 # --------------------------------------------------------------------------- pure coordinator
 # Fake clients with synthetic updates: the round logic without a model (milliseconds).
 

@@ -209,6 +209,11 @@ class FederatedClient:
                                    f"stream yielded no batch")
             self.epoch, self.batch_in_epoch, skip = self.epoch + 1, 0, 0
 
+    def _restart_batches(self) -> None:
+        """End the pass in progress (if any) and start the next one at the kept position."""
+        self._batches.close()
+        self._batches = self._batch_iterator()
+
     def label_counts(self) -> Tensor:
         """(14, 4) int64 label-state counts of the train split(s), computed once."""
         if self._label_counts is None:
@@ -289,8 +294,7 @@ class FederatedClient:
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.state_version, self._synced = None, None  # restored: full shared state next
-        self._batches.close()
-        self._batches = self._batch_iterator()
+        self._restart_batches()
 
     def restore_latest_checkpoint(self, max_round: int | None = None) -> int | None:
         """Load this client's newest valid own checkpoint (at or below `max_round` when
@@ -352,8 +356,7 @@ class FederatedClient:
         """End the train stream's pass in progress (a suspended Ray Data iterator); call before
         Ray shuts down. The client can still train afterwards: the next fit resumes from the
         stream position."""
-        self._batches.close()
-        self._batches = self._batch_iterator()
+        self._restart_batches()
 
     # ----------------------------------------------------------------- a round
 
@@ -386,10 +389,16 @@ class FederatedClient:
                     round_batches.append(batch)
                 yield batch
 
-        metrics = self.trainer.fit(
-            batches(), plan.local_steps, prototypes=plan.prototypes,
-            proto_counts=plan.prototype_counts, log_prior=self._log_prior(plan),
-            prox_reference=start if plan.fedprox_mu > 0 else None, mu=plan.fedprox_mu)
+        try:
+            metrics = self.trainer.fit(
+                batches(), plan.local_steps, prototypes=plan.prototypes,
+                proto_counts=plan.prototype_counts, log_prior=self._log_prior(plan),
+                prox_reference=start if plan.fedprox_mu > 0 else None, mu=plan.fedprox_mu)
+        except BaseException:
+            # an error raised inside the stream finishes its generator: without a new pass
+            # every retry of this client would find no batch at all
+            self._restart_batches()
+            raise
 
         lora: dict[str, Tensor] = {}
         dense: dict = {}
