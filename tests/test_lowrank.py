@@ -349,6 +349,26 @@ def test_truncated_svd_matches_reference_for_matrices_and_convs():
         truncated_svd(torch.randn(5), 2)
 
 
+def test_truncated_svd_of_rank_deficient_and_ill_conditioned_matrices():
+    """The Gram-matrix route must not divide by a zero singular value, and must keep the top
+    directions exact when the spectrum spans many decades."""
+    g = torch.Generator().manual_seed(1)
+    for m, n in [(12, 50), (50, 12)]:
+        low = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(
+            2, n, generator=g, dtype=torch.float64)
+        up = truncated_svd(low, 5)  # rank 2 asked for 5: three zero directions
+        assert torch.isfinite(up.U).all() and torch.isfinite(up.V).all()
+        assert rel(decompress(up), low) < 1e-10
+        assert truncated_svd(torch.zeros(m, n), 3).dense().abs().max() == 0
+        # singular values 1 .. 1e-12: the rank-4 truncation is the reference's within 1e-9
+        q1, _ = torch.linalg.qr(torch.randn(m, 12, generator=g, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(n, 12, generator=g, dtype=torch.float64))
+        k = min(m, n, 12)
+        spectrum = torch.logspace(0, -12, k, dtype=torch.float64)
+        M = q1[:, :k] * spectrum @ q2[:, :k].T
+        assert rel(decompress(truncated_svd(M, 4)), dense_top_r(M, 4)) < 1e-9
+
+
 def test_compress_sends_small_and_1d_tensors_dense():
     g = torch.Generator().manual_seed(1)
     bias, small, big = torch.randn(64, generator=g), torch.randn(6, 6, generator=g), \

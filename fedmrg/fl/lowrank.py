@@ -369,8 +369,8 @@ def factorizes(shape: Sequence[int], rank: int) -> bool:
 def truncated_svd(delta: torch.Tensor, rank: int) -> LowRankUpdate:
     """Best rank-`rank` approximation of a >= 2-D tensor: U = U_r S_r (m, r), V = V_r^T (r, n).
 
-    Computed in float64 by a full (thin) SVD, factors returned in delta's dtype. Ranks above
-    min(m, n) are clipped to it.
+    Computed in float64 from the eigendecomposition of the smaller Gram matrix (`_top_svd`),
+    factors returned in delta's dtype. Ranks above min(m, n) are clipped to it.
     """
     if delta.dim() < 2:
         raise LowRankError(f"truncated_svd needs a >= 2-D tensor, got shape {tuple(delta.shape)}")
@@ -378,11 +378,28 @@ def truncated_svd(delta: torch.Tensor, rank: int) -> LowRankUpdate:
         raise LowRankError(f"rank must be a positive integer, got {rank!r}")
     m, n = matrix_shape(delta.shape)
     dtype = delta.dtype if delta.is_floating_point() else torch.get_default_dtype()
-    M = delta.reshape(m, n).to(COMPUTE_DTYPE)
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n)
-    r = min(rank, S.numel())
-    return LowRankUpdate(U=(U[:, :r] * S[:r]).to(dtype), V=Vh[:r].to(dtype),
-                         shape=tuple(delta.shape))
+    U, V = _top_svd(delta.reshape(m, n).to(COMPUTE_DTYPE), min(rank, m, n))
+    return LowRankUpdate(U=U.to(dtype), V=V.to(dtype), shape=tuple(delta.shape))
+
+
+def _top_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r S_r, V_r^T) of M (m, n) from the top-r eigenvectors P of A A^T, A the orientation
+    of M with the fewer rows: A's best rank-r approximation is P (P^T A). Several times faster
+    than a full SVD on the wide matrices a model's layers give (one p x p eigh instead of a
+    p x q SVD). The Gram matrix squares the condition number: singular values below ~1e-8 of
+    the largest come out as rounding noise, but P stays orthonormal, so P (P^T A) is still the
+    projection onto the kept directions and the product U V loses nothing of them."""
+    wide = M.shape[0] <= M.shape[1]
+    A = M if wide else M.T  # (p, q), p <= q
+    _, vecs = torch.linalg.eigh(A @ A.T)  # ascending eigenvalues
+    P = vecs[:, -r:].flip(1)  # (p, r), largest first
+    W = P.T @ A  # (r, q) = S_r V_r^T of A
+    if not wide:  # M = A^T: its U_r S_r is W^T, its V_r^T is P^T
+        return W.T, P.T
+    S = W.norm(dim=1)  # the singular values, consistent with W
+    nonzero = S > 0
+    V = torch.where(nonzero[:, None], W / torch.where(nonzero, S, 1.0)[:, None], 0.0)
+    return P * S, V
 
 
 def compress(delta: torch.Tensor, rank: int) -> LowRankUpdate | torch.Tensor:
