@@ -164,6 +164,9 @@ class FederationConfig:
     download_rank: int = _f(8, "rank of the low-rank round change of dense shared tensors sent "
                                "down to up-to-date clients (0: the full state every round)",
                             min=0)
+    whole_tensors: list[str] = _f([], "name prefixes of dense shared tensors that travel whole, "
+                                      "up and down, whatever the two ranks (e.g. "
+                                      "'diagnosis_head.': a small head kept exact)")
     wire_dtype: str = _f("fp32", "dtype of floating tensors in messages (bf16 halves the bytes)",
                          choices=("fp32", "bf16"))
     server_optimizer: str = _f("none", "server optimizer on the aggregated update",

@@ -118,3 +118,19 @@ def test_state_dict_round_trip_continues_the_same_deltas():
     for name in da.add:
         assert torch.equal(da.add[name].U, db.add[name].U), name
     assert all(torch.equal(a.full_state()[n], b.full_state()[n]) for n in s0)
+
+
+def test_a_tensor_named_whole_is_sent_whole_and_arrives_exactly():
+    """`federation.whole_tensors`: a full-rank change of a listed tensor is replaced, not
+    truncated; the other tensors keep the low-rank route."""
+    s0 = state()
+    g = torch.Generator().manual_seed(5)
+    s1 = dict(s0)
+    s1["projector.weight"] = s0["projector.weight"] + torch.randn(64, 48, generator=g)
+    s1["encoder.conv.weight"] = s0["encoder.conv.weight"] + torch.randn(16, 8, 3, 3, generator=g)
+    delta = StateBroadcast(s0, rank=4, whole=["projector."]).advance(s1)
+    assert "projector.weight" in delta.replace and "projector.weight" not in delta.add
+    assert isinstance(delta.add["encoder.conv.weight"], LowRankUpdate)
+    client = apply_delta(s0, delta)
+    assert torch.equal(client["projector.weight"], s1["projector.weight"])
+    assert not torch.allclose(client["encoder.conv.weight"], s1["encoder.conv.weight"])

@@ -25,6 +25,7 @@ from fedmrg.fl.lowrank import (
     lora_pairs,
     normalize_weights,
     truncated_svd,
+    update_rank,
 )
 
 F64 = torch.float64
@@ -367,6 +368,21 @@ def test_truncated_svd_of_rank_deficient_and_ill_conditioned_matrices():
         spectrum = torch.logspace(0, -12, k, dtype=torch.float64)
         M = q1[:, :k] * spectrum @ q2[:, :k].T
         assert rel(decompress(truncated_svd(M, 4)), dense_top_r(M, 4)) < 1e-9
+
+
+def test_whole_tensors_go_dense_and_lossless_the_others_low_rank():
+    g = torch.Generator().manual_seed(3)
+    deltas = {"diagnosis_head.linear.weight": torch.randn(56, 64, generator=g),
+              "encoder.conv.weight": torch.randn(64, 64, generator=g)}
+    assert update_rank("diagnosis_head.linear.weight", 8, ["diagnosis_head."]) == 0
+    assert update_rank("encoder.conv.weight", 8, ["diagnosis_head."]) == 8
+    ef = ErrorFeedback()
+    sent = ef.compress_all(deltas, 8, whole=["diagnosis_head."])
+    assert torch.equal(sent["diagnosis_head.linear.weight"], deltas["diagnosis_head.linear.weight"])
+    assert isinstance(sent["encoder.conv.weight"], LowRankUpdate)
+    # nothing of the whole tensor is left behind; the truncated one keeps a residual
+    assert set(ef.residuals) <= {"encoder.conv.weight"} or float(
+        ef.residuals["diagnosis_head.linear.weight"].abs().max()) == 0.0
 
 
 def test_compress_sends_small_and_1d_tensors_dense():

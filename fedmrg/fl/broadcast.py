@@ -22,13 +22,20 @@ client holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fedmrg.fl.lowrank import LowRankUpdate, decompress, factorizes, is_lora_factor, truncated_svd
+from fedmrg.fl.lowrank import (
+    LowRankUpdate,
+    decompress,
+    factorizes,
+    is_lora_factor,
+    truncated_svd,
+    update_rank,
+)
 from fedmrg.fl.wire import wire_dtype
 
 
@@ -70,8 +77,10 @@ class StateBroadcast:
     """The synced state B and its version (module docstring). `rank` 0 sends every changed
     tensor as it is (no compression)."""
 
-    def __init__(self, initial: Mapping[str, Tensor], rank: int, wire: str = "fp32"):
+    def __init__(self, initial: Mapping[str, Tensor], rank: int, wire: str = "fp32",
+                 whole: Sequence[str] = ()):
         self.rank = rank
+        self.whole = tuple(whole)  # name prefixes sent whole (`lowrank.update_rank`)
         self.dtype = wire_dtype(wire)
         self.synced = {n: t.detach().clone() for n, t in initial.items()}
         self.version = 0
@@ -80,7 +89,7 @@ class StateBroadcast:
     def _travels_low_rank(self, name: str, old: Tensor | None, new: Tensor) -> bool:
         return (old is not None and tuple(old.shape) == tuple(new.shape)
                 and new.is_floating_point() and not is_lora_factor(name)
-                and factorizes(tuple(new.shape), self.rank))
+                and factorizes(tuple(new.shape), update_rank(name, self.rank, self.whole)))
 
     def advance(self, target: Mapping[str, Tensor]) -> StateDelta:
         """The next delta towards `target` (S); B and the version move with it."""

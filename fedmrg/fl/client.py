@@ -21,7 +21,8 @@ One round (`fit`):
    `plan.fedprox_mu` > 0, prototypes and global log prior from the plan; without a global
    prior, the center's own label prior);
 3. send: the generic LoRA factors as trained, every other shared tensor's round update
-   (trained - global) through error feedback at `dense_update_rank` (dense when 0), the sample
+   (trained - global) through error feedback at `dense_update_rank` (dense when 0, and for the
+   tensors under a `whole_tensors` prefix), the sample
    count (the center's train rows: the aggregation weight), scalar metrics, and what
    `plan.collect` asks for: diagnosis prototypes (global head, on this round's batches) and the
    label-state counts of the train split. Private tensors are never read into a message.
@@ -407,7 +408,8 @@ class FederatedClient:
             lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
             deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
             dense = self.error_feedback.compress_all(deltas,
-                                                     self.cfg.federation.dense_update_rank)
+                                                     self.cfg.federation.dense_update_rank,
+                                                     self.cfg.federation.whole_tensors)
         prototypes = counts = None
         if wants_prototypes:
             prototypes, counts = self.model.local_prototypes(round_batches)  # (14, P), (14,)

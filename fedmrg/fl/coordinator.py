@@ -323,7 +323,8 @@ class Coordinator:
         # the downlink (`fl.broadcast`): clients at the previous version get the round's
         # low-rank delta, the others the full synced state; None: the full global state
         state, rank = self.strategy.global_state(), cfg.federation.download_rank
-        self.broadcast = (StateBroadcast(state, rank, cfg.federation.wire_dtype)
+        self.broadcast = (StateBroadcast(state, rank, cfg.federation.wire_dtype,
+                                         cfg.federation.whole_tensors)
                           if state is not None and rank > 0 else None)
         self.client_versions: dict[str, int] = {}  # center -> synced version it holds
 

@@ -366,6 +366,12 @@ def factorizes(shape: Sequence[int], rank: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def update_rank(name: str, rank: int, whole: Sequence[str] = ()) -> int:
+    """The rank a shared tensor's update travels at: 0 (whole) when its name starts with one
+    of the `whole` prefixes (`federation.whole_tensors`), else `rank`."""
+    return 0 if any(name.startswith(prefix) for prefix in whole) else rank
+
+
 def truncated_svd(delta: torch.Tensor, rank: int) -> LowRankUpdate:
     """Best rank-`rank` approximation of a >= 2-D tensor: U = U_r S_r (m, r), V = V_r^T (r, n).
 
@@ -447,9 +453,11 @@ class ErrorFeedback:
         return update
 
     def compress_all(self, deltas: Mapping[str, torch.Tensor], rank: int,
-                     ) -> dict[str, LowRankUpdate | torch.Tensor]:
-        """`compress` every tensor of a dict of updates, keyed by name."""
-        return {name: self.compress(name, delta, rank) for name, delta in deltas.items()}
+                     whole: Sequence[str] = ()) -> dict[str, LowRankUpdate | torch.Tensor]:
+        """`compress` every tensor of a dict of updates, keyed by name; names under a `whole`
+        prefix go at rank 0 (lossless, see `update_rank`)."""
+        return {name: self.compress(name, delta, update_rank(name, rank, whole))
+                for name, delta in deltas.items()}
 
     def residual_norm(self) -> float:
         """Frobenius norm of all stored residuals together (0 when nothing is pending)."""
