@@ -113,20 +113,21 @@ def build_config(args: argparse.Namespace, tmp: Path, gpus_per_client: float
 # --------------------------------------------------------------------------- actor probes
 
 
-def probe_actor(host: Any) -> dict[str, Any]:
-    """Runs INSIDE a client actor (`__ray_call__`): what Ray gave it and where its model is."""
+def probe_actor(host: Any, center: str) -> dict[str, Any]:
+    """Runs INSIDE a client actor (`__ray_call__`): what Ray gave it and where `center`'s
+    model is."""
     import os
 
     import ray
     import torch
 
-    model = host.client.model
+    model = host.clients[center].model
     devices: dict[str, int] = {}
     for p in model.parameters():
         devices[str(p.device)] = devices.get(str(p.device), 0) + p.numel()
     cuda = torch.cuda.is_available()
     out = {
-        "center": host.center,
+        "center": center,
         "pid": os.getpid(),
         "ray_gpu_ids": [str(i) for i in ray.get_gpu_ids()],
         "accelerator_gpu_ids": list(ray.get_runtime_context().get_accelerator_ids()
@@ -150,7 +151,7 @@ def probe_actor(host: Any) -> dict[str, Any]:
 
 
 def probe_all(actors: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    refs = {c: a.__ray_call__.remote(probe_actor) for c, a in actors.items()}
+    refs = {c: a.__ray_call__.remote(probe_actor, c) for c, a in actors.items()}
     return {c: ray.get(r) for c, r in refs.items()}
 
 

@@ -1,9 +1,9 @@
 """Rounds with 2 to 32 client actors of the tiny model on one machine: round time, the
 coordinator's own time per client, memory per actor.
 
-Usage: ``python benchmarks/scale.py [--clients 2 4 8 16 32] [--stub-clients 2 4 ... 128]
-[--rounds 3] [--steps 2] [--cpus-per-client 0.05] [--reserve-gib 4]
-[--set section.key=value ...] [--out benchmarks/results/scale.json]``
+Usage: ``python benchmarks/scale.py [--clients 2 4 8 16 32] [--clients-per-actor 1]
+[--stub-clients 2 4 ... 128] [--rounds 3] [--steps 2] [--cpus-per-client 0.05]
+[--reserve-gib 4] [--set section.key=value ...] [--out benchmarks/results/scale.json]``
 
 The default config (tiny CPU model, phantom benchmark, fedmrg, exact aggregation) with
 `train.local_steps = --steps` and `resources.num_cpus_per_client = --cpus-per-client`, so 32
@@ -12,11 +12,14 @@ phantom benchmark has 4 training centers; client i trains on center `centers[i m
 (`centers_for_data`), under its own id `c<i>`: several clients read the same center (same
 data, same work), the federation sees K distinct clients.
 
-Actors are started once and added as K grows (2, then 2 more, then 4 more, ...), through the
-product's `start_client_actors`; before each addition the machine's MemAvailable must stay
-above `--reserve-gib` after the new actors (at the footprint measured so far; the machine is
-shared), else the run stops there and says how far it went (the footprint: PSS of this
-process tree, i.e. the local cluster, per actor). For each K: a fresh strategy and
+Clients are started once and added as K grows (2, then 2 more, then 4 more, ...), through the
+product's `start_client_actors`, `--clients-per-actor` to an actor
+(`resources.clients_per_actor`: one actor trains its clients in turn, so K clients pay the
+libraries' memory K / clients-per-actor times; each addition starts its own actors); before
+each addition the machine's MemAvailable must stay above `--reserve-gib` after the new
+clients (at the footprint per client measured so far; the machine is shared), else the run
+stops there and says how far it went (the footprint: PSS of this process tree, i.e. the
+local cluster, per added client). For each K: a fresh strategy and
 `Coordinator` over a `RayClientPool` of the first K actors, run here in the driver (the
 product's `in_process` mode), `--rounds` rounds; the first round is a warm-up (new actors
 decode their stream's first epoch) and the medians are over the others:
@@ -89,7 +92,7 @@ from fedmrg.model.params import get_shared_state
 
 DEFAULT_OUT = RESULTS / "scale.json"
 MAX_EXPONENT = 1.15
-FIRST_ACTOR_GUESS_MIB = 1100.0  # footprint assumed before any actor was measured
+FIRST_CLIENT_GUESS_MIB = 1100.0  # footprint assumed before any client was measured
 
 
 def client_ids(n: int) -> list[str]:
@@ -120,6 +123,7 @@ def summarize(k: int, rounds: list[dict], probes: dict[str, dict], cluster_mib: 
     timed = rounds[1:] or rounds  # the first round warms new actors up
     parts = [key for key in timed[0] if key.endswith(" s") or key == "other_s"]
     own = median([r["own_s"] for r in timed])
+    by_actor = {p["pid"]: p for p in probes.values()}  # an actor hosting n clients: once
     return {
         "clients": k, "start_new_actors_s": start_s,
         "own_cpu_s": median([r["own_cpu_s"] for r in timed]),
@@ -127,13 +131,15 @@ def summarize(k: int, rounds: list[dict], probes: dict[str, dict], cluster_mib: 
         "max_fit_s": median([r["max_fit_s"] for r in timed]),
         "own_s": own, "own_per_client_s": own / k,
         "own_parts_s": {p: median([r[p] for r in timed]) for p in parts},
-        "actor_rss_peak_mib_max": max(p["rss_peak"] for p in probes.values()),
-        "actor_rss_peak_mib_mean": float(np.mean([p["rss_peak"] for p in probes.values()])),
-        "actor_uss_mib_mean": float(np.mean([p["uss"] for p in probes.values()])),
-        "actor_pss_mib_mean": float(np.mean([p["pss"] for p in probes.values()])),
+        "actor_rss_peak_mib_max": max(p["rss_peak"] for p in by_actor.values()),
+        "actor_rss_peak_mib_mean": float(np.mean([p["rss_peak"] for p in by_actor.values()])),
+        "actor_uss_mib_mean": float(np.mean([p["uss"] for p in by_actor.values()])),
+        "actor_pss_mib_mean": float(np.mean([p["pss"] for p in by_actor.values()])),
         "cluster_mem_mib": cluster_mib,  # PSS growth of this process tree since no actor
-        "cluster_mem_per_actor_mib": cluster_mib / len(probes),
-        "actors_alive": len(probes), "rounds": rounds, "probes": probes,
+        "cluster_mem_per_actor_mib": cluster_mib / len(by_actor),
+        "cluster_mem_per_client_mib": cluster_mib / len(probes),
+        "actors_alive": len(by_actor), "clients_alive": len(probes), "rounds": rounds,
+        "probes": probes,
     }
 
 
@@ -151,13 +157,14 @@ def tables(results: list[dict[str, Any]], stubs: list[dict[str, Any]]) -> str:
         out.append(markdown_table(
             ["clients (actors)", "round s", "slowest fit s", "coordinator own s (wall)",
              "own CPU s", "own per client ms", "actor peak RSS MiB (max)",
-             "actor USS MiB (mean)", "cluster memory GiB", "per added actor MiB"],
-            [[r["clients"], f"{r['round_s']:.2f}", f"{r['max_fit_s']:.2f}",
+             "actor USS MiB (mean)", "cluster memory GiB", "per added client MiB"],
+            [[f"{r['clients']} ({r['actors_alive']})", f"{r['round_s']:.2f}",
+              f"{r['max_fit_s']:.2f}",
               f"{r['own_s']:.3f}", f"{r['own_cpu_s']:.3f}",
               f"{1000 * r['own_per_client_s']:.1f}",
               f"{r['actor_rss_peak_mib_max']:.0f}", f"{r['actor_uss_mib_mean']:.0f}",
               f"{r['cluster_mem_mib'] / 1024:.1f}",
-              f"{r['marginal_mem_per_new_actor_mib']:.0f}"] for r in results]))
+              f"{r['marginal_mem_per_new_client_mib']:.0f}"] for r in results]))
         out.append(split_table("coordinator part, actors", results))
     if stubs:
         out.append(markdown_table(
@@ -267,21 +274,22 @@ def growth_line(name: str, g: dict[str, Any] | None) -> str:
 def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[int],
                rounds: int, reserve_gib: float, renice: bool = True,
                ) -> tuple[list[dict[str, Any]], str | None]:
-    """Real client actors, added as K grows (module docstring); (rows, why it stopped)."""
+    """Real clients in actors, added as K grows (module docstring); (rows, why it stopped)."""
     results: list[dict[str, Any]] = []
     tree_before = tree_memory_mib()["pss"]
     actors: dict[str, Any] = {}
-    per_actor = FIRST_ACTOR_GUESS_MIB
+    per_client = FIRST_CLIENT_GUESS_MIB
     try:
         for k in sorted(ks):
             new = [c for c in client_ids(k) if c not in actors]
-            left = mem_available_mib() - len(new) * per_actor
+            left = mem_available_mib() - len(new) * per_client
             if left < reserve_gib * 1024:
-                return results, (f"stopped before K={k}: {len(new)} more actors at "
-                                 f"{per_actor:.0f} MiB each would leave {left / 1024:.1f} GiB "
-                                 f"of the machine's memory available (< --reserve-gib "
+                return results, (f"stopped before K={k}: {len(new)} more clients at "
+                                 f"{per_client:.0f} MiB each would leave {left / 1024:.1f} "
+                                 f"GiB of the machine's memory available (< --reserve-gib "
                                  f"{reserve_gib:g}; the machine is shared)")
-            print(f"K={k}: starting {len(new)} actors", flush=True)
+            print(f"K={k}: starting {len(new)} clients, "
+                  f"{cfg.resources.clients_per_actor} per actor", flush=True)
             tree_start = tree_memory_mib()["pss"]
             t0 = time.perf_counter()
             try:
@@ -300,17 +308,18 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
                 return results, f"stopped at K={k}: {type(e).__name__}: {str(e)[:500]}"
             probes = probe_actors(actors)
             tree = tree_memory_mib()
-            # the next guard's footprint per actor: the marginal one of this addition (the
+            # the next guard's footprint per client: the marginal one of this addition (the
             # first addition also carries the cluster's fixed processes: an overestimate)
-            per_actor = (tree["pss"] - tree_start) / len(new)
+            per_client = (tree["pss"] - tree_start) / len(new)
             row = summarize(k, rounds_out, probes, tree["pss"] - tree_before, start_s)
             row["mem_available_gib"] = mem_available_mib() / 1024
-            row["marginal_mem_per_new_actor_mib"] = per_actor
+            row["marginal_mem_per_new_client_mib"] = per_client
             results.append(row)
             print(f"K={k}: round {row['round_s']:.2f} s, coordinator own {row['own_s']:.3f} s "
                   f"({1000 * row['own_per_client_s']:.1f} ms/client), actor peak RSS "
                   f"{row['actor_rss_peak_mib_max']:.0f} MiB, cluster "
-                  f"{row['cluster_mem_mib'] / 1024:.1f} GiB for {len(actors)} actors; load "
+                  f"{row['cluster_mem_mib'] / 1024:.1f} GiB for {row['actors_alive']} actors "
+                  f"hosting {len(actors)} clients; load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
     finally:
         stop_actors(actors.values())
@@ -320,6 +329,8 @@ def actor_runs(cfg: ExperimentConfig, root: str, centers: list[str], ks: list[in
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    parser.add_argument("--clients-per-actor", type=int,
+                        help="resources.clients_per_actor (default: the config's)")
     parser.add_argument("--stub-clients", type=int, nargs="*",
                         default=[2, 4, 8, 16, 32, 64, 128],
                         help="K of the in-process stub runs (none: skip them)")
@@ -338,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     started = time.perf_counter()
     overrides = [f"train.local_steps={args.steps}",
-                 f"resources.num_cpus_per_client={args.cpus_per_client}", *args.overrides]
+                 f"resources.num_cpus_per_client={args.cpus_per_client}",
+                 *([f"resources.clients_per_actor={args.clients_per_actor}"]
+                   if args.clients_per_actor else []), *args.overrides]
     cfg = make_strategy(resolve_paths(load_config("default", overrides))).cfg
 
     with local_ray(cfg.resources) as cluster:

@@ -199,6 +199,8 @@ class EvalConfig:
 class ResourcesConfig:
     num_cpus_per_client: float = _f(0.5, "CPUs reserved per client actor", min=0)
     num_gpus_per_client: float = _f(0.0, "GPUs per client actor (fractional allowed)", min=0)
+    clients_per_actor: int = _f(1, "clients one actor hosts and trains in turn (many simulated "
+                                   "centers on one machine); >1 needs pin_centers false", min=1)
     pin_centers: bool = _f(False, "require custom resource center_<id> on a client's node")
     max_restarts: int = _f(2, "client actor restarts after a crash", min=0)
     ray_address: str = _f("", "Ray cluster address (empty: RAY_ADDRESS or a local cluster)")
@@ -328,6 +330,10 @@ def _validate_cross(cfg: ExperimentConfig) -> None:
             f"model.lm_hidden_size ({cfg.model.lm_hidden_size}) must be divisible by "
             f"model.lm_heads ({cfg.model.lm_heads})"
         )
+    if cfg.resources.clients_per_actor > 1 and cfg.resources.pin_centers:
+        raise ConfigError(
+            f"resources.clients_per_actor ({cfg.resources.clients_per_actor}) must be 1 when "
+            f"resources.pin_centers is true: each center's client runs on its own data's node")
     if cfg.data.source == "phantom" and cfg.data.centers:
         n = cfg.data.phantom.centers
         known = {chr(ord("a") + i) for i in range(n)}

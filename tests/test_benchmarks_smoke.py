@@ -77,17 +77,22 @@ def test_overhead_one_client_one_rep(ray_cluster, tiny):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_scale_two_actors_and_stub_clients(ray_cluster, tiny):
+def test_scale_clients_in_shared_actors_and_stub_clients(ray_cluster, tiny):
     import scale
 
     out = tiny / "scale.json"
-    scale.main(["--clients", "2", "--stub-clients", "2", "4", "--rounds", "2", "--steps", "1",
-                "--reserve-gib", "0", "--keep-niceness", *sets(tiny_overrides(tiny)),
-                "--out", str(out)])
+    # K=1: one actor for c00; K=3: c01 and c02 added, hosted together by a second actor
+    scale.main(["--clients", "1", "3", "--clients-per-actor", "2", "--stub-clients", "2", "4",
+                "--rounds", "2", "--steps", "1", "--reserve-gib", "0", "--keep-niceness",
+                *sets(tiny_overrides(tiny)), "--out", str(out)])
     record = read(out)
-    (r,) = record["results"]
-    assert r["clients"] == 2 and len({p["pid"] for p in r["probes"].values()}) == 2
-    assert all(p["rss_peak"] > 0 and p["uss"] > 0 for p in r["probes"].values())
+    one, three = record["results"]
+    assert (one["clients"], one["actors_alive"]) == (1, 1)
+    assert (three["clients"], three["clients_alive"], three["actors_alive"]) == (3, 3, 2)
+    pids = {c: p["pid"] for c, p in three["probes"].items()}
+    assert pids["c01"] == pids["c02"] != pids["c00"]
+    assert all(p["rss_peak"] > 0 and p["uss"] > 0 for p in three["probes"].values())
+    assert three["cluster_mem_per_client_mib"] < three["cluster_mem_per_actor_mib"]
     assert [s["clients"] for s in record["stub_results"]] == [2, 4]
     assert all(s["own_s"] > 0 for s in record["stub_results"])
     assert record["target"]["stub_clients"]["own_cpu_s"]["exponent"] is not None

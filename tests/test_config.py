@@ -58,6 +58,7 @@ def test_later_override_wins():
         ("model.lora_targets=q_proj", "model.lora_targets: expected a list"),
         ("data.centers=[a, zz]", "unknown center 'zz'"),
         ("model.lm_heads=3", "divisible by model.lm_heads"),
+        ("resources.clients_per_actor=0", "resources.clients_per_actor: 0 is below the minimum"),
         ("federation", "expected section.key=value"),
     ],
 )
@@ -71,6 +72,14 @@ def test_heldout_is_a_phantom_center_only_when_it_is_generated():
     assert load_config("default", ["data.centers=[a, heldout]"]).data.centers == ["a", "heldout"]
     with pytest.raises(ConfigError, match="unknown center 'heldout'"):
         load_config("default", ["data.centers=[a, heldout]", "data.phantom.heldout_center=false"])
+
+
+def test_several_clients_per_actor_cannot_be_pinned_to_their_centers_nodes():
+    cfg = load_config("default", ["resources.clients_per_actor=4"])
+    assert cfg.resources.clients_per_actor == 4
+    with pytest.raises(ConfigError, match=r"resources.clients_per_actor \(4\) must be 1 when "
+                                          r"resources.pin_centers is true"):
+        load_config("default", ["resources.clients_per_actor=4", "resources.pin_centers=true"])
 
 
 def test_section_given_a_scalar_is_an_error():

@@ -67,16 +67,16 @@ class FaultyHost(ClientHost):
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def fit(self, plan, global_state):
+    def fit(self, center, plan, global_state):
         fault = self.faults.get(plan.round_id)
         if fault == "crash":
             raise RuntimeError(f"injected crash in round {plan.round_id}")
         if fault == "block":
             self._wait_for(Path(self.folder, "release"))
         if fault == "hold":
-            Path(self.folder, f"started-{self.center}").touch()
+            Path(self.folder, f"started-{center}").touch()
             time.sleep(WAIT_S)
-        update = super().fit(plan, global_state)
+        update = super().fit(center, plan, global_state)
         if fault == "nan":
             name = sorted(n for n, t in update.dense.items() if isinstance(t, torch.Tensor))[0]
             update.dense[name] = torch.full_like(update.dense[name], float("nan"))
@@ -86,7 +86,7 @@ class FaultyHost(ClientHost):
             update.lora[name] = torch.cat([factor, factor[:, :1]], dim=1)
         elif fault == "x1000":
             # against the state the client trained from (round 2 on: a delta, not the state)
-            update = scale_update(update, self.client.synced_state, 1000.0)
+            update = scale_update(update, self.clients[center].synced_state, 1000.0)
         return update
 
 
@@ -106,9 +106,9 @@ def fleet(ray_cluster, tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     remote = ray.remote(FaultyHost)
     actors = {c: remote.options(**client_actor_options(cfg.resources, c)).remote(
-        cfg, c, dataset_root=str(root), seed=cfg.seed) for c in CENTERS}
-    placement = {c: ray.get(a.ready.remote()) for c, a in actors.items()}
-    initial = ray.get(actors["a"].shared_state.remote())
+        cfg, {c: None}, dataset_root=str(root), seed=cfg.seed) for c in CENTERS}
+    placement = {c: ray.get(a.ready.remote(c)) for c, a in actors.items()}
+    initial = ray.get(actors["a"].shared_state.remote("a"))
     yield {"cfg": cfg, "actors": actors, "placement": placement, "initial": initial,
            "tmp": tmp}
     stop_actors(actors.values())
@@ -288,7 +288,7 @@ class KillingPool(RayClientPool):
 
 def test_a_client_killed_mid_round_is_restarted_and_rejoins(fleet, signals):
     actors = fleet["actors"]
-    before = ray.get(actors["b"].ready.remote())
+    before = ray.get(actors["b"].ready.remote("b"))
     inject(fleet, {"b": {1: "hold"}}, signals)
     pool = KillingPool(actors, "b", before["pid"], signals)
     coordinator = coordinator_over(fleet, pool)  # no deadline: Ray reports the death
@@ -301,7 +301,7 @@ def test_a_client_killed_mid_round_is_restarted_and_rejoins(fleet, signals):
     assert back.participants == list(CENTERS), back.rejected
     assert back.rejoined == ["b"]
     assert back.metrics["rejoined"] == 1 and math.isfinite(back.metrics["b/loss"])
-    after = ray.get(actors["b"].ready.remote())
+    after = ray.get(actors["b"].ready.remote("b"))
     assert after["restarted"] and after["pid"] != before["pid"]
     expected = replay(coordinator, fleet, [received(pool, 1, "ac"), received(pool, 2, CENTERS)])
     assert_state(coordinator, expected)

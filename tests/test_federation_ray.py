@@ -20,7 +20,12 @@ import ray
 import torch
 
 from fedmrg.config import ResourcesConfig, load_config
-from fedmrg.fl.actors import RayClientPool, client_actor_options, coordinator_actor_options
+from fedmrg.fl.actors import (
+    RayClientPool,
+    actor_groups,
+    client_actor_options,
+    coordinator_actor_options,
+)
 from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, is_lora_factor
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 
@@ -196,6 +201,14 @@ def test_client_options_pin_centers_and_take_fractional_resources():
     assert "resources" not in client_actor_options(res, "a")
 
 
+def test_actor_groups_split_clients_into_consecutive_runs():
+    assert actor_groups(["a", "b", "c"], 1) == [["a"], ["b"], ["c"]]
+    assert actor_groups([f"c{i}" for i in range(5)], 2) == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+    assert actor_groups(["a", "b"], 8) == [["a", "b"]]
+    with pytest.raises(ValueError, match="clients_per_actor must be >= 1, got 0"):
+        actor_groups(["a"], 0)
+
+
 def test_coordinator_options_hold_no_cpu_and_stay_on_the_driver_node(ray_cluster):
     options = coordinator_actor_options()
     assert options["num_cpus"] == 0 and options["max_concurrency"] >= 2
@@ -256,25 +269,23 @@ def test_communication_totals_are_per_participating_client_and_round():
 
 @ray.remote(num_cpus=0)
 class _StubClient:
-    """Answers like a client: echoes what it received, fails on a negative round id."""
+    """Answers like a client host: echoes what it received, fails on a negative round id."""
 
-    def __init__(self, center):
-        self.center = center
-
-    def fit(self, plan, global_state):
+    def fit(self, center, plan, global_state):
         if plan.round_id < 0:
             raise ValueError("bad round")
         assert plan.global_state is None  # the state travels by reference, not in the plan
         total = sum(float(t.sum()) for t in global_state.values())
-        return ClientUpdate(plan.round_id, self.center, 1, {}, {}, metrics={"total": total})
+        return ClientUpdate(plan.round_id, center, 1, {}, {}, metrics={"total": total})
 
-    def evaluate(self, split, personalized, dataset_center, global_state):
-        return EvalReply(dataset_center or self.center, "generalization",
+    def evaluate(self, center, split, personalized, dataset_center, global_state):
+        return EvalReply(dataset_center or center, "generalization",
                          {"got_state": float(global_state is not None)})
 
 
 def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_cluster):
-    pool = RayClientPool({c: _StubClient.remote(c) for c in ("a", "b", "c")}, record=True)
+    shared = _StubClient.remote()  # "b" and "c" share one actor: each call names its client
+    pool = RayClientPool({"a": _StubClient.remote(), "b": shared, "c": shared}, record=True)
     try:
         state = {"w": torch.ones(3, 2)}
         handles = [pool.submit_fit(c, RoundPlan(1, state)) for c in pool.centers()]

@@ -1,7 +1,8 @@
 """benchmarks/fl_mrg.py, the FL-MRG benchmark table: its pure parts (the run matrix and the
 budget rule, argument parsing, mean ± std, the tables, the target checks, the plot, `--resume`
 records) on synthetic run records, and one tiny end-to-end invocation (one fedmrg run of one
-round on a 2-center phantom) through `main`, then again with `--resume`."""
+round on a 2-center phantom) through `main`, then again with `--resume`, and
+benchmarks/prompt_following.py on that finished run."""
 
 from __future__ import annotations
 
@@ -403,3 +404,21 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
                                   "tags.`fedmrg.role` = 'parent'")) == 1
     again = json.loads((tmp_path / "out" / "quick.json").read_text())
     assert again["runs"][0]["final"] == run["final"]
+
+    # benchmarks/prompt_following.py reads the finished run's saved models back
+    import prompt_following
+
+    out = tmp_path / "prompt_following.json"
+    run_dir = tmp_path / "storage" / "fedmrg-base-seed0"
+    assert prompt_following.main([str(run_dir), "--centers", "a", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["path"], r["prompt"]) for r in rows) == [
+        ("generic", "head"), ("generic", "oracle"), ("personalized", "head"),
+        ("personalized", "oracle")]
+    assert len({r["studies"] for r in rows}) == 1 and rows[0]["studies"] > 0  # a's test split
+    for r in rows:
+        assert r["center"] == "a"
+        assert all(0.0 <= r[m] <= 1.0 for m in ("ce_f1_macro", "follows_prompt_f1_macro",
+                                                  "bleu4"))
+    with pytest.raises(SystemExit):  # a folder that is not a finished run is named, not read
+        prompt_following.main([str(tmp_path / "out"), "--out", str(out)])

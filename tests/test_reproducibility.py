@@ -5,7 +5,9 @@ three sampled each round, so the sampling sequence and the aggregation order bot
 2 rounds, the tiny model of test_federation_ray.py:
 - A and B, seed 0, each through the product's path (`Experiment(cfg).fit()`: client and
   coordinator actors, MLflow, evaluation), one after the other, each generating its own copy
-  of the dataset. Same dataset bytes, the seeded sampling sequence, bit-identical client
+  of the dataset; A with one client per actor, B with `resources.clients_per_actor=2`
+  (centers a and b trained in turn by one actor, c by another): where a client runs does not
+  change what it computes. Same dataset bytes, the seeded sampling sequence, bit-identical client
   replies per (round, center) (same initialization, data order and training), bit-identical
   final global state and private specialized adapters, equal evaluation metrics.
 - C, another seed, run beside B: its rounds only (the product's `Coordinator` over client
@@ -168,9 +170,11 @@ def runs(ray_cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("repro")
     lm_cache = base / "lm"
     seeds = {"A": 0, "B": 0, "C": other_seed()}
+    hosting = {"B": ["resources.clients_per_actor=2"]}
     cfgs = {name: tiny_config(base / name, lm_cache, f"seed={seed}",
                               f"data.phantom.centers={len(CENTERS)}",
-                              f"federation.fraction={FRACTION}", *CHEAP)
+                              f"federation.fraction={FRACTION}", *CHEAP,
+                              *hosting.get(name, []))
             for name, seed in seeds.items()}
     build_lm_once(cfgs["A"])
     results = fit_concurrently({"A": experiment(cfgs["A"], "repro-A")})
@@ -198,6 +202,10 @@ def test_same_seed_same_data_and_sampling_sequence(runs):
 
 def test_same_seed_bit_identical_replies_and_final_state(runs):
     a, b = runs["results"]["A"], runs["results"]["B"]
+    pids = {run: {c: r.placement[c]["pid"] for c in CENTERS} for run, r in (("A", a), ("B", b))}
+    assert len(set(pids["A"].values())) == 3  # one actor per client
+    assert pids["B"]["a"] == pids["B"]["b"] != pids["B"]["c"]  # a and b share one actor
+    assert b.placement["a"]["hosts"] == ["a", "b"] and b.placement["c"]["hosts"] == ["c"]
     replies_a, replies_b = updates_by_round_center(a), updates_by_round_center(b)
     assert sorted(replies_a) == sorted(replies_b) == sorted(
         (r, c) for r, centers in enumerate(sampling_sequence(0), 1) for c in centers)

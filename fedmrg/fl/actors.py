@@ -2,8 +2,9 @@
 
     driver ── CoordinatorHost actor (num_cpus=0, on the driver's node, threaded)
                  └── runs a plain `Coordinator` over a RayClientPool
-    ClientHost actors, one per center ── each holds a plain `FederatedClient`
-                 (model, Ray Data stream, optimizer resident across rounds)
+    ClientHost actors ── each holds one plain `FederatedClient` (default), or several
+                 (`resources.clients_per_actor`: many simulated centers on one machine,
+                 trained in turn); model, Ray Data stream, optimizer resident across rounds
 
 - `client_actor_options(resources, center)`: num_cpus / num_gpus (fractional allowed) from
   `ResourcesConfig`, the custom resource `center_<id>: 1` when `pin_centers` (only a node that
@@ -11,7 +12,8 @@
   a crashed client's call fails this round (`ClientFailure`), the restarted actor rejoins the
   next one, rather than replaying a round on a freshly rebuilt model.
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
-  a round's global state is `ray.put` ONCE and every client gets the same ObjectRef as a
+  every call names its client (an actor may host several); a round's global state is
+  `ray.put` ONCE and every client gets the same ObjectRef as a
   top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
   `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`, or
   `ClientDataError` when the client raised a `DatasetError` (bad data is not transient: the
@@ -62,6 +64,8 @@ from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
+
+    from fedmrg.fl.client import FederatedClient
 
 Tensors = dict[str, torch.Tensor]
 # How long a call to a lost client waits for Ray to restart its actor (a restart rebuilds the
@@ -131,67 +135,84 @@ def write_folder(files: Mapping[str, bytes], directory: str | Path) -> Path:
 
 
 class ClientHost:
-    """A `FederatedClient` inside an actor: forwards fit/evaluate, and a few end-of-run exports
-    that need the model (adapters in PEFT format). Built once; resident across rounds."""
+    """One or more `FederatedClient`s inside an actor (`resources.clients_per_actor`; one per
+    actor by default). Every method names the client it is for; an actor hosting several
+    trains them in turn (Ray runs one call of an actor at a time), so K simulated centers
+    share one process's libraries instead of paying them K times. Forwards fit/evaluate, and a
+    few end-of-run exports that need the model (adapters in PEFT format). Built once;
+    resident across rounds."""
 
-    def __init__(self, cfg: ExperimentConfig, center: str, *, dataset_root: str,
-                 centers_for_data: list[str] | None = None, seed: int = 0,
+    def __init__(self, cfg: ExperimentConfig, clients: Mapping[str, list[str] | None], *,
+                 dataset_root: str, seed: int = 0,
                  generation: Mapping[str, Any] | None = None):
         from fedmrg.fl.client import FederatedClient  # the model stack loads in the actor only
 
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         cfg = dataclasses.replace(cfg, device=client_device(cfg.device, gpus))
-        self.center = center
-        self.client = FederatedClient(cfg, center, dataset_root=dataset_root,
-                                      centers_for_data=centers_for_data, seed=seed,
-                                      generation=generation)
+        self.clients = {
+            client_id: FederatedClient(cfg, client_id, dataset_root=dataset_root,
+                                       centers_for_data=pooled, seed=seed,
+                                       generation=generation)
+            for client_id, pooled in clients.items()}
 
-    def ready(self) -> dict[str, Any]:
+    def _client(self, center: str) -> FederatedClient:
+        if center not in self.clients:
+            raise KeyError(f"client {center!r} is not hosted here; this actor hosts "
+                           f"{sorted(self.clients)}")
+        return self.clients[center]
+
+    def ready(self, center: str) -> dict[str, Any]:
         """Where this client runs and what Ray gave it (placement checks, logs), its process
-        id, and whether Ray restarted this actor after a crash (`restarted`)."""
+        id, the clients its actor hosts, and whether Ray restarted this actor after a crash
+        (`restarted`)."""
         ctx = ray.get_runtime_context()
-        return {"center": self.center, "node_id": ctx.get_node_id(),
+        return {"center": center, "node_id": ctx.get_node_id(),
                 "assigned": ctx.get_assigned_resources(),
-                "device": str(self.client.model.device), "pid": os.getpid(),
+                "device": str(self._client(center).model.device), "pid": os.getpid(),
+                "hosts": sorted(self.clients),
                 "restarted": bool(ctx.was_current_actor_reconstructed)}
 
     def close(self) -> None:
-        """End the train stream's suspended pass before the actor is killed."""
-        self.client.close()
+        """End every client's train stream's suspended pass before the actor is killed."""
+        for client in self.clients.values():
+            client.close()
 
-    def shared_state(self) -> Tensors:
+    def shared_state(self, center: str) -> Tensors:
         """The shared tensors of the freshly built model: the run's initial global state
         (identical on every client: same seed, same weights)."""
         from fedmrg.model.params import get_shared_state
 
-        return get_shared_state(self.client.model)
+        return get_shared_state(self._client(center).model)
 
-    def parameter_summary(self) -> dict[str, dict[str, int]]:
+    def parameter_summary(self, center: str) -> dict[str, dict[str, int]]:
         """{group: {tensors, elements, bytes}} of the model (shared, private, frozen)."""
         from fedmrg.model.params import parameter_group_summary
 
-        return parameter_group_summary(self.client.model)
+        return parameter_group_summary(self._client(center).model)
 
-    def fit(self, plan: RoundPlan, global_state: Tensors | None) -> ClientUpdate:
+    def fit(self, center: str, plan: RoundPlan, global_state: Tensors | None) -> ClientUpdate:
         from fedmrg.data.stream import skip_metrics
 
+        client = self._client(center)
         # `global_state` arrives as a top-level argument: Ray resolved the round's ObjectRef.
-        update = self.client.fit(dataclasses.replace(plan, global_state=global_state))
+        update = client.fit(dataclasses.replace(plan, global_state=global_state))
         # rows data.on_error=skip left out of the train split, by reason (counted, not lost)
-        update.metrics.update(skip_metrics(self.client.train_stream.skipped))
+        update.metrics.update(skip_metrics(client.train_stream.skipped))
         return update
 
-    def evaluate(self, split: str, personalized: bool, dataset_center: str | None,
-                 global_state: Tensors | None) -> EvalReply:
+    def evaluate(self, center: str, split: str, personalized: bool,
+                 dataset_center: str | None, global_state: Tensors | None) -> EvalReply:
         from fedmrg.data.stream import skip_metrics
 
-        reply = self.client.evaluate(split, personalized, dataset_center=dataset_center,
-                                     global_state=global_state)
-        stream = self.client.eval_stream(dataset_center or self.center, split)
+        client = self._client(center)
+        reply = client.evaluate(split, personalized, dataset_center=dataset_center,
+                                global_state=global_state)
+        stream = client.eval_stream(dataset_center or center, split)
         reply.metrics.update(skip_metrics(stream.skipped))
         return reply
 
-    def export_generic_adapter(self, global_state: Tensors | None) -> dict[str, bytes]:
+    def export_generic_adapter(self, center: str, global_state: Tensors | None
+                               ) -> dict[str, bytes]:
         """The generic adapter in PEFT format as `{file: bytes}`, with `global_state` loaded
         first (None: this client's own). Bytes, not a path: the caller may be on another
         node with no shared storage. (Aggregation `stack` merges its cumulative factors into
@@ -199,59 +220,74 @@ class ClientHost:
         from fedmrg.model.io import save_adapter
         from fedmrg.model.mrg import GENERIC
 
+        client = self._client(center)
         if global_state is not None:
-            self.client.load_global_state(global_state)
+            client.load_global_state(global_state)
         with tempfile.TemporaryDirectory() as tmp:
-            return _read_folder(save_adapter(self.client.model, GENERIC, tmp))
+            return _read_folder(save_adapter(client.model, GENERIC, tmp))
 
-    def save_specialized_adapter(self, directory: str) -> str | None:
+    def save_specialized_adapter(self, center: str, directory: str) -> str | None:
         """This center's private adapter in PEFT format, written where the client runs (the
         center's own storage); None when the model has none. Never sent to the coordinator."""
         from fedmrg.model.io import save_adapter
         from fedmrg.model.mrg import SPECIALIZED
 
-        if SPECIALIZED not in self.client.model.adapter_names:
+        model = self._client(center).model
+        if SPECIALIZED not in model.adapter_names:
             return None
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            written = save_adapter(self.client.model, SPECIALIZED, tmp)  # <tmp>/specialized
+            written = save_adapter(model, SPECIALIZED, tmp)  # <tmp>/specialized
             shutil.rmtree(target, ignore_errors=True)
             os.replace(written, target)
         return str(target)
 
-    def save_model(self, directory: str, global_state: Tensors | None) -> str:
+    def save_model(self, center: str, directory: str, global_state: Tensors | None) -> str:
         """The whole model (global shared state + this center's private state) as a
         `fedmrg.model.io` folder, for `fedmrg evaluate`."""
         from fedmrg.model.io import save_model
 
+        client = self._client(center)
         if global_state is not None:
-            self.client.load_global_state(global_state)
-        return str(save_model(self.client.model, directory))
+            client.load_global_state(global_state)
+        return str(save_model(client.model, directory))
+
+
+def actor_groups(client_ids: Sequence[str], clients_per_actor: int) -> list[list[str]]:
+    """The clients each actor hosts: consecutive runs of `clients_per_actor` in the given
+    order (the last group may be smaller)."""
+    if clients_per_actor < 1:
+        raise ValueError(f"clients_per_actor must be >= 1, got {clients_per_actor}")
+    ids = list(client_ids)
+    return [ids[i:i + clients_per_actor] for i in range(0, len(ids), clients_per_actor)]
 
 
 def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] | None], *,
                         dataset_root: str, seed: int,
                         generation: Mapping[str, Any] | None = None,
                         ) -> tuple[dict[str, ActorHandle], dict[str, dict]]:
-    """One `ClientHost` actor per entry of `clients` (client id -> centers it pools, None:
-    its own center). Returns (actors, placement: client id -> `ClientHost.ready()`) once every
-    actor is built; a constructor error is raised here as `ClientFailure` naming the client
-    (the other actors are stopped)."""
+    """`ClientHost` actors for the entries of `clients` (client id -> centers it pools, None:
+    its own center), `resources.clients_per_actor` clients per actor (`actor_groups`).
+    Returns (actors: client id -> its actor's handle, shared by the clients an actor hosts;
+    placement: client id -> `ClientHost.ready()`) once every actor is built; a constructor
+    error is raised here as `ClientFailure` naming the client (the other actors are
+    stopped)."""
     remote = ray.remote(ClientHost)
-    actors = {}
-    for client_id, pooled in clients.items():
-        options = client_actor_options(cfg.resources, None if pooled else client_id)
-        actors[client_id] = remote.options(
-            **options).remote(cfg, client_id, dataset_root=dataset_root,
-                              centers_for_data=pooled, seed=seed, generation=generation)
+    actors: dict[str, ActorHandle] = {}
+    for group in actor_groups(list(clients), cfg.resources.clients_per_actor):
+        # one client's resources per actor: its clients train in turn, never at once
+        pinned = group[0] if len(group) == 1 and not clients[group[0]] else None
+        actor = remote.options(**client_actor_options(cfg.resources, pinned)).remote(
+            cfg, {c: clients[c] for c in group}, dataset_root=dataset_root, seed=seed,
+            generation=generation)
+        actors.update(dict.fromkeys(group, actor))
     placement = {}
     for client_id, actor in actors.items():
         try:
-            placement[client_id] = ray.get(actor.ready.remote())
+            placement[client_id] = ray.get(actor.ready.remote(client_id))
         except RayError as e:
-            for other in actors.values():
-                ray.kill(other, no_restart=True)
+            stop_actors(actors.values(), close=False)
             data = _data_error(e)
             if data is not None:
                 raise ClientDataError({client_id: f"could not start: {data}"}) from None
@@ -303,9 +339,10 @@ def _data_error(error: BaseException) -> str | None:
 # --------------------------------------------------------------------------- the pool
 
 
-def _call_when_ready(actor: ActorHandle, method: str, args: list, wait_s: float,
+def _call_when_ready(actor: ActorHandle, center: str, method: str, args: list, wait_s: float,
                      ) -> tuple[dict[str, Any], Any]:
-    """(actor.ready(), actor.<method>(*args)) once the actor answers: runs as a Ray task for a
+    """(actor.ready(center), actor.<method>(center, *args)) once the actor answers: runs as a
+    Ray task for a
     client whose actor was lost. With `max_task_retries=0` Ray fails every call made while the
     actor restarts ("unavailable") instead of queuing it, so this polls `ready` (every 0.25 s,
     at most `wait_s`) and then makes the call. ObjectRefs in `args` arrive unresolved (nested
@@ -313,13 +350,13 @@ def _call_when_ready(actor: ActorHandle, method: str, args: list, wait_s: float,
     give_up = time.monotonic() + wait_s
     while True:
         try:
-            info = ray.get(actor.ready.remote())
+            info = ray.get(actor.ready.remote(center))
             break
         except ActorUnavailableError:
             if time.monotonic() >= give_up:
                 raise
             time.sleep(0.25)
-    return info, ray.get(getattr(actor, method).remote(*args))
+    return info, ray.get(getattr(actor, method).remote(center, *args))
 
 
 def _actor_lost(error: RayError) -> bool:
@@ -393,10 +430,10 @@ class RayClientPool:
     def _submit(self, center: str, kind: str, method: str, *args: Any) -> Call:
         actor = self._actor(center)
         if center not in self._lost:
-            return Call(center, kind, getattr(actor, method).remote(*args))
+            return Call(center, kind, getattr(actor, method).remote(center, *args))
         if self._when_ready is None:
             self._when_ready = ray.remote(num_cpus=0, max_retries=0)(_call_when_ready)
-        ref = self._when_ready.remote(actor, method, list(args), self.restart_wait_s)
+        ref = self._when_ready.remote(actor, center, method, list(args), self.restart_wait_s)
         return Call(center, kind, ref, after_loss=True)
 
     def submit_fit(self, center: str, plan: RoundPlan) -> Call:
@@ -424,8 +461,9 @@ class RayClientPool:
         try:
             reply = ray.get(handle.ref)
         except RayError as e:
-            if _actor_lost(e):
-                self._lost.add(handle.center)
+            if _actor_lost(e):  # every client that actor hosts restarts with it
+                lost = self.actors[handle.center]
+                self._lost.update(c for c, a in self.actors.items() if a == lost)
             data = _data_error(e)
             if data is not None:
                 raise ClientDataError({handle.center: data}) from None
@@ -454,7 +492,7 @@ class RayClientPool:
                  timeout_s: float | None = None) -> dict[str, Any]:
         """`method(*args)` on every client (or `centers`), resolved; ObjectRefs among `args`
         are passed through. A failure raises `ClientFailure` naming the client."""
-        refs = {c: getattr(self._actor(c), method).remote(*args)
+        refs = {c: getattr(self._actor(c), method).remote(c, *args)
                 for c in (centers or self.centers())}
         out = {}
         for center, ref in refs.items():
@@ -468,10 +506,12 @@ class RayClientPool:
         stop_actors(self.actors.values())
 
 
-def stop_actors(actors: Sequence[ActorHandle] | Any, timeout_s: float = 30.0) -> None:
-    """Close client actors (ends their streams' suspended passes), then kill them."""
-    actors = list(actors)
-    closing = [a.close.remote() for a in actors if hasattr(a, "close")]
+def stop_actors(actors: Sequence[ActorHandle] | Any, timeout_s: float = 30.0, *,
+                close: bool = True) -> None:
+    """Close client actors (ends their streams' suspended passes), then kill them. An actor
+    that hosts several clients appears once per client: it is closed and killed once."""
+    actors = list(dict.fromkeys(actors))
+    closing = [a.close.remote() for a in actors if close and hasattr(a, "close")]
     if closing:
         ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
     for actor in actors:
