@@ -12,7 +12,8 @@ Two scales:
   global label prior) cast to the wire dtype as the coordinator does (`to_wire`). Up: a
   `ClientUpdate` as `FederatedClient.fit` builds it (generic LoRA factors as trained, every
   other shared tensor's update through `ErrorFeedback.compress_all` at
-  `federation.dense_update_rank`, prototypes, label counts, metrics), from a seeded random
+  `federation.dense_update_rank`, those under `federation.whole_tensors` whole, prototypes,
+  label counts, metrics), from a seeded random
   perturbation of the model's shared state (the bytes depend on shapes only), after
   `--clients` such updates went through the strategy's real `aggregate_round`.
 - paper (Swin-B + a 7B Llama-architecture decoder, `fedmrg/configs/paper.yaml`, built on the
@@ -146,7 +147,8 @@ def client_update(cfg: ExperimentConfig, center: str, global_state: dict[str, to
     trained = {n: t + 1e-3 * torch.randn(t.shape, generator=rng) for n, t in start.items()}
     lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
     deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
-    dense = error_feedback.compress_all(deltas, cfg.federation.dense_update_rank)
+    dense = error_feedback.compress_all(deltas, cfg.federation.dense_update_rank,
+                                        cfg.federation.whole_tensors)
     prototypes = counts = label_counts = None
     collect = make_strategy(cfg).collect()
     if "prototypes" in collect:
@@ -199,7 +201,8 @@ def default_scale_row(rank: int, aggregation: str, wire: str, clients: int, seed
 
     strategy = make_strategy(cfg)
     strategy.initialize(initial)
-    broadcast = StateBroadcast(initial, cfg.federation.download_rank, wire)
+    broadcast = StateBroadcast(initial, cfg.federation.download_rank, wire,
+                               cfg.federation.whole_tensors)
     plan1 = to_wire(strategy.plan(1, centers[0]), wire)
     feedback = {c: ErrorFeedback() for c in centers}
     updates = [client_update(cfg, c, initial, 1, rng, feedback[c]) for c in centers]

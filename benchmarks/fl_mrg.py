@@ -5,6 +5,7 @@ Usage (from the repository root):
     python benchmarks/fl_mrg.py --quick      # routine check: 4 strategies, 1 seed, small budget
     python benchmarks/fl_mrg.py              # the README table: every row, 3 seeds (hours)
     python benchmarks/fl_mrg.py --resume     # continue an interrupted invocation
+    python benchmarks/fl_mrg.py --report RECORD.json ... --out DIR   # a table of recorded runs
     options: --seeds 3 | --seeds 0,4,7   --strategies fedmrg,fedavg,fedmrg-no_mutual
              --rounds R  --local-steps L  --eval-every N  --out DIR  --storage DIR
              --tracking-uri URI  --retries N  --set section.key=value (every run; repeatable)
@@ -61,6 +62,11 @@ All outputs are rewritten after every run, so a long full run shows its partial 
 Each run's files (models, coordinator and client checkpoints) stay in `--storage`, default
 `runs/fl_mrg/<mode>/`: measured 0.1 GB (centralized) to 1.1 GB (local) per quick run;
 `--set tracking.checkpoint_keep=1` keeps fewer checkpoints.
+
+`--report` runs nothing: it writes the outputs (`<mode>.json/.md/_rounds.png` in `--out`) from
+the given run records (`runs/<mode>/*.json` of any earlier invocations), so rows measured by
+different invocations (e.g. a row rerun after a default changed) share one table and one
+target check; the consistency check names any mix of product code or generation settings.
 
 A run that fails (e.g. a client actor killed by Ray's memory monitor while the machine is
 shared: the product restarts the actor, but a call in flight fails the run) is tried again
@@ -823,6 +829,40 @@ def write_outputs(out: Path, mode: str, header: Mapping[str, Any],
     return document
 
 
+def read_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Run records for `--report`, each checked to be one; a run given twice is an error."""
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(Path(path).read_text())
+            if not isinstance(record.get("final"), dict) or record.get("row") not in ROWS:
+                raise ValueError("no 'final' metrics or no known 'row'")
+        except (OSError, ValueError, AttributeError) as e:
+            raise BenchmarkError(f"{path}: not a run record of this benchmark ({e})") from None
+        records.append(record)
+    names = [r["name"] for r in records]
+    if len(set(names)) < len(names):
+        raise BenchmarkError(f"--report: the same run twice: "
+                             f"{sorted({n for n in names if names.count(n) > 1})}")
+    return records
+
+
+def report(out: Path, mode: str, header: dict[str, Any], records: Sequence[dict[str, Any]],
+           paths: Sequence[Path]) -> int:
+    """`--report`: the outputs from recorded runs, none run (module docstring)."""
+    header = {**header, "rows": sorted({r["row"] for r in records}, key=ROWS.index),
+              "seeds": sorted({r["seed"] for r in records}),
+              "reported_records": [str(p) for p in paths]}
+    document = write_outputs(out, mode, header, records, [])
+    print(document["tables_markdown"])
+    print()
+    print(targets_text(document["targets"]))
+    for problem in document["consistency"]:
+        print(f"WARNING, runs not comparable: {problem}")
+    print(f"\nwrote {out / f'{mode}.json'}, {out / f'{mode}.md'}, {out / f'{mode}_rounds.png'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the routine-check mode")
@@ -842,6 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="times a failed run is continued from its checkpoint")
     parser.add_argument("--resume", action="store_true",
                         help="skip runs whose record exists; continue interrupted ones")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="RECORD",
+                        help="run nothing: the table of these run records")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -858,7 +900,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_every = mode.eval_every if args.eval_every is None else args.eval_every
     storage = (args.storage or ROOT / "runs" / "fl_mrg" / mode.name).resolve()
     experiment = "fl_mrg_benchmark" + ("_quick" if mode.name == "quick" else "")
-    n_centers = participating_count(args.extra)
+    reported = read_records(args.report) if args.report else None
+    # the budget of recorded runs: their own centers (no dataset needed to table them)
+    n_centers = (max(len(r["centers"]) for r in reported) if reported
+                 else participating_count(args.extra))
     specs = run_matrix(rows, seeds, rounds=rounds, local_steps=local_steps,
                        n_centers=n_centers, eval_every=eval_every, experiment=experiment,
                        storage_path=str(storage), tracking_uri=args.tracking_uri,
@@ -886,9 +931,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "tracking_uri": args.tracking_uri or defaults.tracking.tracking_uri},
         "storage": str(storage), "extra_overrides": list(args.extra),
     }
+    out: Path = args.out.resolve()
+    if reported is not None:
+        return report(out, mode.name, header, reported, args.report)
     print(f"FL-MRG benchmark, {mode.name} mode: {len(specs)} runs ({len(rows)} rows x "
           f"{len(seeds)} seeds); {header['budget']['rule']}", flush=True)
-    out: Path = args.out.resolve()
     run_dir = out / "runs" / mode.name
     records: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

@@ -52,7 +52,12 @@ from fedmrg.config import ExperimentConfig, load_config  # noqa: E402
 from fedmrg.data.prepare import ensure_dataset, participating_centers  # noqa: E402
 from fedmrg.data.shards import read_center_table, read_manifest  # noqa: E402
 from fedmrg.data.transforms import Augmentation, tokenize_reports, transform_study  # noqa: E402
-from fedmrg.fl.lowrank import factorizes, is_lora_factor, matrix_shape  # noqa: E402
+from fedmrg.fl.lowrank import (  # noqa: E402
+    factorizes,
+    is_lora_factor,
+    matrix_shape,
+    update_rank,
+)
 from fedmrg.model.base_lm import load_base_lm  # noqa: E402
 from fedmrg.model.mrg import MRGModel  # noqa: E402
 from fedmrg.model.params import describe_parameter_groups, parameter_group_summary  # noqa: E402
@@ -187,11 +192,12 @@ def communication(model: MRGModel, cfg: ExperimentConfig) -> dict:
             continue
         dense_bytes += row.bytes
         numel = int(np.prod(row.shape)) if row.shape else 1
-        if is_lora_factor(row.name) or not factorizes(row.shape, rank):
+        sent_rank = update_rank(row.name, rank, cfg.federation.whole_tensors)
+        if is_lora_factor(row.name) or not factorizes(row.shape, sent_rank):
             sent_elements += numel
         else:
             m, n = matrix_shape(row.shape)
-            sent_elements += rank * (m + n)
+            sent_elements += sent_rank * (m + n)
     summary = parameter_group_summary(model)
     total = sum(s["bytes"] for s in summary.values())
     return {"dense_update_rank": rank, "wire_dtype": cfg.federation.wire_dtype,

@@ -191,10 +191,13 @@ def test_fedmrg_sends_low_rank_factors_prototypes_and_label_counts(fedmrg_run):
     _, pool, _ = fedmrg_run
     update = pool.updates[1]["a"]
     # matrices travel as rank-2 factors, vectors (biases) dense; BatchNorm stays (FedBN)
-    for name in ("projector.net.0.weight", "diagnosis_head.linear.weight",
-                 "global_head.net.0.weight", "encoder.backbone.layer4.0.conv2.weight"):
+    for name in ("projector.net.0.weight", "global_head.net.0.weight",
+                 "encoder.backbone.layer4.0.conv2.weight"):
         assert isinstance(update.dense[name], LowRankUpdate) and update.dense[name].rank == 2
     assert isinstance(update.dense["projector.net.0.bias"], torch.Tensor)
+    # federation.whole_tensors (default: the diagnosis head) travels whole, not factorized
+    head = update.dense["diagnosis_head.linear.weight"]
+    assert isinstance(head, torch.Tensor) and head.dim() == 2 and min(head.shape) > 2
     assert not any(n.startswith("encoder.backbone.bn1.") for n in update.dense)
     assert update.prototypes.shape == (14, 8) and update.prototype_counts.shape == (14,)
     assert update.label_counts.dtype == torch.int64 and int(update.label_counts.sum()) == 14 * 14

@@ -253,6 +253,32 @@ def test_tables_show_mean_and_std_per_row_in_the_table_order():
     assert "| fedmrg | 3 | 4.0 KB ± 0.0 | 1.0 KB ± 0.0 | 3.0 KB ± 0.0 | 1.0 ± 0.0 |" in cost
 
 
+def test_report_tables_records_of_several_invocations_and_names_bad_ones(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    paths = []
+    for rec in (record("local", 0, gen=0.5), record("fedmrg", 0, product="c2", pers=0.1),
+                record("fedmrg", 1, product="c2", pers=0.3)):
+        paths.append(runs / f"{rec['name']}.json")
+        paths[-1].write_text(json.dumps(rec))
+    out = tmp_path / "out"
+    assert fl_mrg.main(["--quick", "--report", *map(str, paths), "--out", str(out)]) == 0
+    doc = json.loads((out / "quick.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["local-base-seed0", "fedmrg-base-seed0",
+                                                "fedmrg-base-seed1"]
+    assert doc["rows"] == ["local", "fedmrg"] and doc["seeds"] == [0, 1]
+    assert doc["aggregate"]["fedmrg"]["stats"]["personalization/bleu4"][0] == pytest.approx(0.2)
+    assert "2 different versions of the product code" in doc["consistency"][0]
+    assert (out / "quick.md").is_file() and (out / "quick_rounds.png").stat().st_size > 0
+    assert "WARNING, runs not comparable" in capsys.readouterr().out
+    with pytest.raises(BenchmarkError, match="the same run twice"):
+        fl_mrg.main(["--quick", "--report", str(paths[1]), str(paths[1]), "--out", str(out)])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(BenchmarkError, match=f"{bad}: not a run record"):
+        fl_mrg.main(["--quick", "--report", str(bad), "--out", str(out)])
+
+
 def test_per_round_series_are_means_over_seeds():
     records = [record("fedmrg", 0, pers=0.1), record("fedmrg", 1, pers=0.3)]
     records[1]["rounds"][0]["lm_generic"] = 5.0  # seed 1, round 1 (seed 0: 3.0)
