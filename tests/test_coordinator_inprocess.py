@@ -310,6 +310,41 @@ def test_a_fit_failing_inside_the_stream_leaves_the_client_able_to_train_again(
     assert math.isfinite(update.metrics["loss"])
 
 
+def test_a_retried_round_applies_its_delta_after_the_client_went_back_a_round(
+        ray_cluster, dataset, lm_cache, tmp_path):
+    """A round that failed for too few clients is retried; a client that had finished it goes
+    back to its previous round's checkpoint, and the retry's plan is a delta from the synced
+    version it holds (`StateBroadcast.message_for`). Going back used to drop that synced
+    state: the retry failed with "needs the full state" (seen when a full disk failed most
+    clients of a round in the FL-MRG benchmark)."""
+    from fedmrg.fl.broadcast import StateBroadcast
+
+    cfg = make_strategy(tiny_config("fedmrg", dataset, lm_cache, download_rank=2)).cfg
+    cfg.tracking.storage_path, cfg.tracking.run_name = str(tmp_path), "retry"
+    client = FederatedClient(cfg, "a", dataset_root=dataset, seed=cfg.seed,
+                             generation=GENERATION, eval_samples=2)
+    try:
+        initial = get_shared_state(client.model)
+        broadcast = StateBroadcast(initial, rank=2)
+        client.fit(RoundPlan(1, initial, local_steps=1, state_version=broadcast.version))
+        moved = {n: t + 0.01 * torch.ones_like(t) if t.is_floating_point() else t
+                 for n, t in initial.items()}
+        delta = broadcast.advance(moved)  # the round-1 aggregate, as a delta from version 0
+        first = client.fit(RoundPlan(2, None, local_steps=1, global_delta=delta))
+        assert client.state_version == 1
+        # round 2 failed elsewhere and is retried: this client is up to date (version 1)
+        retry = broadcast.message_for(client.state_version)
+        assert retry is not None and retry.base_version == retry.version == 1
+        again = client.fit(RoundPlan(2, None, local_steps=1, global_delta=retry))
+    finally:
+        client.close()
+    assert again.round_id == 2 and math.isfinite(again.metrics["loss"])
+    assert client.state_version == 1
+    synced = client.synced_state
+    assert all(torch.equal(synced[n], broadcast.synced[n]) for n in broadcast.synced)
+    assert first.lora.keys() == again.lora.keys()
+
+
 # --------------------------------------------------------------------------- pure coordinator
 # Fake clients with synthetic updates: the round logic without a model (milliseconds).
 

@@ -366,8 +366,13 @@ class FederatedClient:
         plan = from_wire(plan)
         if (self.checkpoint_dir is not None and self.state_round is not None
                 and plan.round_id <= self.state_round):
-            # the coordinator resumed from before this client's state: go back to its round
+            # a retried round, or the coordinator resumed from before this client's state: go
+            # back to its round. The synced global state is the coordinator's, not this
+            # client's work: kept, since a retry is planned as a delta from its version (a
+            # resumed coordinator sends the full state anyway).
+            synced = self.state_version, self._synced
             self.restore_latest_checkpoint(max_round=plan.round_id - 1)
+            self.state_version, self._synced = synced
         previous_round = self.state_round
         federated = plan.global_state is not None or plan.global_delta is not None
         if plan.global_delta is not None:
