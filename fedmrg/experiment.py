@@ -12,8 +12,9 @@
 2. connects to Ray (`resources.ray_address`, RAY_ADDRESS, else a local cluster), generates
    the phantom benchmark if it is missing, and builds the builtin base LM once here so every
    client actor finds it in the (shared, absolute) cache instead of building it in parallel;
-3. starts one client actor per participating center (centralized: one client over the pooled
-   data of all of them), placed by `fedmrg.fl.actors`;
+3. starts one client per participating center (centralized: one client over the pooled
+   data of all of them) in client actors, `resources.clients_per_actor` to an actor (1 by
+   default), placed by `fedmrg.fl.actors`;
 4. runs `run_federation` (strategy, `Coordinator`, MLflow) inside a coordinator actor on this
    node, or here with `in_process=True`, showing a progress bar over rounds and a one-line
    summary per round;
