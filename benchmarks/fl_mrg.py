@@ -853,14 +853,18 @@ def report(out: Path, mode: str, header: dict[str, Any], records: Sequence[dict[
     header = {**header, "rows": sorted({r["row"] for r in records}, key=ROWS.index),
               "seeds": sorted({r["seed"] for r in records}),
               "reported_records": [str(p) for p in paths]}
-    document = write_outputs(out, mode, header, records, [])
+    print_document(write_outputs(out, mode, header, records, []), out, mode)
+    return 0
+
+
+def print_document(document: Mapping[str, Any], out: Path, mode: str) -> None:
+    """The tables, the target checks and any consistency warning, as written to `out`."""
     print(document["tables_markdown"])
     print()
     print(targets_text(document["targets"]))
     for problem in document["consistency"]:
         print(f"WARNING, runs not comparable: {problem}")
     print(f"\nwrote {out / f'{mode}.json'}, {out / f'{mode}.md'}, {out / f'{mode}_rounds.png'}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -975,13 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = write_outputs(out, mode.name, header, records, failed)
     print(f"\nFL-MRG benchmark ({mode.name}): {len(records)} runs, {len(failed)} failed, "
           f"{header['wall_s'] / 60:.1f} min, load average {header['loadavg_end']}\n")
-    print(document["tables_markdown"])
-    print()
-    print(targets_text(document["targets"]))
-    for problem in document["consistency"]:
-        print(f"WARNING, runs not comparable: {problem}")
-    print(f"\nwrote {out / f'{mode.name}.json'}, {out / f'{mode.name}.md'}, "
-          f"{out / f'{mode.name}_rounds.png'}")
+    print_document(document, out, mode.name)
     return 1 if failed else 0
 
 
