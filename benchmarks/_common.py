@@ -232,8 +232,11 @@ def probe_actors(actors: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     # this module is not importable in the actor (benchmarks/ is not a package): ship by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    refs = {k: a.__ray_call__.remote(_actor_probe) for k, a in actors.items()}
-    return {k: ray.get(r) for k, r in refs.items()}
+    by_actor: dict[Any, Any] = {}  # an actor hosting several clients is probed once
+    for actor in actors.values():
+        if actor not in by_actor:
+            by_actor[actor] = actor.__ray_call__.remote(_actor_probe)
+    return {k: ray.get(by_actor[a]) for k, a in actors.items()}
 
 
 # --------------------------------------------------------------------------- coordinator timers
