@@ -407,9 +407,9 @@ def test_markers_are_burned_in_where_expected():
 
 
 def test_docs_tables_are_what_the_code_computes():
-    doc = (Path(__file__).parents[1] / "README.md").read_text()
+    doc = (Path(__file__).parents[1] / "docs" / "phantom.md").read_text()
     assert fill(doc, sections()) == doc, "run: python -m fedmrg.data.phantom.doc_tables " \
-                                         "README.md"
+                                         "docs/phantom.md"
     assert f"version {PHANTOM_VERSION}" in doc
 
 

@@ -1,8 +1,7 @@
 """The phantom multi-center benchmark: synthetic chest radiographs + reports, dual heterogeneity.
 
-Documented in README.md ("The phantom multi-center benchmark"). `PHANTOM_VERSION` names the
-benchmark: any change to what the generator writes for a given seed (images, reports, labels,
-splits) must bump it.
+Documented in docs/phantom.md. `PHANTOM_VERSION` names the benchmark: any change to what the
+generator writes for a given seed (images, reports, labels, splits) must bump it.
 """
 
 from fedmrg.data.phantom.acquisition import Acquisition, decode_png, encode_png

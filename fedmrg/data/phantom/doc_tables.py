@@ -1,6 +1,6 @@
-"""The computed parts of the README's phantom section: acquisition, style, label tables, examples.
+"""The computed parts of docs/phantom.md: acquisition, style, label tables, examples.
 
-Usage: ``python -m fedmrg.data.phantom.doc_tables README.md`` rewrites everything between
+Usage: ``python -m fedmrg.data.phantom.doc_tables docs/phantom.md`` rewrites everything between
 the `<!-- phantom:NAME -->` and `<!-- /phantom:NAME -->` markers, so the numbers in the docs are
 always what the code produces (a test checks they are up to date).
 """

@@ -1,4 +1,4 @@
-"""The README picture: one row per center (held-out included), example images and a report.
+"""The picture in docs/phantom.md: one row per center (held-out included), images and a report.
 
 Usage: ``python -m fedmrg.data.phantom.figure docs/phantom_centers.png [--seed 0]``
 """
