@@ -1,0 +1,190 @@
+"""The README's and docs/results.md's numbers, generated from the recorded runs.
+
+Usage (from the repository root):
+
+    python benchmarks/readme_results.py           # rewrite the generated blocks in place
+    python benchmarks/readme_results.py --check   # exit 1, naming each stale block
+
+A generated block sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`; the text
+around it is written by hand. Every block comes from the run records of the current default's
+FL-MRG table (`CURRENT_TABLE`, written by `benchmarks/fl_mrg.py --report`), aggregated again
+here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tables`,
+`targets_text`), so a number in the docs is always what the records say:
+
+- README.md `status`: how many quality targets fedmrg meets, and which it misses;
+- README.md `table`: one compact table (every strategy row, the main metrics, bytes per run);
+- docs/results.md `fl_mrg`: the full tables, target checks and ablations, as `--report` prints.
+
+`tests/test_readme.py` regenerates every block in memory and fails when a file differs. After a
+new `--report` into `CURRENT_TABLE` (or after pointing it at another table), run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fl_mrg
+from _common import ROOT, markdown_table
+
+# The current default's FL-MRG table (3 seeds, diagnosis head sent whole).
+CURRENT_TABLE = Path("benchmarks/results/fl_mrg/whole_head/full.json")
+README = Path("README.md")
+RESULTS_DOC = Path("docs/results.md")
+
+# The compact table's columns: (final metric key, header).
+COMPACT_COLUMNS = (
+    ("generalization/ce_f1_macro", "generic CE-F1"),
+    ("generalization/bleu4", "generic BLEU-4"),
+    ("heldout/ce_f1_macro", "held-out CE-F1"),
+    ("personalization/ce_f1_macro", "personal CE-F1"),
+    ("personalization/bleu4", "personal BLEU-4"),
+)
+
+
+class ResultsDocError(ValueError):
+    """A results file or a marked document is not what this script expects; says which."""
+
+
+def load_table(root: Path = ROOT, table: Path = CURRENT_TABLE) -> dict[str, Any]:
+    """The `--report` document at `table` (relative to `root`), checked to hold run records."""
+    path = root / table
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResultsDocError(f"{table}: cannot read the FL-MRG table ({e})") from None
+    if not isinstance(document, dict) or not document.get("runs"):
+        raise ResultsDocError(f"{table}: no 'runs' (not written by benchmarks/fl_mrg.py)")
+    return document
+
+
+def _seeds(records: Sequence[Mapping[str, Any]], row: str) -> int:
+    return len({r["seed"] for r in records if r["row"] == row})
+
+
+KEY_WORDS = {"generalization": "generic", "heldout": "held-out", "personalization": "personalized",
+             "ce_f1_macro": "CE-F1 macro", "bleu4": "BLEU-4"}
+
+
+def _key_words(key: str) -> str:
+    """`personalization/ce_f1_macro` -> `personalized CE-F1 macro`."""
+    return " ".join(KEY_WORDS.get(part, part) for part in key.split("/"))
+
+
+def _missed_words(check: Mapping[str, Any]) -> str:
+    """One missed target in words, with its numbers (fl_mrg.check_targets' entries)."""
+    beats = re.fullmatch(r"(\S+) > (\S+) on (\S+)", check["target"])
+    if check["kind"] == "beats" and beats:
+        winner, loser, key = beats.groups()
+        return (f"{_key_words(key)} against {loser} "
+                f"({check[winner]:.3f} vs {check[loser]:.3f})")
+    if check["kind"] == "fraction":
+        return (f"{fl_mrg.CENTRALIZED_FRACTION:.0%} of centralized generic CE-F1 macro "
+                f"({check['ratio']:.0%})")
+    return f"{check['target']} ({check['detail']})"
+
+
+def status_block(agg: Mapping[str, Any], targets: Mapping[str, Any], table: Path) -> str:
+    """One sentence: targets met, which are missed (with both numbers), where from."""
+    missed = [c for c in targets["checks"] if c["passed"] is False]
+    seeds = len(agg.get("fedmrg", {}).get("seeds", ()))
+    text = (f"On the FL-MRG benchmark ({seeds} seeds) fedmrg meets "
+            f"**{targets['passed']} of {targets['decided']}** quality targets")
+    if missed:
+        text += "; it misses " + " and ".join(_missed_words(c) for c in missed)
+    return text + f" (`{table.as_posix()}`)."
+
+
+def compact_table(agg: Mapping[str, Any]) -> str:
+    """Every strategy row (ablations left to docs/results.md): mean ± std of the main
+    metrics over seeds, and bytes per run (all clients, up and down)."""
+    header = ["strategy", "seeds", *(h for _, h in COMPACT_COLUMNS), "bytes per run"]
+    rows = []
+    for row, a in agg.items():
+        if row.startswith("fedmrg-"):  # an ablation (fl_mrg.ABLATIONS)
+            continue
+        stats = a["stats"]
+        name = f"**{row}** (default)" if row == "fedmrg" else row
+        rows.append([name, len(a["seeds"]),
+                     *(fl_mrg.format_mean_std(*stats.get(k, (None, None, 0))[:2])
+                       for k, _ in COMPACT_COLUMNS),
+                     fl_mrg.format_bytes(stats["bytes_total"][0])])
+    return markdown_table(header, rows)
+
+
+def full_block(agg: Mapping[str, Any], targets: Mapping[str, Any],
+               records: Sequence[Mapping[str, Any]]) -> str:
+    """What `fl_mrg.py --report` prints: the tables, target checks, ablations, warnings."""
+    parts = [fl_mrg.results_tables(agg), "", fl_mrg.targets_text(targets)]
+    problems = fl_mrg.consistency(records)
+    if problems:
+        parts += ["", "**warning, runs not comparable**: " + " | ".join(problems)]
+    return "\n".join(parts)
+
+
+def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE) -> dict[Path, dict[str, str]]:
+    """file -> block name -> generated markdown, from the records in `table`."""
+    records = load_table(root, table)["runs"]
+    agg = fl_mrg.aggregate(records)
+    targets = fl_mrg.check_targets(agg)
+    return {README: {"status": status_block(agg, targets, table),
+                     "table": compact_table(agg)},
+            RESULTS_DOC: {"fl_mrg": full_block(agg, targets, records)}}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /results:"
+                      rf"{re.escape(name)} -->)", re.S)
+
+
+def fill(markdown: str, generated: Mapping[str, str], where: str = "document") -> str:
+    """`markdown` with every named block's body replaced; a missing block is an error."""
+    for name, body in generated.items():
+        pattern = _pattern(name)
+        if not pattern.search(markdown):
+            raise ResultsDocError(f"{where}: no <!-- results:{name} --> ... "
+                                  f"<!-- /results:{name} --> block")
+        markdown = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), markdown)
+    return markdown
+
+
+def stale(root: Path = ROOT, table: Path = CURRENT_TABLE) -> list[str]:
+    """`file: block` for every generated block whose text differs from the records'."""
+    out = []
+    for path, generated in blocks(root, table).items():
+        text = (root / path).read_text()
+        for name, body in generated.items():
+            if fill(text, {name: body}, str(path)) != text:
+                out.append(f"{path}: {name}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if a generated block is out of date")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            problems = stale()
+            for p in problems:
+                print(f"out of date: {p} (run: python benchmarks/readme_results.py)")
+            return 1 if problems else 0
+        new = {path: fill((ROOT / path).read_text(), generated, str(path))
+               for path, generated in blocks().items()}  # every block first, then write
+        for path, text in new.items():
+            (ROOT / path).write_text(text)
+            print(f"updated {path}")
+    except ResultsDocError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

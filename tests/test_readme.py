@@ -1,0 +1,102 @@
+"""The README and docs/: short, their numbers what the result records say, no dead links."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import readme_results  # noqa: E402
+from readme_results import CURRENT_TABLE, README, RESULTS_DOC, ResultsDocError  # noqa: E402
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *DOCS]
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_the_readme_is_at_most_250_lines_and_docs_exist():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    names = {p.name for p in DOCS}
+    assert {"phantom.md", "data.md", "model.md", "operations.md", "results.md",
+            "experiments.md"} <= names
+
+
+def test_the_generated_numbers_are_those_of_the_result_records():
+    assert readme_results.stale() == [], "run: python benchmarks/readme_results.py"
+
+
+def test_the_status_line_and_table_come_from_the_records_not_a_stale_copy():
+    document = json.loads((ROOT / CURRENT_TABLE).read_text())
+    targets = document["targets"]
+    readme = (ROOT / README).read_text()
+    assert f"**{targets['passed']} of {targets['decided']}**" in readme
+    fedmrg_ce = document["aggregate"]["fedmrg"]["stats"]["generalization/ce_f1_macro"][0]
+    assert f"{fedmrg_ce:.3f}" in readme.split("<!-- results:table -->")[1]
+
+
+def test_a_changed_record_makes_the_check_fail_naming_the_block(tmp_path):
+    for path in (CURRENT_TABLE, README, RESULTS_DOC):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    assert readme_results.stale(tmp_path) == []
+    document = json.loads((tmp_path / CURRENT_TABLE).read_text())
+    for record in document["runs"]:
+        if record["row"] == "fedmrg":
+            record["final"]["generalization/ce_f1_macro"] += 0.05
+    (tmp_path / CURRENT_TABLE).write_text(json.dumps(document))
+    assert readme_results.stale(tmp_path) == ["README.md: table", "docs/results.md: fl_mrg"]
+    # regenerating makes the files agree again
+    for path, generated in readme_results.blocks(tmp_path).items():
+        (tmp_path / path).write_text(readme_results.fill((tmp_path / path).read_text(),
+                                                         generated))
+    assert readme_results.stale(tmp_path) == []
+
+
+def test_a_missing_block_or_table_is_a_named_error(tmp_path):
+    with pytest.raises(ResultsDocError, match=r"README.md: no <!-- results:table -->"):
+        readme_results.fill("# no markers\n", {"table": "x"}, "README.md")
+    with pytest.raises(ResultsDocError, match="cannot read the FL-MRG table"):
+        readme_results.load_table(tmp_path)
+
+
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_points_at_an_existing_file_and_heading(doc):
+    broken = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        path = (doc.parent / file_part).resolve() if file_part else doc
+        if not path.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(f"{target}: no heading '#{anchor}' in {path.name}")
+    assert not broken, broken
+
+
+def test_the_quickstart_is_the_makefile_and_ci():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^make (\w+)", quickstart, re.M)
+    assert commands == ["run", "test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert all(re.search(rf"^{c}:", makefile, re.M) for c in commands)
+    assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
+
