@@ -193,9 +193,15 @@ class EvalConfig:
     max_new_tokens: int = _f(160, "longest generated report in tokens", min=1)
     min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
     repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
+    no_repeat_ngram_size: int = _f(0, "a generated report never repeats an n-gram of this many "
+                                      "tokens (0: off)", min=0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
     share_references: bool = _f(False, "send each sample's reference report and study id with "
                                 "its generated report (report text then leaves the center)")
+    val_every: int = _f(2, "a cheap validation evaluation (greedy, `val_studies` val studies "
+                           "per center) every N rounds, logged to MLflow as val/... (0: none)",
+                        min=0)
+    val_studies: int = _f(8, "val studies per center in a validation evaluation", min=1)
 
 
 @dataclass

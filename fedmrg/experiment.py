@@ -442,7 +442,7 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     from fedmrg.config import load_config
     from fedmrg.data.shards import read_manifest
     from fedmrg.data.stream import CenterStream
-    from fedmrg.eval.evaluator import evaluate_model, mean_over_centers
+    from fedmrg.eval.evaluator import evaluate_model, generation_kwargs, mean_over_centers
     from fedmrg.model.io import load_model
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -471,9 +471,7 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     if (run_dir / RUN_SUMMARY).is_file():
         participated = json.loads((run_dir / RUN_SUMMARY).read_text()).get("centers", [])
     averaged = [c for c in centers if c in participated] or centers
-    generation = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
-                  "min_new_tokens": cfg.eval.min_new_tokens,
-                  "repetition_penalty": cfg.eval.repetition_penalty}
+    generation = generation_kwargs(cfg.eval)
 
     models: dict[str, Any] = {}
 

@@ -223,8 +223,9 @@ def test_fingerprint_leaves_out_paths_placement_and_length_only():
     left_out = {"tracking.storage_path", "tracking.run_name", "tracking.checkpoint_keep",
                 "resources.num_gpus_per_client", "device", "data.root", "model.lm_cache",
                 "federation.rounds", "federation.eval_every", "federation.round_deadline_s",
-                "eval.samples", "data.stream_max_tasks"}
+                "eval.samples", "eval.val_every", "eval.val_studies", "data.stream_max_tasks"}
     assert not left_out & set(values)
+    assert "eval.no_repeat_ngram_size" in values  # decoding changes the evaluated numbers
 
 
 def test_changing_only_excluded_keys_keeps_a_checkpoint_compatible(tmp_path):

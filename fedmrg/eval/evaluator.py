@@ -11,6 +11,9 @@ Metrics of one evaluation (`EvalResult.metrics`):
   pooled over studies and the 14 observations) and `_macro` (mean over the observations that
   occur in references or generations, `absent="exclude"`; pass absent="zero" for the R2Gen
   convention), plus `ce_f1/<observation>`.
+- Repetition of the generated reports (`fedmrg.eval.repetition`): distinct_1, distinct_2
+  (unique n-grams / n-grams over the corpus) and rep_4 (per report, the share of its 4-grams
+  that repeat one it already had, mean over reports).
 - Diagnosis head: diag_acc (argmax state accuracy, mean over observations) and diag_auc
   (positive-vs-rest AUC, mean over observations with both classes) from its softmax
   probabilities on the same batches; the generated report's prompt shows the same argmax.
@@ -44,12 +47,26 @@ from fedmrg.eval.clinical import (
     compute_diagnosis_metrics,
 )
 from fedmrg.eval.nlg import compute_nlg_metrics
+from fedmrg.eval.repetition import compute_repetition_metrics
 
 # The metrics a benchmark table shows, in order.
 HEADLINE = ("ce_f1_macro", "ce_f1_micro", "ce_precision_micro", "ce_recall_micro", "bleu1",
-            "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "diag_acc", "diag_auc")
-GENERATION_DEFAULTS = {k: getattr(EvalConfig(), k) for k in (
-    "num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty")}
+            "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "distinct_1",
+            "distinct_2", "rep_4", "diag_acc", "diag_auc")
+# The `eval.*` keys that are `MRGModel.generate` arguments.
+GENERATION_KEYS = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty",
+                   "no_repeat_ngram_size")
+GENERATION_DEFAULTS = {k: getattr(EvalConfig(), k) for k in GENERATION_KEYS}
+
+
+def generation_kwargs(ev: EvalConfig, **overrides: Any) -> dict[str, Any]:
+    """The generation arguments of `evaluate_model` from the `eval` config section, then
+    `overrides` (one place, so a client and `fedmrg evaluate` decode alike)."""
+    unknown = sorted(set(overrides) - set(GENERATION_KEYS))
+    if unknown:
+        raise EvaluationError(f"unknown generation argument {unknown[0]!r}; allowed: "
+                              f"{sorted(GENERATION_KEYS)}")
+    return {**{k: getattr(ev, k) for k in GENERATION_KEYS}, **overrides}
 
 
 class EvaluationError(ValueError):
@@ -119,7 +136,8 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     """Generate a report for every study of `batches` and score it (see the module docstring).
 
     `generation` overrides GENERATION_DEFAULTS (num_beams, max_new_tokens, min_new_tokens,
-    repetition_penalty), passed to `model.generate`.
+    repetition_penalty, no_repeat_ngram_size), passed to `model.generate`; build it from a
+    config with `generation_kwargs(cfg.eval)`.
     """
     unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
     if unknown:
@@ -153,6 +171,7 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
         raise EvaluationError("evaluate_model: the batches iterable yielded no batch")
     metrics: dict[str, float] = {"num_studies": float(len(reports))}
     metrics.update(compute_nlg_metrics(references, reports))
+    metrics.update(compute_repetition_metrics(reports))
     metrics.update(compute_ce_from_reports(references, reports, absent=absent))
     true = torch.cat(labels).numpy()
     metrics.update(compute_diagnosis_metrics(true, torch.cat(probs).numpy()))

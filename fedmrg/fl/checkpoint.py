@@ -35,7 +35,8 @@ and logged (`tracking.*`, `data.root`, `model.lm_cache`), how Ray places work (`
 (`data.cache_decoded`, `data.stream_*`: a pass is the same either way), how long and when
 (`federation.rounds`: a finished run can be extended; `federation.eval_every`,
 `federation.round_deadline_s`, `federation.round_retries`: when a round gives up), and
-`eval.samples` (sample reports kept for display). Everything else (seed, data and stream
+`eval.samples` (sample reports kept for display), `eval.val_every` and `eval.val_studies`
+(the validation points logged between rounds). Everything else (seed, data and stream
 settings, model, losses, training, strategy, aggregation, wire dtype, sampling `fraction`
 and `min_clients`, the update-norm bound, evaluation settings) is in it.
 
@@ -82,7 +83,7 @@ UNFINGERPRINTED = (
     "data.cache_decoded", "data.stream_cpus_per_task", "data.stream_max_tasks",
     "federation.rounds", "federation.eval_every", "federation.round_deadline_s",
     "federation.round_retries",
-    "eval.samples",
+    "eval.samples", "eval.val_every", "eval.val_studies",
 )
 
 

@@ -70,7 +70,7 @@ from fedmrg.config import ExperimentConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest
 from fedmrg.data.stream import CenterStream
-from fedmrg.eval.evaluator import evaluate_model
+from fedmrg.eval.evaluator import evaluate_model, generation_kwargs
 from fedmrg.fl.broadcast import StateDelta, apply_delta
 from fedmrg.fl.checkpoint import (
     CheckpointError,
@@ -145,9 +145,7 @@ class FederatedClient:
         self.data_centers = list(centers_for_data) if centers_for_data else [center]
         ev = cfg.eval
         # evaluate_model's generation arguments: the config's, then explicit overrides
-        self.generation = {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens,
-                           "min_new_tokens": ev.min_new_tokens,
-                           "repetition_penalty": ev.repetition_penalty, **(generation or {})}
+        self.generation = generation_kwargs(ev, **(generation or {}))
         self.eval_samples = ev.samples if eval_samples is None else eval_samples
         self.data_cfg = dataclasses.replace(cfg.data, root=self.root)
 

@@ -91,6 +91,7 @@ class MRGModel(nn.Module):
         self._prompt_ids: dict[tuple[int, ...], list[int]] = {}
         self._active: tuple[str, ...] = ()
         self.last_states: torch.Tensor | None = None  # diagnosis states of the last generate()
+        self.last_tokens: torch.Tensor | None = None  # token ids the last generate() produced
 
     # ----------------------------------------------------------------------- building
 
@@ -324,12 +325,15 @@ class MRGModel(nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, view_mask: torch.Tensor, personalized: bool = False,
                  num_beams: int = 3, max_new_tokens: int = REPORT_TOKENS, min_new_tokens: int = 0,
-                 repetition_penalty: float = 1.0, states: torch.Tensor | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 states: torch.Tensor | None = None,
                  return_states: bool = False) -> list[str] | tuple[list[str], torch.Tensor]:
         """Reports for a batch of studies (greedy when num_beams=1; no sampling).
 
         The prompt shows the diagnosis head's predictions unless `states` (B, 14) is given;
-        the states used are kept in `last_states` and returned with `return_states`.
+        the states used are kept in `last_states` and returned with `return_states`, the
+        generated token ids (B, new) in `last_tokens`. `repetition_penalty` and
+        `no_repeat_ngram_size` act on the generated tokens only (the prefix is embeddings).
         """
         was_training = self.training
         self.eval()
@@ -349,11 +353,15 @@ class MRGModel(nn.Module):
             gen_cfg = GenerationConfig(
                 num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                 bos_token_id=bos)
             with warnings.catch_warnings():
-                # The penalty applies to generated tokens only; that is what we want here.
+                # The penalty and the n-gram ban apply to generated tokens only; that is what
+                # we want here (the prefix is image and prompt embeddings, not words).
                 warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+                warnings.filterwarnings("ignore",
+                                        message=".*no_repeat_ngram_size.*inputs_embeds.*")
                 new_tokens = self.decoder.get_base_model().generate(
                     inputs_embeds=seq.embeds, attention_mask=seq.attention_mask,
                     generation_config=gen_cfg)  # (B, new) : only the generated tokens
@@ -362,6 +370,7 @@ class MRGModel(nn.Module):
         texts = [t.strip() for t in
                  self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         self.last_states = states.cpu()
+        self.last_tokens = new_tokens.cpu()
         return (texts, self.last_states) if return_states else texts
 
 
