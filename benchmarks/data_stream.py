@@ -45,7 +45,7 @@ from fedmrg.data.transforms import Augmentation, decode_study, finish_study, stu
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "data_stream.json"
-RAY_CPUS = 4  # logical CPUs, as in the tests and DESIGN.md: more than the cores on purpose
+RAY_CPUS = 4  # logical CPUs, as in the tests and `fedmrg run`: more than the cores on purpose
 # Ray starts its worker processes (the stream's tasks, client actors) at niceness 15. The
 # driver runs the baselines, so it takes the same niceness: on a machine shared with other
 # work, a nice-0 baseline would otherwise win CPU time that the stream's tasks cannot.

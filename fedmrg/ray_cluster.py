@@ -16,7 +16,7 @@ _RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
 
 def local_logical_cpus() -> int:
     """Logical CPUs of a local cluster: more than the cores on purpose, so client actors that
-    hold fractional CPUs leave room for their Ray Data tasks (DESIGN.md section 6)."""
+    hold fractional CPUs leave room for their Ray Data tasks (docs/operations.md, GPUs)."""
     return max(4, 2 * (os.cpu_count() or 1))
 
 

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 # Logical CPUs of the shared test cluster: more than the 2 real cores on purpose, so client
-# actors holding fractional CPUs leave room for Ray Data tasks (DESIGN.md section 6).
+# actors holding fractional CPUs leave room for Ray Data tasks (as `fedmrg run` does).
 RAY_TEST_CPUS = 4
 
 

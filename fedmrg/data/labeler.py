@@ -3,7 +3,7 @@
 ``label_report(text)`` returns the 14 CheXpert observation codes (``schema.OBSERVATIONS`` order,
 ``BLANK=0, POSITIVE=1, NEGATIVE=2, UNCERTAIN=3``); ``label_reports(texts)`` does the same for a
 batch and returns an ``(N, 14)`` int8 array. It is used for clinical-efficacy (CE) metrics and to
-fill labels that a source dataset lacks (DESIGN.md section 2). Pure Python + numpy, no Ray.
+fill labels that a source dataset lacks (the importers, docs/data.md). Pure Python + numpy.
 
 How it works (the CheXpert / NegBio pipeline, with regular expressions instead of a parser):
 

@@ -1,7 +1,7 @@
 """The FL-MRG record schema: one row per study, one parquet dataset per center.
 
 Every source (the phantom benchmark, the importers) writes exactly this schema, and every
-reader (Ray Data streams, validation) checks it. See DESIGN.md section 2.
+reader (Ray Data streams, validation) checks it. Documented in docs/data.md.
 """
 
 from __future__ import annotations

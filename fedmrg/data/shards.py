@@ -40,7 +40,7 @@ class DatasetError(ValueError):
 
 @dataclass
 class Study:
-    """One row of the record schema (DESIGN.md section 2)."""
+    """One row of the record schema (`fedmrg.data.schema`, docs/data.md)."""
 
     study_id: str
     center: str

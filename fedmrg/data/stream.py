@@ -145,7 +145,7 @@ class CenterFiles(Datasource):
         return sum(self.sizes)
 
     def supports_distributed_reads(self) -> bool:
-        # A center's files live on its client's node (DESIGN.md: pinned centers).
+        # A center's files may exist only on its client's node (resources.pin_centers).
         return False
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,

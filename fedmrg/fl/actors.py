@@ -12,9 +12,9 @@
   a crashed client's call fails this round (`ClientFailure`), the restarted actor rejoins the
   next one, rather than replaying a round on a freshly rebuilt model.
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
-  every call names its client (an actor may host several); a round's global state is
-  `ray.put` ONCE and every client gets the same ObjectRef as a
-  top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
+  every call names its client (an actor may host several); a round's full global state (for
+  the clients that get it rather than a delta, see `fl.broadcast`) is `ray.put` ONCE and each
+  of them gets the same ObjectRef as a top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
   `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`, or
   `ClientDataError` when the client raised a `DatasetError` (bad data is not transient: the
   coordinator stops the run with it instead of dropping the client; so does
@@ -23,8 +23,9 @@
   stream in `ClientHost.__init__`, its private state from its own checkpoint); the pool sends
   that client's next calls through a small task that waits for the restart (Ray itself
   fails calls made during a restart when tasks have no retries), and reports it in
-  `rejoined()`. Every plan carries the full global state, so it rejoins from the current
-  round's state.
+  `rejoined()`. A restarted client holds no synced state: a delta sent to it fails that call
+  ("needs the full state"), the coordinator then forgets its version as after any failed
+  call, and its next plan carries the full synced state.
 - `CoordinatorHost` runs any driver function (the experiment's run loop) inside an actor and
   buffers its progress events, which the driver polls while the run goes on (max_concurrency
   2: `poll` runs beside `run`). Placed on the driver's node, so a local MLflow store and the

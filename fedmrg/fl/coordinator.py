@@ -9,10 +9,12 @@ inside an actor; tests and debugging use `InProcessPool`, which runs every call 
 
 A round (`run_round`) is one or more attempts; an attempt:
 1. `strategy.configure_round`: seeded sampling (`fraction`, at least `min_clients`), sorted;
-2. one plan per sampled client, its floating tensors cast to `federation.wire_dtype` (the
-   global state once per round; every plan shares it, so a Ray pool puts it once). Every plan
-   carries the full global state, so a client restarted since its last round (a fresh model)
-   rejoins from it like any other;
+2. one plan per sampled client, its floating tensors cast to `federation.wire_dtype`, with
+   the global state as the downlink sends it (`_downlink`, `fl.broadcast`): the round's
+   low-rank delta to a client known to hold the previous synced version, the full synced
+   state to any other (new, not sampled last round, or whose last call failed: a client
+   restarted since holds nothing, so it rejoins from the full state like any other). The
+   full state is cast once and shared by the plans that carry it, so a Ray pool puts it once;
 3. submit, then collect (`collect_replies`): the attempt closes when every client answered
    or, with `round_deadline_s` > 0, when the deadline passes, whatever has arrived by then
    (every wait is bounded by the deadline; with no deadline a call ends when the client

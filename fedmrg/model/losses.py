@@ -1,4 +1,4 @@
-"""The FedMRG training losses and diagnosis prototypes (DESIGN.md section 3, mechanisms 2 and 3).
+"""The FedMRG training losses and diagnosis prototypes (mechanisms 2 and 3 of docs/model.md).
 
 Pure PyTorch over tensors: no model, no Ray. Every loss returns a scalar float32 tensor; in a
 degenerate case (no valid token, no anchor with a positive, empty batch) it returns an exact 0

@@ -15,7 +15,7 @@ positions count real tokens only, exactly as HF `generate` does from the attenti
 Every report starts at the same index Lp + N_v, so the LM computes logits only for the last
 T_r + 1 positions (`logits_to_keep`): the vocabulary projection never runs over the prompt.
 
-Two decoder paths (DESIGN.md section 3, mechanism 3): generic only (serves unseen centers) and
+Two decoder paths (mechanism 3 of docs/model.md): generic only (serves unseen centers) and
 generic + specialized (serves the center itself), each with its LM loss, tied by a two-way KL.
 """
 
