@@ -14,7 +14,8 @@
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
   every call names its client (an actor may host several); a round's full global state (for
   the clients that get it rather than a delta, see `fl.broadcast`) is `ray.put` ONCE and each
-  of them gets the same ObjectRef as a top-level argument (Ray resolves it in the actor, zero-copy from the node's object store);
+  of them gets the same ObjectRef as a top-level argument (Ray resolves it in the actor,
+  zero-copy from the node's object store);
   `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`, or
   `ClientDataError` when the client raised a `DatasetError` (bad data is not transient: the
   coordinator stops the run with it instead of dropping the client; so does
