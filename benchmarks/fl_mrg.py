@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/fl_mrg.py --quick      # routine check: 4 strategies, 1 seed, small budget
-    python benchmarks/fl_mrg.py              # the README table: every row, 3 seeds (hours)
+    python benchmarks/fl_mrg.py              # the full table: every row, 3 seeds (hours)
     python benchmarks/fl_mrg.py --resume     # continue an interrupted invocation
     python benchmarks/fl_mrg.py --report RECORD.json ... --out DIR   # a table of recorded runs
     options: --seeds 3 | --seeds 0,4,7   --strategies fedmrg,fedavg,fedmrg-no_mutual

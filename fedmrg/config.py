@@ -166,7 +166,7 @@ class FederationConfig:
                             min=0)
     # The diagnosis head is small (112 KB at the default scale) and its prompts steer every
     # report: at rank 8, fedmrg's generic CE-F1 was 0.300 instead of 0.338 (mean of 3 seeds of
-    # benchmarks/fl_mrg.py, README "Results"), for 5% fewer bytes per run.
+    # benchmarks/fl_mrg.py, docs/results.md), for 5% fewer bytes per run.
     whole_tensors: list[str] = _f(["diagnosis_head."],
                                   "name prefixes of dense shared tensors that travel whole, up "
                                   "and down, whatever the two ranks ([]: none)")
