@@ -100,3 +100,16 @@ def test_the_quickstart_is_the_makefile_and_ci():
     assert all(re.search(rf"^{c}:", makefile, re.M) for c in commands)
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
 
+
+
+def test_the_documented_config_error_is_what_the_cli_prints():
+    from click.testing import CliRunner
+
+    from fedmrg.cli import main
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    example = re.search(r"```\n\$ fedmrg (config .+)\n(error: .+)\n```", text)
+    assert example, "docs/operations.md: no `$ fedmrg config ...` example with its error"
+    args = example.group(1).split()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and example.group(2) in result.output, result.output
