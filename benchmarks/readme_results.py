@@ -81,8 +81,10 @@ def _missed_words(check: Mapping[str, Any]) -> str:
     beats = re.fullmatch(r"(\S+) > (\S+) on (\S+)", check["target"])
     if check["kind"] == "beats" and beats:
         winner, loser, key = beats.groups()
+        margin = check.get("margin_std")
+        spread = "" if margin is None else f", {margin:+.1f} pooled std"
         return (f"{_key_words(key)} against {loser} "
-                f"({check[winner]:.3f} vs {check[loser]:.3f})")
+                f"({check[winner]:.3f} vs {check[loser]:.3f}{spread})")
     if check["kind"] == "fraction":
         return (f"{fl_mrg.CENTRALIZED_FRACTION:.0%} of centralized generic CE-F1 macro "
                 f"({check['ratio']:.0%})")
@@ -97,6 +99,10 @@ def status_block(agg: Mapping[str, Any], targets: Mapping[str, Any], table: Path
             f"**{targets['passed']} of {targets['decided']}** quality targets")
     if missed:
         text += "; it misses " + " and ".join(_missed_words(c) for c in missed)
+        margins = [c.get("margin_std") for c in missed]
+        if all(m is not None and abs(m) < 1 for m in margins):
+            text += (", each by less than one standard deviation of the seeds" if len(missed) > 1
+                     else ", by less than one standard deviation of the seeds")
     return text + f" (`{table.as_posix()}`)."
 
 
