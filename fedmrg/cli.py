@@ -277,6 +277,123 @@ def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...],
         click.echo(f"metrics: {json_path}")
 
 
+# --------------------------------------------------------------------------- runs
+
+
+def _storage_options(command):
+    command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="override a key, e.g. --set tracking.storage_path=/data/runs")(
+        command)
+    return click.option("--config", "config", default="default", show_default=True,
+                        help="preset name or YAML path: its tracking.storage_path holds the "
+                             "runs")(command)
+
+
+def _runs_storage(ctx: click.Context, config: str, overrides: tuple[str, ...]) -> Path:
+    """tracking.storage_path of the config, with the group's --config/--set under the
+    subcommand's (`fedmrg runs --set K=V rm NAME` and `fedmrg runs rm NAME --set K=V`)."""
+    parent = ctx.parent.params if ctx.parent is not None else {}
+    if ctx.get_parameter_source("config") == click.core.ParameterSource.DEFAULT:
+        config = parent.get("config") or config
+    cfg = load_config(config, (*parent.get("overrides", ()), *overrides))
+    return Path(cfg.tracking.storage_path).expanduser()
+
+
+def _show_runs(storage: Path, as_json: bool) -> None:
+    from fedmrg.runs import list_runs, runs_json, runs_table
+
+    runs = list_runs(storage)
+    if as_json:
+        click.echo(runs_json(runs))
+    elif not runs:
+        click.echo(f"no runs in {storage}")
+    else:
+        click.echo(f"runs in {storage}")
+        click.echo(runs_table(runs))
+
+
+@main.group("runs", cls=_Group, invoke_without_command=True)
+@_storage_options
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+@click.pass_context
+def runs_group(ctx: click.Context, config: str, overrides: tuple[str, ...],
+               as_json: bool) -> None:
+    """The runs under tracking.storage_path (default runs/): status (finished, interrupted
+    and the round a resume continues after, empty), rounds, size on disk, last change.
+    `fedmrg runs rm` removes runs."""
+    if ctx.invoked_subcommand is None:
+        _show_runs(_runs_storage(ctx, config, overrides), as_json)
+
+
+@runs_group.command("list")
+@_storage_options
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+@click.pass_context
+def runs_list(ctx: click.Context, config: str, overrides: tuple[str, ...],
+              as_json: bool) -> None:
+    """List the runs, most recently changed first (the same as bare `fedmrg runs`)."""
+    _show_runs(_runs_storage(ctx, config, overrides), as_json)
+
+
+@runs_group.command("rm")
+@click.argument("names", nargs=-1)
+@_storage_options
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="also remove every run last changed more than DAYS days ago")
+@click.option("--keep-last", "keep_last", type=click.IntRange(min=0), metavar="N",
+              help="also remove every run but the N most recently changed (with --older-than: "
+                   "runs that are both)")
+@click.option("--yes", "-y", "yes", is_flag=True, help="do not ask before removing")
+@click.option("--dry-run", is_flag=True, help="only show what would be removed")
+@click.option("--json", "as_json", is_flag=True, help="print the removed runs as JSON")
+@click.pass_context
+def runs_rm(ctx: click.Context, names: tuple[str, ...], config: str,
+            overrides: tuple[str, ...], older_than: float | None, keep_last: int | None,
+            yes: bool, dry_run: bool, as_json: bool) -> None:
+    """Remove runs: the folders <tracking.storage_path>/NAME (checkpoints, models, adapters),
+    named or chosen by --older-than / --keep-last. Asks first unless --yes. Their MLflow runs
+    stay in the tracking store."""
+    from fedmrg.runs import (
+        RunsError,
+        check_run_names,
+        human_size,
+        list_runs,
+        remove_runs,
+        runs_json,
+        runs_table,
+        select_runs,
+    )
+
+    if not names and older_than is None and keep_last is None:
+        _fail("fedmrg runs rm: name the runs to remove, or choose them with --older-than DAYS "
+              "and/or --keep-last N")
+    storage = _runs_storage(ctx, config, overrides)
+    try:
+        check_run_names(storage, names)
+        chosen = select_runs(list_runs(storage), names=names, older_than_days=older_than,
+                             keep_last=keep_last)
+    except RunsError as e:
+        _fail(str(e))
+    if not chosen:
+        click.echo(runs_json([]) if as_json else f"no run in {storage} to remove")
+        return
+    total = human_size(sum(r.bytes for r in chosen))
+    if not as_json:
+        click.echo(runs_table(chosen))
+    if dry_run:
+        click.echo(runs_json(chosen) if as_json else f"dry run: would remove {len(chosen)} "
+                                                     f"run(s), {total}")
+        return
+    if not yes:
+        click.confirm(f"remove {len(chosen)} run(s) from {storage}, {total}?", abort=True,
+                      err=True)
+    try:
+        remove_runs(storage, [r.name for r in chosen])
+    except RunsError as e:
+        _fail(str(e))
+    click.echo(runs_json(chosen) if as_json else f"removed {len(chosen)} run(s), {total}")
+
+
 def _print_counts(manifest: dict) -> None:
     for center, info in sorted(manifest["centers"].items()):
         rows = info["rows"]

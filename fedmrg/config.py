@@ -222,7 +222,11 @@ class TrackingConfig:
     experiment: str = _f("fedmrg", "MLflow experiment name")
     run_name: str = _f("", "run name (empty: generated); reusing one resumes it")
     storage_path: str = _f("runs", "checkpoints and outputs (shared storage on a cluster)")
-    checkpoint_keep: int = _f(3, "coordinator checkpoints kept per run (the last K rounds)",
+    # 2: the newest and one to fall back to when it is corrupt (--checkpoint-fallback); each
+    # client keeps its state of those rounds (68 MB a center at the default scale), plus
+    # the round in progress while it runs
+    checkpoint_keep: int = _f(2, "coordinator checkpoints kept per run (the last K rounds; "
+                                 "each client keeps what resuming from them needs)",
                               min=1)
 
 

@@ -532,7 +532,7 @@ class Experiment:
         from fedmrg.data.prepare import ensure_dataset, participating_centers
         from fedmrg.data.shards import read_manifest
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
-        from fedmrg.fl.checkpoint import run_fingerprint
+        from fedmrg.fl.checkpoint import prune_client_checkpoints, run_fingerprint
         from fedmrg.fl.strategies import make_strategy
         from fedmrg.ray_cluster import connect
         from fedmrg.tracking import default_run_name
@@ -585,6 +585,9 @@ class Experiment:
         finally:
             progress.close()
             stop_actors(actors.values())
+        # the clients are stopped: drop their checkpoints that no kept coordinator checkpoint
+        # needs (those this node sees; `fedmrg.fl.checkpoint`, "Client retention")
+        prune_client_checkpoints(run_dir)
         return Result(
             run_name=outcome["run_name"], strategy=outcome["strategy"], centers=centers,
             rounds=outcome["rounds"], generalization=outcome["generalization"],

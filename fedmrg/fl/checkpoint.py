@@ -18,6 +18,19 @@ old folder with two renames; rounds above the one written belong to a timeline t
 abandoned and are removed. Then all but the newest `keep` rounds are removed. One writer per
 directory (the coordinator for its run, a client for its center).
 
+Client retention (`client_rounds_to_keep`): a client's folder keeps what a resume can need and
+no more. The coordinator resumes from one of its kept checkpoints (the newest, or an older one
+with `--checkpoint-fallback`), and a client then goes back to its newest checkpoint at or
+before that round; a client may also be one round ahead (it wrote round r, the coordinator
+crashed before writing r), and a retried round goes back to the round before it. So a client
+keeps its newest round and, for every round the coordinator may resume from, its newest round
+at or before it. When a client writes round r the coordinator has finished round r - 1 and
+keeps its last `tracking.checkpoint_keep` = K rounds (r - K .. r - 1; `resumable_rounds`); with
+every client in every round that is rounds r - K .. r, one more than the coordinator's, and
+fewer when a client sits rounds out. At the end of a run the coordinator holds rounds
+R - K + 1 .. R, and `prune_client_checkpoints` drops the clients' round R - K (it removes only
+what no kept coordinator checkpoint needs).
+
 Reading (`verify_checkpoint`, `latest_checkpoint`, `load_checkpoint`): a folder is valid when
 its manifest parses, its format version is `FORMAT_VERSION`, its round matches its name, every
 listed file exists with the listed size and sha256, and (when the current fingerprint values
@@ -54,7 +67,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,16 +213,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(directory: str | Path, round_id: int, state: Mapping[str, Any], *,
-                     keep: int, kind: str = "coordinator",
+                     keep: int | None = None, resumable_from: Iterable[int] | None = None,
+                     kind: str = "coordinator",
                      fingerprint: Mapping[str, Any] | None = None,
                      meta: Mapping[str, Any] | None = None) -> Path:
     """Write `state` (tensors, numbers, strings, lists, dicts) as the checkpoint of `round_id`
-    in `directory`, atomically (module docstring); keep the newest `keep` rounds. `fingerprint`
-    is `fingerprint_values(...)`; `meta` is stored in the manifest as is (JSON). Returns the
+    in `directory`, atomically (module docstring). Then keep the newest `keep` rounds (the
+    coordinator), or with `resumable_from` instead the rounds a resume from any of those
+    coordinator rounds needs (a client: `client_rounds_to_keep`). `fingerprint` is
+    `fingerprint_values(...)`; `meta` is stored in the manifest as is (JSON). Returns the
     round folder."""
     if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 0:
         raise ValueError(f"checkpoint round id must be an integer >= 0, got {round_id!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    if (keep is None) == (resumable_from is None):
+        raise ValueError("write_checkpoint needs one of keep and resumable_from")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoints to keep must be an integer >= 1, got {keep!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -245,13 +263,40 @@ def write_checkpoint(directory: str | Path, round_id: int, state: Mapping[str, A
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    prune_checkpoints(directory, keep, written=round_id)
+    prune_checkpoints(directory, keep, written=round_id, resumable_from=resumable_from)
     return target
 
 
-def prune_checkpoints(directory: str | Path, keep: int, written: int | None = None) -> list[Path]:
+def resumable_rounds(round_id: int, keep: int) -> list[int]:
+    """The rounds the coordinator may resume from while round `round_id` runs, and so
+    until it finishes round `round_id` (module docstring, "Client retention"): it finished
+    round `round_id - 1` and keeps the last `keep` (`tracking.checkpoint_keep`); round 0 is
+    the start, which needs no checkpoint."""
+    return list(range(max(1, round_id - keep), round_id))
+
+
+def client_rounds_to_keep(rounds: Iterable[int], resumable_from: Iterable[int]) -> set[int]:
+    """Of a client's checkpoint `rounds`, those a resume can need: the newest, and for each
+    coordinator round in `resumable_from` the newest at or before it (module docstring,
+    "Client retention"). A resumable round with no client round at or before it needs none:
+    the client goes back to its state as built."""
+    rounds = sorted(set(rounds))
+    if not rounds:
+        return set()
+    keep = {rounds[-1]}
+    for resumed in resumable_from:
+        before = [r for r in rounds if r <= resumed]
+        if before:
+            keep.add(before[-1])
+    return keep
+
+
+def prune_checkpoints(directory: str | Path, keep: int | None = None,
+                      written: int | None = None, *,
+                      resumable_from: Iterable[int] | None = None) -> list[Path]:
     """Remove temporary and replaced folders left by crashed writes, rounds above `written`
-    (a timeline abandoned by a resume), and all but the newest `keep` rounds. Returns what
+    (a timeline abandoned by a resume), and all but the newest `keep` rounds, or with
+    `resumable_from` all but `client_rounds_to_keep(rounds, resumable_from)`. Returns what
     was removed."""
     directory = Path(directory)
     removed = []
@@ -266,9 +311,37 @@ def prune_checkpoints(directory: str | Path, keep: int, written: int | None = No
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         rounds = [(r, p) for r, p in rounds if r <= written]
-    for _, path in rounds[:-keep]:
+    if resumable_from is not None:
+        needed = client_rounds_to_keep((r for r, _ in rounds), resumable_from)
+        dropped = [path for r, path in rounds if r not in needed]
+    elif keep is not None:
+        dropped = [path for _, path in rounds[:-keep]]
+    else:
+        dropped = []
+    for path in dropped:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
+    return removed
+
+
+def prune_client_checkpoints(run_dir: str | Path) -> dict[str, list[int]]:
+    """At the end of a run (its writers stopped): drop each client checkpoint in
+    `<run dir>/centers/*/checkpoints` that no kept coordinator checkpoint can need (module
+    docstring, "Client retention"; the clients' folders this node sees, e.g. on shared
+    storage). Returns {center: rounds removed}."""
+    run_dir = Path(run_dir)
+    coordinator_rounds = [r for r, _ in list_checkpoints(run_checkpoint_dir(run_dir))]
+    removed: dict[str, list[int]] = {}
+    centers = run_dir / CENTERS
+    for center in sorted(centers.iterdir()) if centers.is_dir() else ():
+        folder = center / CHECKPOINTS
+        before = {r for r, _ in list_checkpoints(folder)}
+        if not before:
+            continue
+        prune_checkpoints(folder, resumable_from=coordinator_rounds)
+        gone = sorted(before - {r for r, _ in list_checkpoints(folder)})
+        if gone:
+            removed[center.name] = gone
     return removed
 
 

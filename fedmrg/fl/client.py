@@ -34,8 +34,10 @@ its run) the client writes its `state_dict()` after every fit, where it runs, ne
 private adapter and head, their optimizer state, teacher-forcing generator (with the trainer's step,
 which seeds every step's dropout and augmentation draws), error-feedback residuals and stream
 position; the shared tensors only under `local`, where they are the client's own model
-(otherwise they are the server's: its checkpoint holds them). Atomic, `tracking.checkpoint_keep`
-+ 1 rounds kept (one more than the coordinator: a crash may leave a client one round ahead).
+(otherwise they are the server's: its checkpoint holds them). Atomic; kept: the newest round
+and, for each round the coordinator may resume from (its last `tracking.checkpoint_keep`), the
+newest at or before it (`fedmrg.fl.checkpoint.client_rounds_to_keep`: with every client in
+every round, one round more than the coordinator, since a crash may leave a client one ahead).
 It restores the newest one when built, so an actor restarted by Ray rejoins with its private
 state. The coordinator says which round it continues from through the plan's round id: a plan
 for a round at or below the round of the client's state (a resume from an earlier checkpoint
@@ -77,6 +79,7 @@ from fedmrg.fl.checkpoint import (
     client_checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
+    resumable_rounds,
     run_fingerprint,
     verify_checkpoint,
     write_checkpoint,
@@ -325,8 +328,9 @@ class FederatedClient:
         return None
 
     def _write_checkpoint(self, round_id: int, previous_round: int | None) -> None:
-        """This round's own state, kept where the client runs (never sent): the coordinator's
-        `checkpoint_keep` rounds plus one, the round a crash may leave this client ahead."""
+        """This round's own state, kept where the client runs (never sent), with the older
+        rounds a resume of the coordinator's kept checkpoints can need and no more
+        (`fedmrg.fl.checkpoint.client_rounds_to_keep`)."""
         state = self.state_dict()
         if self.cfg.federation.strategy != "local":
             # The shared tensors are the server's (its checkpoint holds them; every plan and
@@ -338,7 +342,8 @@ class FederatedClient:
                 state["trainer"]["optimizer"] = self._without_shared_moments(
                     state["trainer"]["optimizer"])
         write_checkpoint(self.checkpoint_dir, round_id, state,
-                         keep=self.cfg.tracking.checkpoint_keep + 1, kind="client",
+                         resumable_from=resumable_rounds(
+                             round_id, self.cfg.tracking.checkpoint_keep), kind="client",
                          fingerprint=self._fingerprint,
                          meta={"center": self.center, "previous_round": previous_round})
 
