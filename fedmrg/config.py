@@ -212,7 +212,16 @@ class ResourcesConfig:
                                    "centers on one machine); >1 needs pin_centers false", min=1)
     pin_centers: bool = _f(False, "require custom resource center_<id> on a client's node")
     max_restarts: int = _f(2, "client actor restarts after a crash", min=0)
-    ray_address: str = _f("", "Ray cluster address (empty: RAY_ADDRESS or a local cluster)")
+    ray_address: str = _f("", "Ray cluster address: host:port, ray://..., 'auto' (the cluster "
+                              "`ray start` left running on this machine) or 'local' (empty: "
+                              "RAY_ADDRESS, else a private local cluster)")
+    autoscaling: bool | None = _f(None, "the cluster adds nodes for work that waits: a run "
+                                        "bigger than its current nodes is warned about, not "
+                                        "refused (null: detected, true on the head node of a "
+                                        "`ray up` cluster with workers to add)")
+    progress_timeout_s: float = _f(600.0, "fail the run, naming Ray's pending resource demands, "
+                                          "when a wait for client actors or replies sees "
+                                          "nothing for this long (0: wait forever)", min=0)
 
 
 @dataclass

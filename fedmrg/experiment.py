@@ -309,13 +309,14 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
     checkpoint folder to continue from (verified again here). After every round: its metrics
     go to MLflow, then its checkpoint is written (`write_round_checkpoint`). Runs in the
     coordinator actor or in the driver; returns a picklable outcome (see `Experiment.fit`)."""
-    from fedmrg.fl.actors import RayClientPool, write_folder
+    from fedmrg.fl.actors import ProgressWatchdog, RayClientPool, write_folder
     from fedmrg.fl.checkpoint import load_checkpoint, run_fingerprint
     from fedmrg.fl.coordinator import Coordinator
     from fedmrg.fl.strategies import make_strategy
     from fedmrg.tracking import RunTracker
 
-    pool = RayClientPool(actors, record=record)
+    pool = RayClientPool(actors, record=record,
+                         watchdog=ProgressWatchdog.for_run(cfg.resources))
     strategy = make_strategy(cfg)
     first = pool.centers()[0]
     initial = pool.call_all("shared_state", centers=[first])[first]
@@ -534,7 +535,7 @@ class Experiment:
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
         from fedmrg.fl.checkpoint import prune_client_checkpoints, run_fingerprint
         from fedmrg.fl.strategies import make_strategy
-        from fedmrg.ray_cluster import connect
+        from fedmrg.ray_cluster import check_cluster_fits, connect
         from fedmrg.tracking import default_run_name
 
         start = time.perf_counter()
@@ -555,7 +556,7 @@ class Experiment:
             log.warning("run %r already finished its %d rounds (%s); nothing to do", run_name,
                         cfg.federation.rounds, run_dir / RUN_SUMMARY)
             return Result.from_summary(finished)
-        connect(cfg.resources)
+        cluster_resources = connect(cfg.resources)
         root = ensure_dataset(cfg.data)
         manifest = read_manifest(root)
         centers = participating_centers(cfg.data, manifest)
@@ -563,11 +564,13 @@ class Experiment:
         checkpoint = resume_checkpoint(run_dir, run_fingerprint(cfg, root),
                                        rounds=cfg.federation.rounds,
                                        fallback=self.checkpoint_fallback)
+        layout = client_layout(cfg.federation.strategy, centers)
+        # before anything starts: do the client actors and their streams fit the cluster?
+        check_cluster_fits(cfg, layout, cluster_resources)
         if cfg.model.lm.startswith("builtin:"):
             from fedmrg.model.base_lm import builtin_build_info
 
             builtin_build_info(cfg.model)  # build once here; every actor reads the cache
-        layout = client_layout(cfg.federation.strategy, centers)
         progress = _Progress(cfg.federation.rounds, self.progress, self.out)
         actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
                                                 seed=cfg.seed)

@@ -6,11 +6,17 @@
                  (`resources.clients_per_actor`: many simulated centers on one machine,
                  trained in turn); model, Ray Data stream, optimizer resident across rounds
 
-- `client_actor_options(resources, center)`: num_cpus / num_gpus (fractional allowed) from
-  `ResourcesConfig`, the custom resource `center_<id>: 1` when `pin_centers` (only a node that
-  holds that center's data offers it, see cluster.yaml), `max_restarts`, and no task retries:
-  a crashed client's call fails this round (`ClientFailure`), the restarted actor rejoins the
-  next one, rather than replaying a round on a freshly rebuilt model.
+- `client_actor_options(resources, center)` (fedmrg/fl/placement.py, with the check that a
+  run fits the cluster): num_cpus / num_gpus (fractional allowed) from `ResourcesConfig`, the
+  custom resource `center_<id>: 1` when `pin_centers` (only a node that holds that center's
+  data offers it, see cluster.yaml), `max_restarts`, and no task retries: a crashed client's
+  call fails this round (`ClientFailure`), the restarted actor rejoins the next one, rather
+  than replaying a round on a freshly rebuilt model.
+- `ProgressWatchdog`: every wait for client actors or replies (`start_client_actors`, the
+  pool's `wait` and `call_all`) that sees nothing arrive for `resources.progress_timeout_s`
+  reports it through a callable, by default `fedmrg.ray_cluster.fail_without_progress`: the
+  run fails naming Ray's pending resource demands instead of hanging (e.g. stream tasks that
+  cannot be scheduled beside the client actors).
 - `RayClientPool` implements the coordinator's `ClientPool` protocol with actor method calls:
   every call names its client (an actor may host several); a round's full global state (for
   the clients that get it rather than a delta, see `fl.broadcast`) is `ray.put` ONCE and each
@@ -39,6 +45,7 @@ coordinator's and the strategy's (fedmrg/fl/coordinator.py, strategies.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -63,6 +70,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fedmrg.config import ExperimentConfig, ResourcesConfig
 from fedmrg.fl.coordinator import ClientDataError
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.placement import (  # noqa: F401 - part of this module's API
+    COORDINATOR_NUM_CPUS,
+    actor_groups,
+    actor_plan,
+    center_resource,
+    client_actor_options,
+)
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -78,24 +92,6 @@ RESTART_WAIT_S = 600.0
 # --------------------------------------------------------------------------- placement
 
 
-def center_resource(center: str) -> str:
-    """The custom resource a node offers for each center whose data it holds."""
-    return f"center_{center}"
-
-
-def client_actor_options(resources: ResourcesConfig, center: str | None) -> dict[str, Any]:
-    """Ray actor options of one client (`center=None`: a pooled client, never pinned)."""
-    options: dict[str, Any] = {
-        "num_cpus": resources.num_cpus_per_client,
-        "num_gpus": resources.num_gpus_per_client,
-        "max_restarts": resources.max_restarts,
-        "max_task_retries": 0,  # see the module docstring: fail the round, rejoin the next
-    }
-    if resources.pin_centers and center is not None:
-        options["resources"] = {center_resource(center): 1}
-    return options
-
-
 def client_device(requested: str, assigned_gpus: Sequence[str]) -> str:
     """The device a client uses. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that
     holds no GPU, so `auto` would find (and share, unaccounted) every GPU of the node: a client
@@ -109,8 +105,10 @@ def coordinator_actor_options(node_id: str | None = None) -> dict[str, Any]:
     """The coordinator mostly waits: no CPU reserved; on `node_id` (default: this node)."""
     node_id = node_id or ray.get_runtime_context().get_node_id()
     return {
-        "num_cpus": 0,
-        "max_concurrency": 2,  # `poll` answers while `run` is busy
+        "num_cpus": COORDINATOR_NUM_CPUS,
+        # `poll` and `end_tracking` answer while `run` is busy (an interrupted poll may still
+        # be queued when the driver asks the actor to end its MLflow runs)
+        "max_concurrency": 3,
         "max_restarts": 0,  # a lost coordinator is resumed by resubmitting the job
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     }
@@ -256,13 +254,49 @@ class ClientHost:
         return str(save_model(client.model, directory))
 
 
-def actor_groups(client_ids: Sequence[str], clients_per_actor: int) -> list[list[str]]:
-    """The clients each actor hosts: consecutive runs of `clients_per_actor` in the given
-    order (the last group may be smaller)."""
-    if clients_per_actor < 1:
-        raise ValueError(f"clients_per_actor must be >= 1, got {clients_per_actor}")
-    ids = list(client_ids)
-    return [ids[i:i + clients_per_actor] for i in range(0, len(ids), clients_per_actor)]
+class ProgressWatchdog:
+    """`ray.wait` that notices a stall: whenever `timeout_s` pass with none of the awaited
+    refs finishing, it calls `on_stall(waiting_for, idle_s)`, which raises to fail the run or
+    returns to wait on (another `timeout_s`). `timeout_s=0`: a plain `ray.wait`."""
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[str, float], None]):
+        self.timeout_s = timeout_s
+        self.on_stall = on_stall
+
+    @classmethod
+    def for_run(cls, resources: ResourcesConfig) -> ProgressWatchdog:
+        """`resources.progress_timeout_s`, failing with Ray's pending demands (waiting on
+        while an autoscaling cluster may still add the nodes)."""
+        from fedmrg.ray_cluster import cluster_autoscales, fail_without_progress
+
+        return cls(resources.progress_timeout_s,
+                   functools.partial(fail_without_progress,
+                                     autoscaling=cluster_autoscales(resources)))
+
+    def wait(self, refs: Sequence[ray.ObjectRef], num_returns: int, timeout_s: float | None,
+             waiting_for: str) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """(ready, pending) like `ray.wait(refs, num_returns, timeout=timeout_s)`; ready in
+        the order they finished."""
+        if self.timeout_s <= 0 or (timeout_s is not None and timeout_s <= self.timeout_s):
+            return ray.wait(list(refs), num_returns=num_returns, timeout=timeout_s)
+        ready: list[ray.ObjectRef] = []
+        pending = list(refs)
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        last = time.monotonic()  # when something last finished (or the wait began)
+        while pending and len(ready) < num_returns:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            stall_at = last + self.timeout_s
+            until = stall_at if end is None else min(stall_at, end)
+            got, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, until - now))
+            if got:
+                ready += got
+                last = time.monotonic()
+            elif time.monotonic() >= stall_at:
+                self.on_stall(waiting_for, time.monotonic() - last)
+                last = time.monotonic()
+        return ready, pending
 
 
 def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] | None], *,
@@ -274,20 +308,27 @@ def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] |
     Returns (actors: client id -> its actor's handle, shared by the clients an actor hosts;
     placement: client id -> `ClientHost.ready()`) once every actor is built; a constructor
     error is raised here as `ClientFailure` naming the client (the other actors are
-    stopped)."""
+    stopped), and so is a start that sees no actor ready for `resources.progress_timeout_s`
+    (`ProgressWatchdog`: e.g. `NoProgressError` naming the actors Ray cannot place)."""
     remote = ray.remote(ClientHost)
     actors: dict[str, ActorHandle] = {}
-    for group in actor_groups(list(clients), cfg.resources.clients_per_actor):
-        # one client's resources per actor: its clients train in turn, never at once
-        pinned = group[0] if len(group) == 1 and not clients[group[0]] else None
-        actor = remote.options(**client_actor_options(cfg.resources, pinned)).remote(
+    for group, options in actor_plan(cfg.resources, clients):
+        actor = remote.options(**options).remote(
             cfg, {c: clients[c] for c in group}, dataset_root=dataset_root, seed=seed,
             generation=generation)
         actors.update(dict.fromkeys(group, actor))
+    calls = {client_id: actor.ready.remote(client_id) for client_id, actor in actors.items()}
+    try:
+        ProgressWatchdog.for_run(cfg.resources).wait(
+            list(calls.values()), len(calls), None,
+            waiting_for=f"client actors to start ({', '.join(calls)})")
+    except BaseException:
+        stop_actors(actors.values(), close=False)
+        raise
     placement = {}
-    for client_id, actor in actors.items():
+    for client_id, call in calls.items():
         try:
-            placement[client_id] = ray.get(actor.ready.remote(client_id))
+            placement[client_id] = ray.get(call)
         except RayError as e:
             stop_actors(actors.values(), close=False)
             data = _data_error(e)
@@ -397,12 +438,14 @@ class RayClientPool:
     """
 
     def __init__(self, actors: Mapping[str, ActorHandle], *, record: bool = False,
-                 restart_wait_s: float = RESTART_WAIT_S):
+                 restart_wait_s: float = RESTART_WAIT_S,
+                 watchdog: ProgressWatchdog | None = None):
         if not actors:
             raise ValueError("RayClientPool: no client actors")
         self.actors = dict(actors)
         self.record = record
         self.restart_wait_s = restart_wait_s
+        self.watchdog = watchdog
         self.received: list[ClientUpdate | EvalReply] = []
         self.puts = 0
         self._state: Tensors | None = None
@@ -455,8 +498,15 @@ class RayClientPool:
         if not handles:
             return [], []
         by_ref = {h.ref: h for h in handles}
-        ready, pending = ray.wait(list(by_ref), num_returns=min(num_returns, len(handles)),
-                                  timeout=timeout_s)
+        wanted = min(num_returns, len(handles))
+        if self.watchdog is None:
+            ready, pending = ray.wait(list(by_ref), num_returns=wanted, timeout=timeout_s)
+        else:
+            kinds = sorted({h.kind for h in handles})
+            centers = ", ".join(sorted({h.center for h in handles}))
+            ready, pending = self.watchdog.wait(
+                list(by_ref), wanted, timeout_s,
+                waiting_for=f"{' and '.join(kinds)} replies from {centers}")
         return [by_ref[r] for r in ready], [by_ref[r] for r in pending]
 
     def result(self, handle: Call) -> ClientUpdate | EvalReply:
@@ -496,6 +546,9 @@ class RayClientPool:
         are passed through. A failure raises `ClientFailure` naming the client."""
         refs = {c: getattr(self._actor(c), method).remote(c, *args)
                 for c in (centers or self.centers())}
+        if self.watchdog is not None and timeout_s is None:
+            self.watchdog.wait(list(refs.values()), len(refs), None,
+                               waiting_for=f"{method} from {', '.join(refs)}")
         out = {}
         for center, ref in refs.items():
             try:
