@@ -152,9 +152,13 @@ MODES = {
 }
 
 # The table's metrics (fedmrg.eval.evaluator names) and views.
-METRICS = ("bleu4", "meteor", "rouge_l", "cider", "ce_f1_micro", "ce_f1_macro")
+# distinct_2 and rep_4 (fedmrg.eval.repetition): how repetitive the generated reports are; n/a
+# in records written before they were measured.
+METRICS = ("bleu4", "meteor", "rouge_l", "cider", "ce_f1_micro", "ce_f1_macro", "distinct_2",
+           "rep_4")
 METRIC_LABELS = {"bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr",
-                 "ce_f1_micro": "CE F1 micro", "ce_f1_macro": "CE F1 macro"}
+                 "ce_f1_micro": "CE F1 micro", "ce_f1_macro": "CE F1 macro",
+                 "distinct_2": "distinct-2", "rep_4": "rep-4"}
 # scope -> (Result view, what it is)
 SCOPES = {
     "generalization": ("generalization", "generic model, mean over the participating centers' "

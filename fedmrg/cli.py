@@ -252,15 +252,19 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
               type=click.Choice(["train", "val", "test"]))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the metrics and sample reports as JSON")
+@click.option("--set", "overrides", multiple=True, metavar="eval.KEY=VALUE",
+              help="generate differently from the run's config, e.g. --set "
+                   "eval.no_repeat_ngram_size=3 (eval.* keys only)")
 def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...], split: str,
-                 json_path: Path | None) -> None:
+                 json_path: Path | None, overrides: tuple[str, ...]) -> None:
     """Evaluate a finished run's models (<tracking.storage_path>/<run name>) on a dataset:
     generalization (generic model) and personalization (each center's own model)."""
     from fedmrg.eval.evaluator import metrics_table
     from fedmrg.experiment import TABLE_KEYS, VIEWS, ExperimentError, evaluate_run
 
     try:
-        result = evaluate_run(run_dir, data_root=data_root, centers=centers or None, split=split)
+        result = evaluate_run(run_dir, data_root=data_root, centers=centers or None, split=split,
+                              overrides=overrides)
     except ExperimentError as e:
         _fail(str(e))
     for view in VIEWS:

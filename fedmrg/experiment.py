@@ -69,7 +69,7 @@ RUN_SUMMARY = "summary.json"  # the final table, communication, rounds (Result.s
 MODELS = "models"  # models/<client>/: each client's final model (fedmrg.model.io format)
 # Columns of the final table (a subset of fedmrg.eval.evaluator.HEADLINE).
 TABLE_KEYS = ("ce_f1_macro", "ce_f1_micro", "bleu1", "bleu4", "meteor", "rouge_l", "cider",
-              "diag_acc")
+              "rep_4", "diag_acc")
 VIEWS = ("generalization", "personalization")
 
 
@@ -343,17 +343,21 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
         emit({"type": "round", "summary": row})
 
     def on_evaluation(view: str, per_center: Mapping[str, Mapping[str, float]],
-                      mean: Mapping[str, float], step: int | None = None) -> None:
+                      mean: Mapping[str, float], step: int | None = None,
+                      split: str = "test") -> None:
         if step is None:
             step = tracker.last_logged_round() or 0
-        tracker.log_evaluation(step, view, per_center, mean)
-        emit({"type": "evaluation", "view": view, "mean": dict(mean)})
+        tracker.log_evaluation(step, view, per_center, mean, split=split)
+        emit({"type": "evaluation", "view": view, "mean": dict(mean), "split": split,
+              "round": step})
 
     with tracker:
         coordinator = Coordinator(cfg, strategy, pool, initial,
                                   rng=np.random.default_rng(cfg.seed), on_round=on_round,
                                   on_evaluation=on_evaluation, eval_centers=centers,
-                                  heldout_centers=heldout_centers)
+                                  heldout_centers=heldout_centers,
+                                  val_every=cfg.eval.val_every,
+                                  val_studies=cfg.eval.val_studies, on_event=emit)
         resumed_from = None
         if checkpoint_state is not None:
             coordinator.load_state_dict(checkpoint_state["coordinator"])
@@ -366,6 +370,8 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
               "resumed_from": resumed_from})
         federated = coordinator.run()
         global_state = federated.global_state
+        validations = [e for e in federated.evaluations
+                       if e.split != coordinator.eval_split and e.view == "generalization"]
         # every client's final model (global state + its private state), for `evaluate_run`
         state_ref = pool.state_ref(global_state)
         for center in pool.centers():
@@ -401,6 +407,9 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             "messages": list(pool.received),
             "global_state_puts": pool.puts,
             "resumed_from": resumed_from,
+            # the validation points (eval.val_every): how many, and what they cost
+            "validation": {"evaluations": len(validations),
+                           "wall_s": sum(e.wall_s for e in validations)},
         }
         tracker.log_plots()
         summary = {k: v for k, v in outcome.items()
@@ -429,13 +438,15 @@ def _sample_rows(federated: Any) -> list[dict[str, Any]]:
 
 def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
                  centers: Sequence[str] | None = None, split: str = "test",
-                 connect_ray: bool = True) -> dict[str, Any]:
+                 overrides: Sequence[str] = (), connect_ray: bool = True) -> dict[str, Any]:
     """A finished run's models on a dataset: generalization (the generic model, any client's
     saved model with its specialized adapter off) and personalization (each center's own
     model; a center without one, e.g. under `centralized`, gets the first client's) on
     `split` of every center in `centers` (default: every center of the dataset).
 
     `data_root` defaults to the run's dataset (another dataset in the fedmrg layout works).
+    `overrides` (`eval.key=value`, e.g. `eval.no_repeat_ngram_size=3`) change how reports are
+    generated and scored on top of the run's config; only `eval.*` keys may change here.
     Returns {"generalization": {"per_center", "mean"}, "personalization": ..., "samples"};
     means are over the run's participating centers among those evaluated (all of them when
     none took part). Runs in this process (Ray Data streams the test splits).
@@ -455,7 +466,11 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
         models_dir.is_dir()) else []
     if not clients:
         raise ExperimentError(f"{models_dir}: no saved client model; the run did not finish")
-    cfg = load_config(str(run_dir / RUN_CONFIG))
+    outside = [o for o in overrides if not o.strip().startswith("eval.")]
+    if outside:
+        raise ExperimentError(f"--set {outside[0]}: only eval.* keys change an evaluation of a "
+                              f"finished run (its models are fixed; --data-root picks the data)")
+    cfg = load_config(str(run_dir / RUN_CONFIG), overrides)
     root = str(Path(data_root).expanduser().resolve()) if data_root else cfg.data.root
     data_cfg = dataclasses.replace(cfg.data, root=root)
     if connect_ray:
@@ -572,8 +587,13 @@ class Experiment:
 
             builtin_build_info(cfg.model)  # build once here; every actor reads the cache
         progress = _Progress(cfg.federation.rounds, self.progress, self.out)
+        per_actor = cfg.resources.clients_per_actor
+        progress.note(f"starting {math.ceil(len(layout) / per_actor)} client actors for "
+                      f"{len(layout)} clients (model, data streams)...")
+        started_at = time.perf_counter()
         actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
                                                 seed=cfg.seed)
+        progress.note(f"clients ready in {time.perf_counter() - started_at:.0f} s")
         try:
             run_fn = functools.partial(
                 run_federation, cfg, actors, centers=centers, dataset_root=str(root),
@@ -680,6 +700,13 @@ class _Progress:
                 left = (f"rounds {done + 1}..{self.rounds} to go" if done < self.rounds
                         else "every round done: evaluation and end-of-run artifacts only")
                 tqdm.write(f"resumed from the round-{done} checkpoint: {left}", file=self.out)
+        elif kind == "evaluating" and event.get("split") == "test":
+            tqdm.write(f"evaluating after round {event['round']} on the test split: "
+                       f"{event['total']} evaluations (generalization and personalization)",
+                       file=self.out)
+        elif kind == "evaluated" and event.get("split") == "test":
+            tqdm.write(f"  evaluated {event['done']}/{event['total']}: {event['view']} on "
+                       f"{event['center']}", file=self.out)
         elif kind == "round":
             tqdm.write(round_line(event["summary"], self.rounds), file=self.out)
             if self.bar is not None:
@@ -687,7 +714,14 @@ class _Progress:
         elif kind == "evaluation":
             mean = event["mean"]
             shown = ", ".join(f"{k} {mean[k]:.3f}" for k in TABLE_KEYS if k in mean)
-            tqdm.write(f"  {event['view']}: {shown}", file=self.out)
+            split = event.get("split", "test")
+            where = "" if split == "test" else f"{split} "
+            tqdm.write(f"  {where}{event['view']}: {shown}", file=self.out)
+
+    def note(self, text: str) -> None:
+        """A line of its own (start-up steps), shown whenever progress is."""
+        if self.enabled:
+            print(text, file=self.out, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -114,6 +114,9 @@ def connect(resources: ResourcesConfig, *, quiet: bool = True) -> dict[str, floa
             # Token authentication, as Ray does by default for a new local cluster, said
             # explicitly: Ray then skips its warning about it on every run's console.
             os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # Token authentication, as Ray does by default for a new local cluster, said
+            # explicitly: Ray then skips its warning about it on every run's console.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -195,7 +195,20 @@ def jsonable(value: Any, where: str = "summary") -> Any:
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 
+VAL_PREFIX = "val/"  # the validation points (`eval.val_every`): val/<view>/<metric>
+# What the per-round plot shows (`round_panels`): the training loss terms (mean over clients),
+# bytes per round, time per round, the evaluation curves below (validation points and test
+# evaluations), and the fault counters only when one of them was ever non-zero.
+LOSS_TERMS = ("loss", "lm_generic", "lm_personal", "mutual", "diagnosis", "contrastive_global",
+              "contrastive_local", "prox")
+EVALUATION_CURVES = ("ce_f1_macro", "bleu4", "rep_4")
+FAULT_COUNTS = ("rejected_failed", "rejected_deadline", "rejected_invalid", "rejected_norm",
+                "clipped", "late_replies_dropped", "duplicate_replies_dropped", "rejoined")
+
+
 def is_evaluation_key(key: str) -> bool:
+    if key.startswith(VAL_PREFIX):
+        key = key[len(VAL_PREFIX):]
     return key.split("/", 1)[0] in VIEWS
 
 
@@ -221,17 +234,40 @@ def _line(ax, points: Sequence[tuple[int, float]], label: str | None = None, sca
     ax.plot(steps, values, marker="o", markersize=3, label=label)
 
 
+def round_panels(history: History) -> list[tuple[str, str, float, dict[str, Sequence]]]:
+    """The per-round plot's panels: (title, y label, scale, {line label: points}), only those
+    with something to draw (see LOSS_TERMS, EVALUATION_CURVES, FAULT_COUNTS)."""
+    def pick(keys: Sequence[str]) -> dict[str, Sequence]:
+        return {k: history[k] for k in keys if history.get(k)}
+
+    panels = [("training loss (mean over clients)", "", 1.0, pick(LOSS_TERMS)),
+              ("bytes per round", "MB", 1e6, pick(("bytes_up", "bytes_down"))),
+              ("time per round", "s", 1.0, pick(("round_time_s", "aggregation_time_s")))]
+    for metric in EVALUATION_CURVES:
+        curves = {f"{label} {view}": history[f"{prefix}{view}/{metric}"]
+                  for label, prefix in (("val", VAL_PREFIX), ("test", "")) for view in VIEWS
+                  if history.get(f"{prefix}{view}/{metric}")}
+        panels.append((metric, "", 1.0, curves))
+    faults = {k: points for k, points in pick(FAULT_COUNTS).items() if any(v for _, v in points)}
+    panels.append(("faults (count per round)", "", 1.0, faults))
+    return [p for p in panels if p[3]]
+
+
 def figure_round_metrics(history: History) -> Figure | None:
-    """One panel per round metric of the parent run (no bytes, no evaluation); None if none."""
-    keys = sorted(k for k in history if k != ROUND_METRIC and not is_bytes_key(k)
-                  and not is_evaluation_key(k) and history[k])
-    if not keys:
+    """The curves that matter over rounds (`round_panels`), one panel each; None if none."""
+    panels = round_panels(history)
+    if not panels:
         return None
-    fig, axes = _grid(len(keys))
-    for ax, key in zip(axes, keys, strict=False):
-        _line(ax, history[key])
-        ax.set_title(key, fontsize=9)
+    fig, axes = _grid(len(panels))
+    for ax, (title, unit, scale, lines) in zip(axes, panels, strict=False):
+        for label, points in lines.items():
+            _line(ax, points, label=label, scale=scale)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
+        if unit:
+            ax.set_ylabel(unit)
+        if len(lines) > 1 or title in EVALUATION_CURVES:
+            ax.legend(fontsize=7)
     return fig
 
 
@@ -257,12 +293,17 @@ def figure_communication(history: History) -> Figure | None:
 
 
 def figure_evaluation(history: History) -> Figure | None:
-    """Mean evaluation metrics (`<view>/<metric>`) over steps, one line per view; None if none."""
+    """Mean evaluation metrics (`<view>/<metric>`, and the validation points
+    `val/<view>/<metric>`) over steps, one line per view and split; None if none."""
     by_metric: dict[str, dict[str, Sequence[tuple[int, float]]]] = {}
     for key, points in history.items():
         parts = key.split("/")
+        if parts[0] == VAL_PREFIX.rstrip("/"):
+            parts, label = parts[1:], "val "
+        else:
+            label = ""
         if len(parts) == 2 and parts[0] in VIEWS and points:
-            by_metric.setdefault(parts[1], {})[parts[0]] = points
+            by_metric.setdefault(parts[1], {})[label + parts[0]] = points
     if not by_metric:
         return None
     fig, axes = _grid(len(by_metric))
@@ -518,26 +559,31 @@ class RunTracker:
             self._last_round = round_id
 
     def log_evaluation(self, step: int, view: str, per_center: Mapping[str, Mapping[str, Any]],
-                       mean: Mapping[str, Any]) -> None:
+                       mean: Mapping[str, Any], split: str = "test") -> None:
         """Evaluation metrics named `<view>/<metric>`: the mean on the parent, each center's on
         its nested run; the parent also keeps `<view>/<center>/<metric>` for every center, so a
         held-out center (no nested run) is recorded too and the parent holds the whole table.
+        Another split than the test split (the validation points) gets its name in front:
+        `val/<view>/<metric>`.
         A view already logged at `step` (a resumed run repeating an evaluation it logged before
         a crash) is skipped with a warning, so no evaluation metric is logged twice."""
         if view not in VIEWS:
             raise TrackingError(f"evaluation view {view!r} is not one of {list(VIEWS)}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrackingError(f"evaluation step must be an integer >= 0, got {step!r}")
+        check_metric_name(split, "evaluation split")
+        prefix = "" if split == "test" else f"{split}/"
         with self._lock:
             self._check_open()
-            if self.has_evaluation(view, step):
+            if self.has_evaluation(view, step, split):
                 # a resumed run re-running an evaluation logged before the crash: MLflow cannot
                 # overwrite a (metric, step), a second entry would duplicate it
                 self.evaluations_skipped += 1
-                log.warning("%s evaluation at step %d not logged: run %r already has it", view,
-                            step, self.run_name)
+                log.warning("%s%s evaluation at step %d not logged: run %r already has it",
+                            prefix, view, step, self.run_name)
                 return
-            where = f"{view} evaluation at step {step}"
+            where = f"{prefix}{view} evaluation at step {step}"
+            view = prefix + view
             parent = {f"{view}/{k}": v for k, v in self._finite(mean, f"{where}, mean").items()}
             batches: dict[str, dict[str, float]] = {}
             for center, center_metrics in per_center.items():
@@ -550,9 +596,10 @@ class RunTracker:
             batches[self.run_id] = parent
             self._log_metrics(batches, step)
 
-    def has_evaluation(self, view: str, step: int) -> bool:
-        """Whether this run already holds `view`'s evaluation at `step` (parent metrics)."""
-        prefix = f"{view}/"
+    def has_evaluation(self, view: str, step: int, split: str = "test") -> bool:
+        """Whether this run already holds `view`'s evaluation on `split` at `step` (parent
+        metrics)."""
+        prefix = f"{view}/" if split == "test" else f"{split}/{view}/"
         return any(s == step for key, points in self.history.items() if key.startswith(prefix)
                    for s, _ in points)
 

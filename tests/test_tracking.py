@@ -37,6 +37,7 @@ from fedmrg.tracking import (
     git_commit,
     param_value,
     resolve_artifact_location,
+    round_panels,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,12 +158,13 @@ def test_git_commit_in_and_outside_a_checkout(tmp_path):
 
 
 def test_figures_only_for_what_was_logged():
-    history = {"round": [(0, 0.0), (1, 1.0)], "loss/lm_generic": [(0, 2.0), (1, 1.5)],
+    history = {"round": [(0, 0.0), (1, 1.0)], "lm_generic": [(0, 2.0), (1, 1.5)],
                "bytes_up": [(0, 1e6), (1, 1e6)], "bytes_up_cumulative": [(0, 1e6), (1, 2e6)],
                "generalization/bleu_4": [(1, 0.1)], "personalization/bleu_4": [(1, 0.2)],
                "generalization/a/bleu_4": [(1, 0.3)]}
     metrics = figure_round_metrics(history)
-    assert [ax.get_title() for ax in metrics.axes if ax.get_visible()] == ["loss/lm_generic"]
+    assert [ax.get_title() for ax in metrics.axes if ax.get_visible()] == [
+        "training loss (mean over clients)", "bytes per round"]
     comm = figure_communication(history)
     assert [ax.get_title() for ax in comm.axes] == ["communication, per round",
                                                    "communication, cumulative"]
@@ -174,6 +176,40 @@ def test_figures_only_for_what_was_logged():
     assert figure_round_metrics({"round": [(0, 0.0)]}) is None
     assert figure_communication({}) is None and figure_evaluation({}) is None
     assert figure_centers({"a": {}}) is None
+
+
+def test_the_round_plot_shows_the_curves_that_matter_not_zero_counters():
+    rounds = [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0)]
+    history = {k: [(r, 1.0 + r) for r, _ in rounds] for k in (
+        "loss", "lm_generic", "lm_personal", "diagnosis", "grad_norm", "epoch", "fit_s",
+        "residual_norm", "update_norm_max", "participants", "bytes_up", "bytes_down",
+        "dense_equivalent_up", "round_time_s", "aggregation_time_s", "a/update_norm")}
+    history.update({k: list(rounds) for k in (
+        "rejected_failed", "rejected_deadline", "rejected_invalid", "rejected_norm", "clipped",
+        "late_replies_dropped", "duplicate_replies_dropped", "rejoined", "rejected")})
+    history["round"] = [(r, float(r)) for r, _ in rounds]
+    history["val/generalization/ce_f1_macro"] = [(2, 0.2), (4, 0.3)]
+    history["val/personalization/ce_f1_macro"] = [(2, 0.25), (4, 0.35)]
+    history["generalization/ce_f1_macro"] = [(4, 0.31)]
+    history["val/generalization/bleu4"] = [(2, 0.05), (4, 0.07)]
+    history["val/generalization/a/bleu4"] = [(2, 0.05), (4, 0.07)]  # a center: not a mean
+    panels = {title: sorted(lines) for title, _, _, lines in round_panels(history)}
+    assert panels == {
+        "training loss (mean over clients)": ["diagnosis", "lm_generic", "lm_personal", "loss"],
+        "bytes per round": ["bytes_down", "bytes_up"],
+        "time per round": ["aggregation_time_s", "round_time_s"],
+        "ce_f1_macro": ["test generalization", "val generalization", "val personalization"],
+        "bleu4": ["val generalization"]}  # no panel of counters that stayed 0
+    history["rejected_deadline"] = [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]
+    panels = {title: sorted(lines) for title, _, _, lines in round_panels(history)}
+    assert panels["faults (count per round)"] == ["rejected_deadline"]
+    fig = figure_round_metrics(history)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 6
+    evaluation = figure_evaluation(history)
+    titles = {ax.get_title(): sorted(line.get_label() for line in ax.get_lines())
+              for ax in evaluation.axes if ax.get_visible()}
+    assert titles["ce_f1_macro"] == ["generalization", "val generalization",
+                                     "val personalization"]
 
 
 # --------------------------------------------------------------------------- start
@@ -283,6 +319,28 @@ def test_log_evaluation_mean_per_center_and_heldout(store, dataset_root):
         (3, pytest.approx(0.4))]
     with pytest.raises(TrackingError, match="view 'train' is not one of"):
         tracker.log_evaluation(3, "train", {}, {"bleu_4": 1.0})
+
+
+def test_validation_points_are_logged_under_val_and_apart_from_the_test_evaluation(
+        store, dataset_root):
+    tracker = start(store, dataset_root)
+    client = MlflowClient(store["tracking_uri"])
+    tracker.log_evaluation(2, "generalization", {"a": {"bleu4": 0.1}}, {"bleu4": 0.1},
+                           split="val")
+    tracker.log_evaluation(4, "generalization", {"a": {"bleu4": 0.2}}, {"bleu4": 0.2},
+                           split="val")
+    assert tracker.has_evaluation("generalization", 4, "val")
+    assert not tracker.has_evaluation("generalization", 4)  # the test evaluation is apart
+    tracker.log_evaluation(4, "generalization", {"a": {"bleu4": 0.3}}, {"bleu4": 0.3})
+    run = tracker.run_id
+    assert history(client, run, "val/generalization/bleu4") == [(2, 0.1), (4, 0.2)]
+    assert history(client, run, "val/generalization/a/bleu4") == [(2, 0.1), (4, 0.2)]
+    assert history(client, run, "generalization/bleu4") == [(4, 0.3)]
+    assert history(client, tracker.center_run_ids["a"], "val/generalization/bleu4") == [
+        (2, pytest.approx(0.1)), (4, pytest.approx(0.2))]
+    tracker.log_evaluation(4, "generalization", {}, {"bleu4": 0.9}, split="val")  # skipped
+    assert tracker.evaluations_skipped == 1
+    assert history(client, run, "val/generalization/bleu4") == [(2, 0.1), (4, 0.2)]
 
 
 # --------------------------------------------------------------------------- artifacts

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +184,35 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
                for i in range(min(num_samples, len(reports)))]
     return EvalResult(reports, references, study_ids, metrics, samples, predicted,
                       time.perf_counter() - start)
+
+
+def first_studies(batches: Iterable[dict], n: int) -> Iterator[dict]:
+    """The first `n` studies of `batches`: whole batches, the last one cut to size (a value
+    with one entry per study is cut, anything else kept). The source is closed after (a
+    suspended stream pass ends)."""
+    if n < 1:
+        raise EvaluationError(f"first_studies: n must be at least 1, got {n}")
+    source = iter(batches)
+    left = n
+    try:
+        for batch in source:
+            size = len(batch["labels"])
+            if size > left:
+                batch = {k: v[:left] if _per_study(v, size) else v for k, v in batch.items()}
+                size = left
+            yield batch
+            left -= size
+            if left <= 0:
+                break
+    finally:
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+
+
+def _per_study(value: Any, size: int) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__getitem__") and (
+        hasattr(value, "__len__") and len(value) == size)
 
 
 def _center_batches(source: Any) -> Iterable[dict]:

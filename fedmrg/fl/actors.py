@@ -201,12 +201,13 @@ class ClientHost:
         return update
 
     def evaluate(self, center: str, split: str, personalized: bool,
-                 dataset_center: str | None, global_state: Tensors | None) -> EvalReply:
+                 dataset_center: str | None, global_state: Tensors | None,
+                 max_studies: int | None = None) -> EvalReply:
         from fedmrg.data.stream import skip_metrics
 
         client = self._client(center)
         reply = client.evaluate(split, personalized, dataset_center=dataset_center,
-                                global_state=global_state)
+                                global_state=global_state, max_studies=max_studies)
         stream = client.eval_stream(dataset_center or center, split)
         reply.metrics.update(skip_metrics(stream.skipped))
         return reply
@@ -488,10 +489,12 @@ class RayClientPool:
 
     def submit_evaluate(self, center: str, split: str, personalized: bool,
                         dataset_center: str | None = None,
-                        global_state: Tensors | None = None) -> Call:
+                        global_state: Tensors | None = None,
+                        max_studies: int | None = None) -> Call:
         ref = self.state_ref(global_state)
+        limit = () if max_studies is None else (max_studies,)
         return self._submit(center, "evaluate", "evaluate", split, personalized,
-                            dataset_center, ref)
+                            dataset_center, ref, *limit)
 
     def wait(self, handles: Sequence[Call], num_returns: int, timeout_s: float | None
              ) -> tuple[list[Call], list[Call]]:

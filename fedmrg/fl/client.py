@@ -72,7 +72,7 @@ from fedmrg.config import ExperimentConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest
 from fedmrg.data.stream import CenterStream
-from fedmrg.eval.evaluator import evaluate_model, generation_kwargs
+from fedmrg.eval.evaluator import evaluate_model, first_studies, generation_kwargs
 from fedmrg.fl.broadcast import StateDelta, apply_delta
 from fedmrg.fl.checkpoint import (
     CheckpointError,
@@ -449,9 +449,11 @@ class FederatedClient:
 
     def evaluate(self, split: str = "test", personalized: bool = False,
                  dataset_center: str | None = None,
-                 global_state: Mapping[str, Tensor] | None = None) -> EvalReply:
+                 global_state: Mapping[str, Tensor] | None = None,
+                 max_studies: int | None = None) -> EvalReply:
         """Generate and score reports on `dataset_center`'s `split` (default: this client's
-        own data). `global_state` is loaded first (None: the model as it stands, e.g. under
+        own data), its first `max_studies` studies when given (a validation point).
+        `global_state` is loaded first (None: the model as it stands, e.g. under
         `local`); the next `fit` loads its plan's state anyway. personalized=True uses generic
         + specialized adapters; a model without a specialized adapter uses the generic one
         (its own model is then its generic path)."""
@@ -459,9 +461,11 @@ class FederatedClient:
             self.load_global_state(from_wire(dict(global_state)))  # the synced copy stays
         target = dataset_center or self.center
         use_specialized = personalized and self.cfg.model.specialized_adapter
-        result = evaluate_model(self.model, self.eval_stream(target, split).iter_batches(0),
-                                use_specialized, num_samples=self.eval_samples,
-                                **self.generation)
+        batches = self.eval_stream(target, split).iter_batches(0)
+        if max_studies is not None:
+            batches = first_studies(batches, max_studies)
+        result = evaluate_model(self.model, batches, use_specialized,
+                                num_samples=self.eval_samples, **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
         samples = result.samples
         if not self.cfg.eval.share_references:  # a center's own reports never leave it

@@ -48,7 +48,14 @@ A round (`run_round`) is one or more attempts; an attempt:
    (the call raised or the actor died), `rejected_deadline`, `rejected_invalid`,
    `rejected_norm`, `clipped` (last attempt), `late_replies_dropped`,
    `duplicate_replies_dropped`, `round_attempts`, `rejoined`.
-`on_evaluation(view, per_center, mean, step=round_id)` gets every evaluation.
+`on_evaluation(view, per_center, mean, step=round_id)` gets every evaluation (a validation
+one with `split="val"` added).
+Validation (`val_every` > 0, `Experiment` passes `eval.val_every` / `eval.val_studies`): after
+every `val_every`-th round, the last included, the same evaluation on the val split of the
+participating centers (no held-out center), each limited to its first `val_studies` studies:
+a few cheap points per run on curves over rounds. An evaluation reads its own streams and
+generates without sampling, so it changes no training state (the next round's plan loads the
+global state again): the run's models are the same with or without it.
 `eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation; a
 failed one, e.g. on an actor being restarted, is asked again up to `federation.round_retries`
 times; a `ClientDataError` then names every client whose evaluation data was bad).
@@ -138,7 +145,8 @@ class ClientPool(Protocol):
 
     def submit_evaluate(self, center: str, split: str, personalized: bool,
                         dataset_center: str | None = None,
-                        global_state: dict[str, Tensor] | None = None) -> Any: ...
+                        global_state: dict[str, Tensor] | None = None,
+                        max_studies: int | None = None) -> Any: ...
 
     def wait(self, handles: Sequence[Any], num_returns: int, timeout_s: float | None,
              ) -> tuple[list[Any], list[Any]]: ...
@@ -192,9 +200,12 @@ class InProcessPool:
 
     def submit_evaluate(self, center: str, split: str, personalized: bool,
                         dataset_center: str | None = None,
-                        global_state: dict[str, Tensor] | None = None) -> _Call:
+                        global_state: dict[str, Tensor] | None = None,
+                        max_studies: int | None = None) -> _Call:
+        limit = {} if max_studies is None else {"max_studies": max_studies}
         return self._run(center, lambda client: client.evaluate(
-            split, personalized, dataset_center=dataset_center, global_state=global_state))
+            split, personalized, dataset_center=dataset_center, global_state=global_state,
+            **limit))
 
     def wait(self, handles: Sequence[_Call], num_returns: int, timeout_s: float | None,
              ) -> tuple[list[_Call], list[_Call]]:
@@ -221,6 +232,8 @@ class Evaluation:
     per_center: dict[str, dict[str, float]]
     mean: dict[str, float]  # unweighted over the evaluated (not held-out) centers
     replies: list[EvalReply] = field(default_factory=list)
+    split: str = "test"
+    wall_s: float = 0.0  # the whole evaluation, both views (each view holds the same)
 
 
 @dataclass
@@ -307,13 +320,21 @@ class Coordinator:
                  on_round: Callable[[RoundSummary], None] | None = None,
                  on_evaluation: Callable[..., None] | None = None,
                  eval_centers: Sequence[str] | None = None,
-                 heldout_centers: Sequence[str] = (), eval_split: str = "test"):
+                 heldout_centers: Sequence[str] = (), eval_split: str = "test",
+                 val_every: int = 0, val_studies: int | None = None,
+                 on_event: Callable[[dict], None] | None = None):
         self.cfg, self.strategy, self.pool, self.rng = cfg, strategy, pool, rng
         self.on_round = on_round or (lambda summary: None)
-        self.on_evaluation = on_evaluation or (lambda view, per_center, mean, step=None: None)
+        self.on_evaluation = on_evaluation or (lambda view, per_center, mean, step=None,
+                                               split=None: None)
         self.eval_centers = list(eval_centers) if eval_centers is not None else None
         self.heldout_centers = list(heldout_centers)
         self.eval_split = eval_split
+        self.val_every, self.val_studies = val_every, val_studies  # module docstring
+        # progress of an evaluation, for a console: {"type": "evaluating", split, round,
+        # total} when it starts, {"type": "evaluated", split, done, total, view, center} as
+        # each of its evaluations comes back
+        self.on_event = on_event or (lambda event: None)
         self.strategy.initialize(dict(initial_state))
         self.round_id = 0  # the last finished round
         self.history: list[RoundSummary] = []
@@ -351,6 +372,8 @@ class Coordinator:
         self.on_round(summary)
         if fed.eval_every and round_id % fed.eval_every == 0 and round_id < fed.rounds:
             self.evaluate(round_id)
+        if self.val_every and round_id % self.val_every == 0:
+            self.evaluate(round_id, split="val", max_studies=self.val_studies)
         return summary
 
     def run_round(self, round_id: int) -> RoundSummary:
@@ -543,17 +566,23 @@ class Coordinator:
 
     # ----------------------------------------------------------------- evaluation
 
-    def evaluate(self, round_id: int) -> tuple[Evaluation, Evaluation]:
-        """Generalization and personalization after `round_id` (module docstring)."""
+    def evaluate(self, round_id: int, split: str | None = None, max_studies: int | None = None
+                 ) -> tuple[Evaluation, Evaluation]:
+        """Generalization and personalization after `round_id` (module docstring) on `split`
+        (default `eval_split`); a split other than it (validation) leaves the held-out centers
+        out, and `max_studies` limits each dataset to its first studies."""
+        split = split or self.eval_split
+        started = time.perf_counter()
         clients = self.pool.centers()
         datasets = self.eval_centers if self.eval_centers is not None else clients
+        heldout = self.heldout_centers if split == self.eval_split else []
         state = self.strategy.global_state()
 
         def owner(dataset: str) -> str:
             return dataset if dataset in clients else clients[0]
 
         jobs: list[tuple[str, str, str, bool]] = []  # (view, dataset, client, personalized)
-        for dataset in [*datasets, *self.heldout_centers]:
+        for dataset in [*datasets, *heldout]:
             if state is None and dataset not in datasets:  # local: every model on held-out
                 jobs += [(GENERALIZATION, dataset, c, False) for c in clients]
             else:
@@ -562,12 +591,15 @@ class Coordinator:
 
         def submit(job: tuple[str, str, str, bool]) -> Any:
             _, dataset, client, personalized = job
-            return self.pool.submit_evaluate(client, self.eval_split, personalized,
-                                             dataset_center=dataset, global_state=state)
+            limit = {} if max_studies is None else {"max_studies": max_studies}
+            return self.pool.submit_evaluate(client, split, personalized, dataset_center=dataset,
+                                             global_state=state, **limit)
 
         # An evaluation changes no state, so a failed one (e.g. its actor killed and being
         # restarted by Ray) is simply asked again, up to federation.round_retries times.
         retries_left = {job: self.cfg.federation.round_retries for job in jobs}
+        self.on_event({"type": "evaluating", "split": split, "round": round_id,
+                       "total": len(jobs)})
         handles = {submit(job): job for job in jobs}
         replies: dict[tuple, EvalReply] = {}
         data_errors: dict[str, str] = {}
@@ -579,6 +611,8 @@ class Coordinator:
                 view, dataset, client, _ = job
                 try:
                     replies[job] = self.pool.result(handle)
+                    self.on_event({"type": "evaluated", "split": split, "done": len(replies),
+                                   "total": len(jobs), "view": view, "center": dataset})
                 except ClientDataError as e:  # after every reply: one error names them all
                     data_errors.update(e.errors)
                 except ClientFailure as e:
@@ -595,6 +629,7 @@ class Coordinator:
                     pending.append(retry)
         if data_errors:
             raise ClientDataError(data_errors, f"round {round_id} evaluation")
+        wall = time.perf_counter() - started
         out = []
         for view in (GENERALIZATION, PERSONALIZATION):
             per_center: dict[str, dict[str, float]] = {}
@@ -603,9 +638,13 @@ class Coordinator:
                 parts = [r.metrics for job, r in ordered if job[1] == dataset]
                 per_center[dataset] = parts[0] if len(parts) == 1 else mean_over_centers(parts)
             mean = mean_over_centers(per_center[d] for d in datasets if d in per_center)
-            evaluation = Evaluation(round_id, view, per_center, mean, [r for _, r in ordered])
+            evaluation = Evaluation(round_id, view, per_center, mean, [r for _, r in ordered],
+                                    split=split, wall_s=wall)
             self.evaluations.append(evaluation)
-            self.on_evaluation(view, per_center, mean, step=round_id)
+            if split == self.eval_split:
+                self.on_evaluation(view, per_center, mean, step=round_id)
+            else:
+                self.on_evaluation(view, per_center, mean, step=round_id, split=split)
             out.append(evaluation)
         return out[0], out[1]
 

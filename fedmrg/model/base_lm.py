@@ -270,6 +270,7 @@ def _builtin_path(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None,
         log.info("building the builtin base LM into %s", entry)
         t0 = time.perf_counter()
         model, tokenizer, info = build_builtin_lm(cfg, corpus, recipe)
+        quiet_weight_bars()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info["build_s"] = round(time.perf_counter() - t0, 3)
@@ -294,6 +295,13 @@ def builtin_build_info(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None = 
 # --------------------------------------------------------------------------- loading
 
 
+def quiet_weight_bars() -> None:
+    """No "Loading weights" / "Writing model shards" progress bars: every client actor loads
+    the base LM, and on a run's console (and in Ray's worker logs) those bars are only noise.
+    Process-wide: `transformers.utils.logging.enable_progress_bar()` brings them back."""
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     for p in model.parameters():
@@ -310,6 +318,7 @@ def _load_error(what: str, path: str | Path, e: Exception) -> BaseLMError:
 
 def load_causal_lm(path: str | Path) -> PreTrainedModel:
     """An HF causal LM from a hub id (cached offline) or a folder, in float32, frozen."""
+    quiet_weight_bars()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as e:
