@@ -149,20 +149,19 @@ def client_update(cfg: ExperimentConfig, center: str, global_state: dict[str, to
     deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
     dense = error_feedback.compress_all(deltas, cfg.federation.dense_update_rank,
                                         cfg.federation.whole_tensors)
-    prototypes = counts = label_counts = None
-    collect = make_strategy(cfg).collect()
-    if "prototypes" in collect:
-        prototypes = torch.randn(NUM_OBSERVATIONS, cfg.model.projection_dim, generator=rng)
-        counts = torch.randint(0, 50, (NUM_OBSERVATIONS,), generator=rng).float()
-    if "label_counts" in collect:
-        label_counts = torch.randint(0, 100, (NUM_OBSERVATIONS, NUM_STATES), generator=rng)
+    # the statistics the strategy's payload schema names, random in their shapes (counts as
+    # integers, everything else float32)
+    strategy = make_strategy(cfg)
+    strategy.initialize(global_state)
+    statistics = {name: (torch.randint(0, 50, spec.shape, generator=rng) if spec.counts
+                         else torch.randn(spec.shape, generator=rng))
+                  for name, spec in strategy.update_spec().statistics.items()}
     # the keys a client reports (LocalTrainer's loss terms + the client's own)
     metrics = {k: 0.0 for k in ("loss", "lm_generic", "lm_personal", "mutual", "diagnosis",
                                 "contrastive_global", "contrastive_local", "lr", "steps",
                                 "samples", "epoch", "residual_norm", "fit_s")}
     update = ClientUpdate(round_id=round_id, center=center, num_samples=210, lora=lora,
-                          dense=dense, prototypes=prototypes, prototype_counts=counts,
-                          label_counts=label_counts, metrics=metrics)
+                          dense=dense, statistics=statistics, metrics=metrics)
     return to_wire(update, cfg.federation.wire_dtype)
 
 

@@ -10,7 +10,8 @@ Usage (from the repository root):
              --rounds R  --local-steps L  --eval-every N  --out DIR  --storage DIR
              --tracking-uri URI  --retries N  --set section.key=value (every run; repeatable)
 
-Rows: the strategies `centralized`, `local`, `fedavg`, `fedprox`, `fedmrg`, and `fedmrg` with
+Rows: every registered strategy (`fedmrg.fl.strategies.STRATEGIES`: `centralized`, `local`,
+`fedavg`, `fedprox`, `ffa_lora`, `fedsa_lora`, `fedmrg`), and `fedmrg` with
 one mechanism switched off (config switches, `ABLATIONS`): `fedmrg-no_lowrank` (factor-wise
 fedavg aggregation, dense updates of the other shared tensors up, the full state down),
 `fedmrg-no_contrastive` (both contrastive heads off), `fedmrg-no_prompts` (no diagnosis
@@ -102,9 +103,11 @@ from typing import Any
 import _common  # noqa: F401  (before fedmrg/torch/Ray load: sets their environment)
 from _common import ROOT, command_line, machine_info, markdown_table, write_json
 
+from fedmrg.fl.strategies import strategy_names  # names only: torch is not loaded yet
+
 log = logging.getLogger("fl_mrg")
 
-STRATEGIES = ("centralized", "local", "fedavg", "fedprox", "fedmrg")
+STRATEGIES = strategy_names()  # the registry's, baselines first and fedmrg last
 BASE = "base"  # the ablation name of a plain strategy in run names
 # One FedMRG mechanism off per row (overrides on top of strategy fedmrg).
 ABLATIONS: dict[str, tuple[str, ...]] = {
@@ -249,7 +252,9 @@ def budget_overrides(strategy: str, rounds: int, local_steps: int, n_centers: in
     if rounds < 1 or local_steps < 1 or n_centers < 1:
         raise BenchmarkError(f"rounds ({rounds}), local steps ({local_steps}) and centers "
                              f"({n_centers}) must all be >= 1")
-    centralized = strategy == "centralized"
+    from fedmrg.fl.strategies import STRATEGIES as REGISTRY
+
+    centralized = REGISTRY[strategy].pools_data  # one client over the pooled data
     steps = local_steps * n_centers if centralized else local_steps
     clients = 1 if centralized else n_centers
     return (f"federation.strategy={strategy}", f"federation.rounds={rounds}",

@@ -198,7 +198,7 @@ def scaled_update(update: Any, center: str, factor: float) -> Any:
     return dataclasses.replace(
         update, center=center, lora={n: scale(t) for n, t in update.lora.items()},
         dense={n: scale(t) for n, t in update.dense.items()},
-        prototypes=None if update.prototypes is None else scale(update.prototypes))
+        statistics={n: scale(t) for n, t in update.statistics.items()})
 
 
 def stub_rounds(cfg: ExperimentConfig, ks: list[int], rounds: int) -> list[dict[str, Any]]:

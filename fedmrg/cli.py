@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fedmrg.config import ConfigError, describe_keys, load_config  # noqa: E402
 from fedmrg.data.shards import DatasetError
+from fedmrg.fl.strategies import strategy_names
 
 
 def _fail(message: str) -> None:
@@ -180,8 +181,7 @@ def data_check(config: str, overrides: tuple[str, ...]) -> None:
 @main.command("run")
 @click.option("--config", "config", default="default", show_default=True,
               help="preset name or YAML path")
-@click.option("--strategy", type=click.Choice(["fedmrg", "fedavg", "fedprox", "local",
-                                               "centralized"]),
+@click.option("--strategy", type=click.Choice(strategy_names()),
               help="federated strategy (same as --set federation.strategy=...)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a key, e.g. --set federation.rounds=5")

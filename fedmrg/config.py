@@ -20,6 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fedmrg.fl.strategies import strategy_names  # reads names only: no torch, no cycle
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -152,8 +154,8 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = _f("fedmrg", "federated strategy",
-                       choices=("fedmrg", "fedavg", "fedprox", "local", "centralized"))
+    strategy: str = _f("fedmrg", "federated strategy (the registry, fedmrg.fl.strategies)",
+                       choices=strategy_names())
     rounds: int = _f(10, "federated rounds", min=1)
     fraction: float = _f(1.0, "fraction of clients sampled per round", min=0, max=1)
     min_clients: int = _f(1, "replies needed to close a round", min=1)

@@ -50,7 +50,7 @@ def test_later_override_wins():
         ("federation.roundz=3", "unknown key federation.roundz"),
         ("federation.roundz=3", "'rounds'"),  # lists the allowed keys
         ("nosuchsection.x=1", "unknown key nosuchsection"),
-        ("federation.strategy=fedsgd", "choose one of ['fedmrg', 'fedavg'"),
+        ("federation.strategy=fedsgd", "choose one of ['centralized', 'local', 'fedavg'"),
         ("train.lr=-1", "train.lr: -1.0 is below the minimum 0"),
         ("federation.fraction=1.5", "above the maximum 1"),
         ("data.batch_size=1.5", "data.batch_size: expected an integer"),

@@ -199,11 +199,13 @@ def test_fedmrg_sends_low_rank_factors_prototypes_and_label_counts(fedmrg_run):
     head = update.dense["diagnosis_head.linear.weight"]
     assert isinstance(head, torch.Tensor) and head.dim() == 2 and min(head.shape) > 2
     assert not any(n.startswith("encoder.backbone.bn1.") for n in update.dense)
-    assert update.prototypes.shape == (14, 8) and update.prototype_counts.shape == (14,)
-    assert update.label_counts.dtype == torch.int64 and int(update.label_counts.sum()) == 14 * 14
+    stats = update.statistics
+    assert stats["prototypes"].shape == (14, 8) and stats["prototype_counts"].shape == (14,)
+    assert stats["label_counts"].dtype == torch.int64
+    assert int(stats["label_counts"].sum()) == 14 * 14
     first, second = pool.plans[1]["a"], pool.plans[2]["a"]
-    assert first.prototypes is None and first.log_prior is None
-    assert second.prototypes is not None and second.log_prior.shape == (14, 4)
+    assert "prototypes" not in first.tensors and "log_prior" not in first.tensors
+    assert second.tensors["prototypes"] is not None and second.tensors["log_prior"].shape == (14, 4)
     assert pool.plans[2]["a"].global_state is pool.plans[2]["b"].global_state  # one state
 
 
@@ -247,10 +249,10 @@ def test_fedavg_sends_dense_updates_and_no_prototypes(ray_cluster, dataset, lm_c
     floats = [*wired.lora.values(), *wired.dense.values(), *plan.global_state.values()]
     assert {t.dtype for t in floats if t.is_floating_point()} == {torch.bfloat16}
     update = from_wire(wired)
-    assert update.prototypes is None and update.label_counts is None
+    assert update.statistics == {}
     assert update.dense and all(isinstance(t, torch.Tensor) for t in update.dense.values())
     assert message_bytes(update.dense).compression == 1.0  # rank 0: dense deltas
-    assert pool.plans[1]["a"].prototypes is None and pool.plans[1]["a"].collect == ()
+    assert pool.plans[1]["a"].tensors == {} and pool.plans[1]["a"].config == {}
     updates = [from_wire(pool.updates[1][c]) for c in CENTERS]
     direct = aggregate_lora_states("fedavg", [u.lora for u in updates], [14, 14])
     assert all(torch.allclose(result.global_state[n], direct[n], atol=1e-6) for n in direct)
@@ -267,7 +269,7 @@ def test_local_sends_no_tensors_and_evaluates_each_own_model(ray_cluster, datase
     assert result.global_state is None
     assert all(p.global_state is None for p in pool.plans[1].values())
     for update in pool.updates[1].values():
-        assert not update.lora and not update.dense and update.prototypes is None
+        assert not update.lora and not update.dense and update.statistics == {}
         assert message_bytes(update).tensors == 0
     assert set(result.generalization.per_center) == {"a", "b", "heldout"}
     # the held-out center is evaluated by every local model, its metrics averaged

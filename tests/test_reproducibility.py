@@ -118,7 +118,7 @@ def update_bits(update: ClientUpdate) -> dict[str, Any]:
         out[f"dense/{name}"] = (bits(u) if isinstance(u, torch.Tensor)
                                 else (bits(u.U), bits(u.V), tuple(u.shape)))
     for field in ("prototypes", "prototype_counts", "label_counts"):
-        t = getattr(update, field)
+        t = update.statistics.get(field)
         out[field] = None if t is None else bits(t)
     return out
 

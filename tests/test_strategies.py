@@ -9,7 +9,7 @@ import torch
 
 from fedmrg.config import ConfigError, ExperimentConfig
 from fedmrg.fl.lowrank import ErrorFeedback, LowRankUpdate, aggregate_lora_states
-from fedmrg.fl.messages import ClientUpdate
+from fedmrg.fl.messages import ClientUpdate, UpdateSpec
 from fedmrg.fl.server_optim import ServerAdam, ServerSGD, make_server_optimizer
 from fedmrg.fl.strategies import (
     LABEL_COUNTS,
@@ -175,32 +175,40 @@ def test_fedmrg_merges_prototypes_and_label_counts_into_the_next_plan():
     start = global_state()
     strategy.initialize(start)
     first = strategy.plan(1, "a")
-    assert first.prototypes is None and first.log_prior is None
-    assert set(first.collect) == {PROTOTYPES, LABEL_COUNTS}
+    assert first.tensors == {}
+    assert first.config == {"send_prototypes": True, "send_label_counts": True}
+    assert set(strategy.update_spec().statistics) == {PROTOTYPES, "prototype_counts",
+                                                      LABEL_COUNTS}
     g = torch.Generator().manual_seed(3)
     updates = []
     for c in ("a", "b"):
         protos, counts = torch.randn(14, 8, generator=g), torch.randint(0, 5, (14,), generator=g)
         labels = torch.randint(0, 50, (14, 4), generator=g)
-        updates.append(make_update(c, start, prototypes=protos, prototype_counts=counts,
-                                   label_counts=labels))
+        updates.append(make_update(c, start, statistics={
+            PROTOTYPES: protos, "prototype_counts": counts, LABEL_COUNTS: labels}))
     metrics = strategy.aggregate_round(1, updates)
-    merged, counts = merge_prototypes([(u.prototypes, u.prototype_counts) for u in updates])
+    merged, counts = merge_prototypes([(u.statistics[PROTOTYPES],
+                                        u.statistics["prototype_counts"]) for u in updates])
     plan = strategy.plan(2, "b")
-    assert torch.equal(plan.prototypes, merged) and torch.equal(plan.prototype_counts, counts)
+    assert torch.equal(plan.tensors[PROTOTYPES], merged)
+    assert torch.equal(plan.tensors["prototype_counts"], counts)
     assert metrics["prototype_classes"] == float((counts > 0).sum())
-    prior = log_prior_from_counts(updates[0].label_counts + updates[1].label_counts)
-    assert torch.allclose(plan.log_prior, prior.to(plan.log_prior.dtype))
+    prior = log_prior_from_counts(updates[0].statistics[LABEL_COUNTS]
+                                  + updates[1].statistics[LABEL_COUNTS])
+    log_prior = plan.tensors["log_prior"]
+    assert torch.allclose(log_prior, prior.to(log_prior.dtype))
     # a center's counts replace its earlier ones (never double counted across rounds)
-    strategy.aggregate_round(2, [make_update("a", start, label_counts=updates[0].label_counts)])
-    assert torch.allclose(strategy.plan(3, "a").log_prior, plan.log_prior)
+    strategy.aggregate_round(2, [make_update(
+        "a", start, statistics={LABEL_COUNTS: updates[0].statistics[LABEL_COUNTS]})])
+    assert torch.allclose(strategy.plan(3, "a").tensors["log_prior"], log_prior)
 
 
 def test_fedmrg_ablations_turn_off_what_the_plan_asks_for():
     cfg = config("fedmrg")
     cfg.model.losses.contrastive_global = 0.0
     cfg.model.losses.diagnosis_logit_adjust_tau = 0.0
-    assert make_strategy(cfg).plan(1, "a").collect == ()
+    strategy = make_strategy(cfg)
+    assert strategy.plan(1, "a").config == {} and strategy.update_spec().statistics == {}
 
 
 def test_fedavg_plans_carry_no_prototypes_prior_or_mu():
@@ -208,21 +216,39 @@ def test_fedavg_plans_carry_no_prototypes_prior_or_mu():
     strategy.initialize(global_state())
     plan = strategy.plan(1, "a")
     assert plan.global_state is strategy.global_state()
-    assert plan.prototypes is None and plan.log_prior is None and plan.collect == ()
-    assert plan.fedprox_mu == 0.0
+    assert plan.tensors == {} and plan.config == {}
     assert plan.local_steps == ExperimentConfig().train.local_steps
 
 
 def test_fedprox_plans_carry_mu():
     strategy = make_strategy(config("fedprox"))
     strategy.initialize(global_state())
-    assert strategy.plan(1, "a").fedprox_mu == ExperimentConfig().train.fedprox_mu > 0
+    mu = strategy.plan(1, "a").config["fedprox_mu"]
+    assert mu == ExperimentConfig().train.fedprox_mu > 0
     cfg = config("fedprox")
     cfg.train.fedprox_mu = 0.05
-    assert make_strategy(cfg).plan(1, "a").fedprox_mu == 0.05
+    assert make_strategy(cfg).plan(1, "a").config["fedprox_mu"] == 0.05
     fedmrg = config("fedmrg")
     fedmrg.train.fedprox_mu = 0.05  # only fedprox sends it
-    assert make_strategy(fedmrg).plan(1, "a").fedprox_mu == 0.0
+    assert "fedprox_mu" not in make_strategy(fedmrg).plan(1, "a").config
+
+
+def test_the_registry_is_what_config_cli_and_benchmark_offer():
+    import dataclasses
+
+    from fedmrg.config import FederationConfig
+    from fedmrg.fl.strategies import STRATEGIES, Strategy, strategy_names
+
+    # the names config and CLI read from the modules' source are the registered classes
+    assert strategy_names() == tuple(STRATEGIES)
+    assert {"fedavg", "fedprox", "fedmrg", "local", "centralized"} <= set(STRATEGIES)
+    assert all(issubclass(cls, Strategy) and cls.name == name for name, cls in STRATEGIES.items())
+    strategy = {f.name: f for f in dataclasses.fields(FederationConfig)}["strategy"]
+    assert tuple(strategy.metadata["choices"]) == tuple(STRATEGIES)
+    with pytest.raises(ConfigError, match="federation.strategy: 'fedsgd' is not one of"):
+        cfg = ExperimentConfig()
+        cfg.federation.strategy = "fedsgd"
+        make_strategy(cfg)
 
 
 def test_local_keeps_no_global_state():
@@ -230,9 +256,9 @@ def test_local_keeps_no_global_state():
     assert isinstance(strategy, Local)
     strategy.initialize(global_state())
     assert strategy.global_state() is None
-    assert strategy.update_spec() == ({}, {})
+    assert strategy.update_spec() == UpdateSpec()
     plan = strategy.plan(1, "a")
-    assert plan.global_state is None and plan.prototypes is None
+    assert plan.global_state is None and plan.tensors == {}
     empty = ClientUpdate(1, "a", 10, lora={}, dense={}, metrics={"loss": 1.0})
     assert strategy.aggregate_round(1, [empty])["clients"] == 1.0
     with pytest.raises(FederationError, match="expects no model update"):
@@ -377,14 +403,16 @@ def test_state_dict_round_trip_gives_the_same_next_round(method):
               "label_counts": torch.ones(14, 4).long()}
     one = make_strategy(cfg)
     one.initialize(start)
-    one.aggregate_round(1, [make_update(c, start, **protos) for c in "ab"])
+    one.aggregate_round(1, [make_update(c, start, statistics=protos) for c in "ab"])
     two = FedMRG(cfg)
     two.load_state_dict(one.state_dict())
     for s in (one, two):
-        s.aggregate_round(2, [make_update(c, start, seed=2, **protos) for c in "ab"])
+        s.aggregate_round(2, [make_update(c, start, seed=2, statistics=protos) for c in "ab"])
     p1, p2 = one.plan(3, "a"), two.plan(3, "a")
     assert p1.global_state.keys() == p2.global_state.keys()
     assert all(torch.equal(p1.global_state[n], p2.global_state[n]) for n in p1.global_state)
-    assert torch.equal(p1.prototypes, p2.prototypes) and torch.equal(p1.log_prior, p2.log_prior)
+    assert p1.tensors.keys() == p2.tensors.keys() == {"prototypes", "prototype_counts",
+                                                      "log_prior"}
+    assert all(torch.equal(p1.tensors[n], p2.tensors[n]) for n in p1.tensors)
     with pytest.raises(FederationError, match="strategy state of 'fedmrg' loaded into 'fedavg'"):
         FedAvg(config("fedavg")).load_state_dict(one.state_dict())

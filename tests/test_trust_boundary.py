@@ -41,9 +41,10 @@ from test_reproducibility import build_lm_once, experiment, fit_concurrently, ti
 
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.fl.lowrank import LowRankUpdate, is_lora_factor
-from fedmrg.fl.messages import ClientUpdate, EvalReply
+from fedmrg.fl.messages import ClientUpdate, EvalReply, UpdateSpec
 from fedmrg.fl.strategies import make_strategy
-from fedmrg.fl.validation import statistic_shapes, validate_update
+from fedmrg.fl.strategies.fedmrg import statistic_specs
+from fedmrg.fl.validation import validate_update
 
 
 def on_the_run(test):
@@ -125,9 +126,9 @@ def test_every_reply_was_recorded(run):
 def test_every_leaf_is_a_number_a_name_or_a_model_level_tensor(run):
     cfg, shared = run["cfg"], run["shared"]
     assert set(shared) == set(run["result"].global_state)  # the model built here is the run's
-    stats = {("prototypes",): (NUM_OBSERVATIONS, cfg.model.projection_dim),
-             ("prototype_counts",): (NUM_OBSERVATIONS,),
-             ("label_counts",): (NUM_OBSERVATIONS, NUM_STATES)}
+    stats = {("statistics", "prototypes"): (NUM_OBSERVATIONS, cfg.model.projection_dim),
+             ("statistics", "prototype_counts"): (NUM_OBSERVATIONS,),
+             ("statistics", "label_counts"): (NUM_OBSERVATIONS, NUM_STATES)}
     seen_tensors = 0
     for message in run["result"].messages:
         kind = type(message).__name__
@@ -230,17 +231,18 @@ def test_no_tensor_is_per_sample(run):
 
 def small_update(**fields) -> ClientUpdate:
     """A well-formed update with one dense tensor and the three statistics (P = 8)."""
-    base = ClientUpdate(1, "a", 19, {}, {"head.bias": torch.zeros(3)},
-                        prototypes=torch.zeros(NUM_OBSERVATIONS, 8),
-                        prototype_counts=torch.ones(NUM_OBSERVATIONS),
-                        label_counts=torch.ones(NUM_OBSERVATIONS, NUM_STATES, dtype=torch.int64),
+    statistics = {"prototypes": torch.zeros(NUM_OBSERVATIONS, 8),
+                  "prototype_counts": torch.ones(NUM_OBSERVATIONS),
+                  "label_counts": torch.ones(NUM_OBSERVATIONS, NUM_STATES, dtype=torch.int64)}
+    statistics.update({k: fields.pop(k) for k in list(fields) if k in statistics})
+    base = ClientUpdate(1, "a", 19, {}, {"head.bias": torch.zeros(3)}, statistics=statistics,
                         metrics={"loss": 1.5, "skipped_rows": 0.0})
     return dataclasses.replace(base, **fields)
 
 
 def check(update: ClientUpdate) -> str | None:
-    return validate_update(update, center="a", round_id=1, lora_spec={},
-                           dense_spec={"head.bias": (3,)}, stats=statistic_shapes(8))
+    spec = UpdateSpec({}, {"head.bias": (3,)}, statistic_specs(8))
+    return validate_update(update, center="a", round_id=1, spec=spec)
 
 
 @pytest.mark.parametrize("fields, reason", [

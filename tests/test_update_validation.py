@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from fedmrg.fl.lowrank import LowRankUpdate, truncated_svd
-from fedmrg.fl.messages import ClientUpdate
+from fedmrg.fl.messages import ClientUpdate, UpdateSpec
 from fedmrg.fl.strategies import FederationError
+from fedmrg.fl.strategies.fedmrg import statistic_specs
 from fedmrg.fl.validation import (
     bound_update_norm,
     scale_update,
@@ -58,8 +59,9 @@ def direct_norm(update: ClientUpdate, ref: dict[str, torch.Tensor]) -> float:
 
 
 def check(update: ClientUpdate, dtype: torch.dtype | None = torch.float32) -> str | None:
-    return validate_update(update, center="a", round_id=3, lora_spec=LORA_SPEC,
-                           dense_spec=DENSE_SPEC, dtype=dtype)
+    return validate_update(update, center="a", round_id=3,
+                           spec=UpdateSpec(LORA_SPEC, DENSE_SPEC, statistic_specs(8)),
+                           dtype=dtype)
 
 
 # --------------------------------------------------------------------------- the norm
@@ -264,7 +266,9 @@ def with_dense(name, value) -> ClientUpdate:
      "dense update 'head.weight' has dtype torch.bfloat16, expected the wire dtype"),
     (with_dense("head.bias", torch.tensor([float("nan")] * 7)),
      "dense update 'head.bias' has non-finite values"),
-    (broken(prototypes=torch.full((14, 8), float("nan"))), "prototypes is not a finite tensor"),
+    (broken(statistics={"prototypes": torch.full((14, 8), float("nan"))}),
+     "prototypes is not a finite tensor"),
+    (broken(statistics={"rows": torch.zeros(3)}), "unexpected statistic 'rows' (1 unexpected)"),
     (broken(lora=[1, 2]), "LoRA factors are a list, not a mapping"),
 ])
 def test_a_malformed_update_is_rejected_with_its_reason(update, reason):

@@ -13,19 +13,21 @@ client, so the run's initial global state is any client's shared state), the tra
 residuals, and the stream position (epochs continue across rounds). The Ray actor wrapper is
 `fedmrg.fl.actors.ClientHost`; no Ray here except what the Ray Data stream does.
 
-One round (`fit`):
-1. load the plan's global state into the shared group (`load_global_state`); with
+The strategy's client half (`self.strategy`, `fedmrg.fl.strategies.base.ClientStrategy`) decides
+everything strategy-specific; this class knows no strategy by name. One round (`fit`):
+1. load the plan's global state (`load_global_state`, the client half's way: e.g. FLoRA's
+   stacked factors merged into the base weights, FedSA-LoRA's own B factors kept); with
    `train.reset_shared_moments` forget the AdamW moments of the shared tensors (by default they
    are kept: the client's own gradient statistics still describe the nearby global model);
-2. train `plan.local_steps` steps on the next batches of the stream (FedProx term when
-   `plan.fedprox_mu` > 0, prototypes and global log prior from the plan; without a global
-   prior, the center's own label prior);
-3. send: the generic LoRA factors as trained, every other shared tensor's round update
-   (trained - global) through error feedback at `dense_update_rank` (dense when 0, and for the
-   tensors under a `whole_tensors` prefix), the sample
-   count (the center's train rows: the aggregation weight), scalar metrics, and what
-   `plan.collect` asks for: diagnosis prototypes (global head, on this round's batches) and the
-   label-state counts of the train split. Private tensors are never read into a message.
+2. train `plan.local_steps` steps on the next batches of the stream, with the client half's
+   extra terms (`training_terms`: e.g. FedProx's proximal term, fedmrg's prototypes and global
+   log prior; by default the center's own label prior);
+3. send: the client half's model update (`model_update`: by default the generic LoRA factors as
+   trained, every other shared tensor's round update (trained - global) through error feedback
+   at `dense_update_rank`, dense when 0 and for the tensors under a `whole_tensors` prefix),
+   the sample count (the center's train rows: the aggregation weight), scalar metrics, and the
+   client half's named `statistics` (fedmrg: diagnosis prototypes of this round's batches,
+   label-state counts of the train split). Private tensors are never read into a message.
 A plan without a global state (`local`) trains the client's own model and sends no tensors.
 
 Own checkpoints (`fedmrg.fl.checkpoint`): with a checkpoint folder (`checkpoint_dir`, by default
@@ -33,8 +35,9 @@ Own checkpoints (`fedmrg.fl.checkpoint`): with a checkpoint folder (`checkpoint_
 its run) the client writes its `state_dict()` after every fit, where it runs, never sent:
 private adapter and head, their optimizer state, teacher-forcing generator (with the trainer's step,
 which seeds every step's dropout and augmentation draws), error-feedback residuals and stream
-position; the shared tensors only under `local`, where they are the client's own model
-(otherwise they are the server's: its checkpoint holds them). Atomic; kept: the newest round
+position; of the shared tensors only those the client half makes the client's own
+(`owned_shared`: all of them under `local`, the B factors under `fedsa_lora`; the others are
+the server's: its checkpoint holds them). Atomic; kept: the newest round
 and, for each round the coordinator may resume from (its last `tracking.checkpoint_keep`), the
 newest at or before it (`fedmrg.fl.checkpoint.client_rounds_to_keep`: with every client in
 every round, one round more than the coordinator, since a crash may leave a client one ahead).
@@ -84,11 +87,11 @@ from fedmrg.fl.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from fedmrg.fl.lowrank import ErrorFeedback, is_lora_factor, lora_matrices, lora_pairs
-from fedmrg.fl.messages import STACKED, ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.lowrank import ErrorFeedback
+from fedmrg.fl.messages import ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.strategies import make_client_strategy
 from fedmrg.fl.wire import from_wire, to_wire
 from fedmrg.model.base_lm import load_base_lm
-from fedmrg.model.losses import log_prior_from_counts
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import (
     get_private_state,
@@ -156,13 +159,15 @@ class FederatedClient:
         self.model = MRGModel.from_config(cfg.model, lm, tokenizer, seed=seed,
                                           max_report_tokens=cfg.data.max_report_tokens)
         self.model.to(_device(cfg.device))
+        # the strategy's client half (`fl.strategies`): what to load, train, keep and send
+        self.strategy = make_client_strategy(cfg)
+        self.strategy.prepare_model(self.model)
         self.trainer = LocalTrainer(self.model, cfg.train, seed=derive_seed(seed, center, "train"))
         self.error_feedback = ErrorFeedback()
         self.train_stream = self._stream(self.data_centers, "train")
         self.num_samples = int(self.train_stream.manifest_rows)
         self._eval_streams: dict[tuple[str, str], CenterStream] = {}
         self._label_counts: Tensor | None = None
-        self._base_weights: dict[str, Tensor] = {}  # module -> original base weight (stack)
         self.epoch, self.batch_in_epoch = 0, 0  # stream position, continues across rounds
         self._batches = self._batch_iterator()
 
@@ -232,12 +237,8 @@ class FederatedClient:
     # ----------------------------------------------------------------- state
 
     def load_global_state(self, state: Mapping[str, Tensor]) -> None:
-        """Load a global shared state; `stacked.` factors (aggregation `stack`) are merged into
-        the frozen base weights, every other tensor is copied into the shared group."""
-        stacked = {n[len(STACKED):]: t for n, t in state.items() if n.startswith(STACKED)}
-        load_shared_state(self.model, {n: t for n, t in state.items()
-                                       if not n.startswith(STACKED)})
-        self._merge_into_base(stacked)
+        """Load a global shared state the strategy's way (`ClientStrategy.load_global_state`)."""
+        self.strategy.load_global_state(self, state)
 
     @property
     def synced_state(self) -> dict[str, Tensor] | None:
@@ -256,30 +257,9 @@ class FederatedClient:
         self.load_global_state(self._synced)
         self.state_version = delta.version
 
-    @torch.no_grad()
-    def _merge_into_base(self, stacked: Mapping[str, Tensor]) -> None:
-        """base weight = original + scaling * B @ A for each stacked pair (FLoRA); modules
-        without one get their original weight back."""
-        merged = set()
-        for pair in lora_pairs(stacked).values():
-            layer = self.model.get_submodule(pair.module)
-            if getattr(layer, "fan_in_fan_out", False):
-                raise ClientError(f"{pair.module}: stack aggregation does not support "
-                                  f"fan_in_fan_out layers")
-            weight = layer.get_base_layer().weight
-            original = self._base_weights.setdefault(pair.module, weight.detach().clone())
-            A, B = lora_matrices(stacked[pair.a_key], stacked[pair.b_key])
-            delta = (B.double() @ A.double()).reshape(original.shape) * layer.scaling[pair.adapter]
-            weight.copy_((original.double() + delta.to(original.device)).to(weight.dtype))
-            merged.add(pair.module)
-        for module, original in self._base_weights.items():
-            if module not in merged:
-                self.model.get_submodule(module).get_base_layer().weight.copy_(original)
-
     def state_dict(self) -> dict[str, Any]:
         """The client's own state for a checkpoint kept with the client: private tensors, the
-        shared tensors as they stand (the model itself under `local`), trainer and
-        error-feedback state, stream position."""
+        shared tensors as they stand, trainer and error-feedback state, stream position."""
         return {"center": self.center, "private": get_private_state(self.model),
                 "shared": get_shared_state(self.model), "trainer": self.trainer.state_dict(),
                 "error_feedback": self.error_feedback.state_dict(),
@@ -290,8 +270,8 @@ class FederatedClient:
             raise ClientError(f"client {self.center!r}: checkpoint of center "
                               f"{state.get('center')!r}")
         load_private_state(self.model, state["private"])
-        if "shared" in state:  # absent from a federated client's own checkpoint
-            load_shared_state(self.model, state["shared"])
+        if "shared" in state:  # only the shared tensors the strategy makes the client's own
+            load_shared_state(self.model, {**get_shared_state(self.model), **state["shared"]})
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
@@ -332,12 +312,17 @@ class FederatedClient:
         rounds a resume of the coordinator's kept checkpoints can need and no more
         (`fedmrg.fl.checkpoint.client_rounds_to_keep`)."""
         state = self.state_dict()
-        if self.cfg.federation.strategy != "local":
-            # The shared tensors are the server's (its checkpoint holds them; every plan and
-            # export loads them): kept out, so a client rebuilt from its checkpoint still shows
-            # the model as built to a coordinator that starts afresh. Their Adam moments stay
-            # unless the next fit forgets them anyway (`train.reset_shared_moments`).
-            del state["shared"]
+        owned = self.strategy.owned_shared(list(state["shared"]))
+        if owned != set(state["shared"]):
+            # The shared tensors not the client's own are the server's (its checkpoint holds
+            # them; every plan and export loads them): kept out, so a client rebuilt from its
+            # checkpoint still shows the model as built to a coordinator that starts afresh.
+            # Their Adam moments stay unless the next fit forgets them anyway
+            # (`train.reset_shared_moments`).
+            if owned:
+                state["shared"] = {n: t for n, t in state["shared"].items() if n in owned}
+            else:
+                del state["shared"]
             if self.cfg.train.reset_shared_moments:
                 state["trainer"]["optimizer"] = self._without_shared_moments(
                     state["trainer"]["optimizer"])
@@ -390,19 +375,17 @@ class FederatedClient:
         start = get_shared_state(self.model)  # (the global state, as loaded)
 
         round_batches: list[dict] = []
-        wants_prototypes = "prototypes" in plan.collect
+        keep_batches = self.strategy.keeps_batches(plan)
 
         def batches() -> Iterator[dict]:
             for batch in self._batches:
-                if wants_prototypes:
+                if keep_batches:
                     round_batches.append(batch)
                 yield batch
 
         try:
-            metrics = self.trainer.fit(
-                batches(), plan.local_steps, prototypes=plan.prototypes,
-                proto_counts=plan.prototype_counts, log_prior=self._log_prior(plan),
-                prox_reference=start if plan.fedprox_mu > 0 else None, mu=plan.fedprox_mu)
+            metrics = self.trainer.fit(batches(), plan.local_steps,
+                                       **self.strategy.training_terms(self, plan, start))
         except BaseException:
             # an error raised inside the stream finishes its generator: without a new pass
             # every retry of this client would find no batch at all
@@ -412,38 +395,18 @@ class FederatedClient:
         lora: dict[str, Tensor] = {}
         dense: dict = {}
         if federated:
-            trained = get_shared_state(self.model)
-            lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
-            deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
-            dense = self.error_feedback.compress_all(deltas,
-                                                     self.cfg.federation.dense_update_rank,
-                                                     self.cfg.federation.whole_tensors)
-        prototypes = counts = None
-        if wants_prototypes:
-            prototypes, counts = self.model.local_prototypes(round_batches)  # (14, P), (14,)
-            prototypes, counts = prototypes.cpu(), counts.cpu()
-        label_counts = self.label_counts() if "label_counts" in plan.collect else None
+            lora, dense = self.strategy.model_update(self, start, get_shared_state(self.model))
+        statistics = self.strategy.statistics(self, plan, round_batches)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(epoch=float(self.epoch), residual_norm=self.error_feedback.residual_norm(),
                        fit_s=time.perf_counter() - start_time)
         update = ClientUpdate(round_id=plan.round_id, center=self.center,
                               num_samples=self.num_samples, lora=lora, dense=dense,
-                              prototypes=prototypes, prototype_counts=counts,
-                              label_counts=label_counts, metrics=metrics)
+                              statistics=statistics, metrics=metrics)
         self.state_round = plan.round_id
         if self.checkpoint_dir is not None:
             self._write_checkpoint(plan.round_id, previous_round)
         return to_wire(update, self.cfg.federation.wire_dtype)
-
-    def _log_prior(self, plan: RoundPlan) -> Tensor | None:
-        """The plan's global prior, else this center's own (no communication needed), else
-        None when the diagnosis loss does not use one."""
-        if plan.log_prior is not None:
-            return plan.log_prior
-        losses = self.cfg.model.losses
-        if losses.diagnosis > 0 and losses.diagnosis_logit_adjust_tau > 0:
-            return log_prior_from_counts(self.label_counts(), losses.diagnosis_prior_smoothing)
-        return None
 
     # ----------------------------------------------------------------- evaluation
 

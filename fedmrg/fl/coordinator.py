@@ -23,8 +23,9 @@ A round (`run_round`) is one or more attempts; an attempt:
    (a Ray actor runs its calls one at a time, so the client's next call queues behind the
    abandoned one; see `drop_late_replies`). A second reply for a client that already answered
    (a transport that delivers twice) is dropped and counted;
-4. every reply is counted in bytes (`message_bytes`), then checked (`validate_update`: round
-   id, center, names, shapes, wire dtype, finite values, statistics' shapes, numeric metrics),
+4. every reply is counted in bytes (`message_bytes`), then checked against the payload schema
+   the strategy publishes (`validate_update` with `strategy.update_spec()`: round id, center,
+   names, shapes, wire dtype, finite values, statistics' names and shapes, numeric metrics),
    cast back from the wire dtype and held to the update-norm bound (`bound_update_norm`:
    `federation.max_update_norm`, rejected or clipped by `update_norm_action`); see
    `fedmrg.fl.validation` for the norm. A client whose call raised a `DatasetError` (bad data:
@@ -88,7 +89,7 @@ from fedmrg.eval.evaluator import mean_over_centers
 from fedmrg.fl.broadcast import StateBroadcast
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
-from fedmrg.fl.validation import bound_update_norm, statistic_shapes, validate_update
+from fedmrg.fl.validation import bound_update_norm, validate_update
 from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
 
 __all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coordinator",
@@ -438,17 +439,15 @@ class Coordinator:
             else:
                 self.client_versions[center] = version
 
-        lora_spec, dense_spec = self.strategy.update_spec()
-        stats = statistic_shapes(self.cfg.model.projection_dim)
+        spec = self.strategy.update_spec()
         reference = self.strategy.global_state()
         dtype = wire_dtype(fed.wire_dtype)
         for center, reply in sorted(collected.replies.items()):
             size = message_bytes(reply)
             attempt.bytes_up += size.bytes
             attempt.dense_up += size.dense_equivalent_bytes
-            reason = validate_update(reply, center=center, round_id=round_id,
-                                     lora_spec=lora_spec, dense_spec=dense_spec, dtype=dtype,
-                                     stats=stats)
+            reason = validate_update(reply, center=center, round_id=round_id, spec=spec,
+                                     dtype=dtype)
             if reason is not None:
                 attempt.reject(center, "invalid", reason)
                 continue

@@ -4,14 +4,15 @@ leaves in the history.
 - `RoundPlan` (server -> client): the round id, the global shared state (None for the `local`
   strategy: the client keeps its own model and sends no model update) or, for a client that
   holds the previous round's state, the low-rank delta to the new one (`fl.broadcast`); the
-  merged diagnosis prototypes and the global label prior, the local-training knobs of the round
-  and which statistics to send back. A global state may hold `stacked.`-prefixed LoRA factors
-  (aggregation `stack`, FLoRA): a cumulative update the client merges into its frozen base
-  weights (`strategies.STACKED`).
+  local steps of the round; and the strategy's own named tensors and scalar config (its client
+  half reads them). A global state may hold `stacked.`-prefixed LoRA factors (aggregation
+  `stack`, FLoRA): a cumulative update the fedavg family's client half merges into the frozen
+  base weights.
 - `ClientUpdate` (client -> server): the ONLY thing a client sends after training. Model-level
-  aggregates only: adapter factors, low-rank (or dense) updates of shared tensors, the center's
-  diagnosis prototypes and label-state counts, scalar metrics. Never rows, report text, image
-  bytes or per-sample tensors (issue 5 inspects every message for that).
+  aggregates only: adapter factors, low-rank (or dense) updates of shared tensors, the named
+  statistics its strategy asked for (fedmrg: diagnosis prototypes, label-state counts), scalar
+  metrics. Never rows, report text, image bytes or per-sample tensors. Its form is the
+  strategy's `UpdateSpec` (the payload schema `fl.validation` checks).
 - `EvalReply` (client -> server): metrics of one evaluation and a few sample generations.
   Generated text is the one piece of text that leaves a center, and only on evaluation, as
   DESIGN.md's MLflow samples table asks; a deployment that forbids it sets no samples.
@@ -35,19 +36,20 @@ from fedmrg.fl.lowrank import LowRankUpdate
 STACKED = "stacked."  # prefix of cumulative FLoRA factors in a global state (aggregation stack)
 
 
+Scalar = bool | int | float | str  # a plan's config value
+
+
 @dataclass
 class RoundPlan:
-    """What one client gets for one round."""
+    """What one client gets for one round. `tensors` and `config` are the strategy's own
+    (named by its server half, read by its client half): e.g. fedmrg's merged prototypes and
+    global label prior, fedprox's mu."""
 
     round_id: int
     global_state: dict[str, Tensor] | None  # shared tensors by state-dict name; None: keep own
-    prototypes: Tensor | None = None  # (14, P) merged diagnosis prototypes, None before round 1
-    prototype_counts: Tensor | None = None  # (14,) samples behind each prototype row
-    log_prior: Tensor | None = None  # (14, 4) global log prior of the label states
     local_steps: int = 1
-    fedprox_mu: float = 0.0
-    # statistics the strategy wants back besides the update: "prototypes", "label_counts"
-    collect: tuple[str, ...] = ()
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    config: dict[str, Scalar] = field(default_factory=dict)
     # the downlink (`fl.broadcast`): the version of `global_state`, or instead of it the
     # low-rank delta that brings a client holding `global_delta.base_version` up to date
     state_version: int | None = None
@@ -61,14 +63,33 @@ class ClientUpdate:
     round_id: int
     center: str
     num_samples: int  # samples seen this round: the aggregation weight
-    lora: dict[str, Tensor]  # generic adapter factors after training, as they are
+    lora: dict[str, Tensor]  # adapter factors after training, as they are (those the spec names)
     # every other shared tensor: trained - global, a LowRankUpdate (rank dense_update_rank,
     # error feedback on the client) or a dense tensor (rank 0, 1-D, or too small to factorize)
     dense: dict[str, LowRankUpdate | Tensor]
-    prototypes: Tensor | None = None  # (14, P) local diagnosis prototypes (global head)
-    prototype_counts: Tensor | None = None  # (14,)
-    label_counts: Tensor | None = None  # (14, 4) label-state counts of the center's train split
+    # model-level statistics the strategy asked for, by name (fedmrg: "prototypes" (14, P),
+    # "prototype_counts" (14,), "label_counts" (14, 4)); never rows of samples
+    statistics: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatisticSpec:
+    """The one shape a statistic may have; `counts`: its values must be >= 0."""
+
+    shape: tuple[int, ...]
+    counts: bool = False
+
+
+@dataclass
+class UpdateSpec:
+    """The payload schema a strategy publishes for a round's `ClientUpdate`s: the names and
+    shapes of the LoRA factors (any rank) and dense updates it must carry, and the statistics
+    it may carry. `fl.validation.validate_update` checks every update against it."""
+
+    lora: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    statistics: dict[str, StatisticSpec] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """What the coordinator checks in a client's update before aggregating it (pure, no Ray).
 
-    reason = validate_update(reply, center=c, round_id=r, lora_spec=..., dense_spec=...,
+    reason = validate_update(reply, center=c, round_id=r, spec=strategy.update_spec(),
                              dtype=torch.float32)          # None, or why it is unusable
     check = bound_update_norm(update, global_state, max_norm, "reject" | "clip")
 
-1. `validate_update`: the reply's form. A `ClientUpdate` of this round from this center, a
+1. `validate_update`: the reply's form against the payload schema its strategy publishes
+   (`UpdateSpec`, `Strategy.update_spec`). A `ClientUpdate` of this round from this center, a
    positive sample count, exactly the expected tensor names, shapes (a LoRA factor may differ in
    rank only; a low-rank update must stand for the tensor's shape), floating tensors in the wire
-   dtype, finite values; the statistics besides the model update in their model-level shapes
-   (`statistic_shapes`: prototypes (14, P), counts (14,) and (14, 4), never rows of samples)
-   with non-negative counts; metrics a mapping of names to numbers (no text).
+   dtype, finite values; only statistics the spec names, each in its model-level shape (e.g.
+   fedmrg's prototypes (14, P), never rows of samples), counts non-negative; metrics a mapping
+   of names to numbers (no text).
 2. `update_norm`: its size. The update norm is the L2 norm, over every shared tensor at once,
    of the change the update applies to the server's shared state:
    - a LoRA factor X (the client sends its factors as trained): X - G, G the round's global
@@ -22,7 +23,7 @@
    So sqrt(sum over LoRA factors ||X - G||^2 + sum over dense tensors ||delta||^2). Scaling the
    change by s scales the norm by exactly s: a client that sends 1000x its honest update has
    1000x the honest norm, whatever the tensors (factors, low-rank or dense deltas, BatchNorm
-   statistics: all of them count). The prototypes, counts and metrics an update also carries
+   statistics: all of them count). The named statistics and metrics an update also carries
    are not model updates and are not in the norm.
 3. `bound_update_norm`: with `federation.max_update_norm` > 0, an update whose norm exceeds the
    bound is rejected (`update_norm_action=reject`) or scaled down to the bound (`clip`:
@@ -46,13 +47,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.fl.lowrank import LowRankUpdate
-from fedmrg.fl.messages import ClientUpdate
+from fedmrg.fl.messages import ClientUpdate, UpdateSpec
 from fedmrg.fl.strategies import FederationError
 
-__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update",
-           "statistic_shapes", "update_norm", "validate_update"]
+__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update", "update_norm",
+           "validate_update"]
 
 NORM_ACTIONS = ("reject", "clip")
 _F64 = torch.float64
@@ -84,29 +84,17 @@ def lora_rank_dim(name: str) -> int:
     return 0 if ".lora_A." in name else 1
 
 
-def statistic_shapes(projection_dim: int) -> dict[str, tuple[int, ...]]:
-    """The shapes of the statistics a `ClientUpdate` may carry besides its model update:
-    diagnosis prototypes in the global head's space (14, `model.projection_dim`), the samples
-    behind each prototype (14,), the label-state counts of the train split (14, 4). Fixed by
-    the model, never by how many samples a center has."""
-    return {"prototypes": (NUM_OBSERVATIONS, projection_dim),
-            "prototype_counts": (NUM_OBSERVATIONS,),
-            "label_counts": (NUM_OBSERVATIONS, NUM_STATES)}
-
-
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.integer,
                                                                np.floating))
 
 
-def validate_update(update: Any, *, center: str, round_id: int,
-                    lora_spec: Mapping[str, tuple[int, ...]],
-                    dense_spec: Mapping[str, tuple[int, ...]],
-                    dtype: torch.dtype | None = None,
-                    stats: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
-    """Why `update` must not be aggregated, or None (module docstring, 1). `dtype`: the wire
-    dtype every floating model tensor must have (None: any floating dtype); `stats`: the
-    shapes of the statistics (`statistic_shapes`; None: any shape)."""
+def validate_update(update: Any, *, center: str, round_id: int, spec: UpdateSpec,
+                    dtype: torch.dtype | None = None) -> str | None:
+    """Why `update` must not be aggregated, or None (module docstring, 1). `spec`: the
+    strategy's payload schema for the round; `dtype`: the wire dtype every floating model
+    tensor must have (None: any floating dtype)."""
+    lora_spec, dense_spec = spec.lora, spec.dense
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate but a {type(update).__name__}"
     if update.round_id != round_id:
@@ -116,11 +104,11 @@ def validate_update(update: Any, *, center: str, round_id: int,
     n = update.num_samples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         return f"num_samples {n!r} is not a positive integer"
-    for kind, got, spec in (("LoRA factor", update.lora, lora_spec),
-                            ("dense update", update.dense, dense_spec)):
+    for kind, got, names in (("LoRA factor", update.lora, lora_spec),
+                             ("dense update", update.dense, dense_spec)):
         if not isinstance(got, Mapping):
             return f"{kind}s are a {type(got).__name__}, not a mapping of names to tensors"
-        missing, extra = sorted(set(spec) - set(got)), sorted(set(got) - set(spec))
+        missing, extra = sorted(set(names) - set(got)), sorted(set(got) - set(names))
         if extra:
             return f"unexpected {kind} {extra[0]!r} ({len(extra)} unexpected)"
         if missing:
@@ -155,17 +143,21 @@ def validate_update(update: Any, *, center: str, round_id: int,
             return problem
         if not all(_finite(t) for t in tensors):
             return f"dense update {name!r} has non-finite values"
-    for field_name in ("prototypes", "prototype_counts", "label_counts"):
-        t = getattr(update, field_name)
-        if t is None:
-            continue
+    statistics = update.statistics
+    if not isinstance(statistics, Mapping):
+        return (f"statistics are a {type(statistics).__name__}, not a mapping of names to "
+                f"tensors")
+    extra = sorted(set(statistics) - set(spec.statistics), key=str)
+    if extra:
+        return f"unexpected statistic {extra[0]!r} ({len(extra)} unexpected)"
+    for name, t in statistics.items():
+        want = spec.statistics[name]
         if not isinstance(t, Tensor) or not _finite(t):
-            return f"{field_name} is not a finite tensor"
-        want = (stats or {}).get(field_name)
-        if want is not None and tuple(t.shape) != tuple(want):
-            return f"{field_name} has shape {tuple(t.shape)}, expected {tuple(want)}"
-        if field_name != "prototypes" and bool((t < 0).any()):
-            return f"{field_name} has negative counts"
+            return f"{name} is not a finite tensor"
+        if tuple(t.shape) != tuple(want.shape):
+            return f"{name} has shape {tuple(t.shape)}, expected {tuple(want.shape)}"
+        if want.counts and bool((t < 0).any()):
+            return f"{name} has negative counts"
     metrics = update.metrics
     if not isinstance(metrics, Mapping) or not all(
             isinstance(k, str) and _is_number(v) for k, v in metrics.items()):
