@@ -753,8 +753,9 @@ def run_with_retries(spec: RunSpec, *, resume: bool, retries: int) -> dict[str, 
 
 def generation_settings(cfg: Any) -> dict[str, Any]:
     """The `eval.*` settings a run generates its reports with."""
-    return {k: getattr(cfg.eval, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens",
-                                               "repetition_penalty")}
+    from fedmrg.eval.evaluator import generation_kwargs
+
+    return generation_kwargs(cfg.eval)
 
 
 def _centers(rejected: Any) -> str:

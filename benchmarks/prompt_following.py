@@ -38,7 +38,7 @@ def center_rows(run_dir: Path, center: str, cfg: Any) -> list[dict[str, Any]]:
     from fedmrg.data.labeler import label_reports
     from fedmrg.data.stream import CenterStream
     from fedmrg.eval.clinical import compute_ce_metrics
-    from fedmrg.eval.evaluator import evaluate_model
+    from fedmrg.eval.evaluator import evaluate_model, generation_kwargs
     from fedmrg.model.io import load_model
 
     model = load_model(run_dir / "models" / center)
@@ -46,9 +46,7 @@ def center_rows(run_dir: Path, center: str, cfg: Any) -> list[dict[str, Any]]:
                                       tokenizer=model.tokenizer, seed=cfg.seed)
     batches = list(stream.iter_batches(0))
     truth = np.concatenate([b["labels"].numpy() for b in batches])
-    generation = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
-                  "min_new_tokens": cfg.eval.min_new_tokens,
-                  "repetition_penalty": cfg.eval.repetition_penalty}
+    generation = generation_kwargs(cfg.eval)
     rows = []
     for path in PATHS if model.cfg.specialized_adapter else PATHS[:1]:
         for prompt in PROMPTS:

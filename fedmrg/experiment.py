@@ -457,6 +457,10 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     from fedmrg.eval.evaluator import evaluate_model, generation_kwargs, mean_over_centers
     from fedmrg.model.io import load_model
 
+    outside = [o for o in overrides if not o.strip().startswith("eval.")]
+    if outside:
+        raise ExperimentError(f"--set {outside[0]}: only eval.* keys change an evaluation of a "
+                              f"finished run (its models are fixed; --data-root picks the data)")
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / RUN_CONFIG).is_file():
         raise ExperimentError(f"{run_dir}: no {RUN_CONFIG}; not the folder of a finished "
@@ -466,10 +470,6 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
         models_dir.is_dir()) else []
     if not clients:
         raise ExperimentError(f"{models_dir}: no saved client model; the run did not finish")
-    outside = [o for o in overrides if not o.strip().startswith("eval.")]
-    if outside:
-        raise ExperimentError(f"--set {outside[0]}: only eval.* keys change an evaluation of a "
-                              f"finished run (its models are fixed; --data-root picks the data)")
     cfg = load_config(str(run_dir / RUN_CONFIG), overrides)
     root = str(Path(data_root).expanduser().resolve()) if data_root else cfg.data.root
     data_cfg = dataclasses.replace(cfg.data, root=root)

@@ -189,3 +189,17 @@ class _no_warning:
         self._catch.__exit__(*exc)
         messages = [str(w.message) for w in self.seen if "ngram" in str(w.message)]
         assert not messages, messages
+
+
+def test_fedmrg_evaluate_takes_eval_settings_only(tmp_path):
+    from click.testing import CliRunner
+
+    from fedmrg.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["evaluate", str(tmp_path), "--set", "train.lr=0.1"])
+    assert out.exit_code == 2
+    assert "--set train.lr=0.1: only eval.* keys" in out.output
+    out = runner.invoke(main, ["evaluate", str(tmp_path), "--set",
+                               "eval.no_repeat_ngram_size=3"])
+    assert out.exit_code == 2 and "not the folder of a finished fedmrg run" in out.output

@@ -54,6 +54,27 @@ def test_validation_every_n_rounds_on_the_val_split_limited_and_reported_apart()
     assert result.generalization.split == "test" and result.generalization.round_id == 5
 
 
+class FailingValidator(CountingClient):
+    """Every validation evaluation fails (an actor killed for memory, say)."""
+
+    def evaluate(self, split, personalized, dataset_center=None, global_state=None,
+                 max_studies=None):
+        if split == "val":
+            raise RuntimeError("OutOfMemoryError")
+        return super().evaluate(split, personalized, dataset_center, global_state, max_studies)
+
+
+def test_a_failed_validation_point_is_skipped_and_the_run_goes_on(caplog):
+    calls: list = []
+    coordinator = fake_coordinator({c: FailingValidator(c, calls) for c in "ab"}, rounds=2)
+    coordinator.val_every, coordinator.val_studies = 1, 2
+    with caplog.at_level("WARNING", logger="fedmrg.fl.coordinator"):
+        result = coordinator.run()
+    assert [s.round_id for s in result.history] == [1, 2]
+    assert [e.split for e in result.evaluations] == ["test", "test"]
+    assert "round 1: validation point skipped" in caplog.text
+
+
 def test_validation_changes_nothing_the_rounds_compute():
     plain = fake_coordinator({c: FakeClient(c) for c in "abc"}, rounds=3, fraction=0.6).run()
     calls: list = []

@@ -54,7 +54,8 @@ one with `split="val"` added).
 Validation (`val_every` > 0, `Experiment` passes `eval.val_every` / `eval.val_studies`): after
 every `val_every`-th round, the last included, the same evaluation on the val split of the
 participating centers (no held-out center), each limited to its first `val_studies` studies:
-a few cheap points per run on curves over rounds. An evaluation reads its own streams and
+a few cheap points per run on curves over rounds; one that fails (after its retries) is
+warned and skipped, the run goes on. An evaluation reads its own streams and
 generates without sampling, so it changes no training state (the next round's plan loads the
 global state again): the run's models are the same with or without it.
 `eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation; a
@@ -374,7 +375,11 @@ class Coordinator:
         if fed.eval_every and round_id % fed.eval_every == 0 and round_id < fed.rounds:
             self.evaluate(round_id)
         if self.val_every and round_id % self.val_every == 0:
-            self.evaluate(round_id, split="val", max_studies=self.val_studies)
+            try:
+                self.evaluate(round_id, split="val", max_studies=self.val_studies)
+            except (FederationError, ClientDataError) as e:
+                # a monitoring point, never the reason a run stops: the round stands
+                log.warning("round %d: validation point skipped: %s", round_id, e)
         return summary
 
     def run_round(self, round_id: int) -> RoundSummary:
