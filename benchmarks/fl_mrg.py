@@ -485,13 +485,17 @@ def _seeds_cell(seeds: Sequence[int]) -> str:
 
 
 def results_tables(agg: Mapping[str, Mapping[str, Any]]) -> str:
-    """The markdown tables: one per scope (SCOPES), then cost (bytes, wall time)."""
+    """The markdown tables: one per scope (SCOPES), then cost (bytes, wall time). A metric
+    that no run measured (records older than the metric) gets no column."""
     parts = []
     for scope, (_, what) in SCOPES.items():
-        header = ["row", "seeds", *(METRIC_LABELS[m] for m in METRICS)]
+        metrics = [m for m in METRICS
+                   if any(a["stats"].get(f"{scope}/{m}", (None,))[0] is not None
+                          for a in agg.values())]
+        header = ["row", "seeds", *(METRIC_LABELS[m] for m in metrics)]
         rows = [[row_label(row), _seeds_cell(a["seeds"]),
                  *(format_mean_std(*a["stats"].get(f"{scope}/{m}", (None, None, 0))[:2])
-                   for m in METRICS)]
+                   for m in metrics)]
                 for row, a in agg.items()]
         parts += [f"**{scope}**: {what}", "", markdown_table(header, rows), ""]
     header = ["row", "seeds", "bytes communicated (total)", "up", "down", "wall time (min)"]
