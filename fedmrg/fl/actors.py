@@ -39,7 +39,7 @@
   run's local paths mean the same there as in the driver.
 
 No federated logic lives here: sampling, aggregation and evaluation order are the
-coordinator's and the strategy's (fedmrg/fl/coordinator.py, strategies.py).
+coordinator's and the strategy's (fedmrg/fl/coordinator.py, fedmrg/fl/strategies/).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ leaves in the history.
   metrics. Never rows, report text, image bytes or per-sample tensors. Its form is the
   strategy's `UpdateSpec` (the payload schema `fl.validation` checks).
 - `EvalReply` (client -> server): metrics of one evaluation and a few sample generations.
-  Generated text is the one piece of text that leaves a center, and only on evaluation, as
-  DESIGN.md's MLflow samples table asks; a deployment that forbids it sets no samples.
+  Generated text is the one piece of text that leaves a center, and only on evaluation, for
+  MLflow's table of sample reports; a deployment that forbids it sets `eval.samples: 0`.
 - `RoundSummary`: bookkeeping of one round for the history, MLflow and the progress bar:
   who was aggregated, who was rejected and why, who was clipped or rejoined after a restart,
   how many attempts the round took.

@@ -13,7 +13,7 @@ tensors with it:
 
 Both act on the DENSE shared tensors only. LoRA factors aggregated by `exact` come back in a
 new basis each round (the SVD of the aggregate), so per-coordinate moments of A and B would
-mix unrelated directions; they are replaced by the aggregate instead (see `strategies.py`).
+mix unrelated directions; they are replaced by the aggregate instead (`fl/strategies/`).
 Statistics that are not weights (BatchNorm running mean/var) are not optimized either: the
 caller gives them the plain average.
 """
