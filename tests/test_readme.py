@@ -113,3 +113,18 @@ def test_the_documented_config_error_is_what_the_cli_prints():
     args = example.group(1).split()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and example.group(2) in result.output, result.output
+
+
+def test_no_file_cites_a_design_document_or_folder_users_do_not_have():
+    cited = []
+    files = [ROOT / "README.md", *(p for folder in ("fedmrg", "ray_jobs", "benchmarks", "tests",
+                                                   "docs")
+                                   for p in (ROOT / folder).rglob("*")
+                                   if p.suffix in (".py", ".md", ".yaml"))]
+    for path in files:
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        text = path.read_text()
+        cited += [f"{path.relative_to(ROOT)}: {name}" for name in ("DESIGN.md", "../shared")
+                  if name in text]
+    assert not cited, cited
