@@ -209,10 +209,20 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
     Resume: every completed round is checkpointed under <tracking.storage_path>/<run name>/;
     `fedmrg run --resume RUN` (or the same command with the same --run-name, e.g. a
     resubmitted `ray_jobs/train.py` job) continues from the last checkpoint and ends with the
-    same models as an uninterrupted run."""
-    from fedmrg.experiment import Experiment, ExperimentError, saved_run_config
+    same models as an uninterrupted run.
+
+    Stop: SIGTERM (`ray job stop`, a scheduler) or SIGINT (Ctrl-C) ends the run's MLflow runs
+    as KILLED (FAILED on an error) and exits with 143 (SIGTERM) or 130 (SIGINT); the last
+    completed round's checkpoint stays, and `fedmrg run --resume RUN` continues from it.
+
+    Output paths (--summary-json, tracking.storage_path, the MLflow store, data.root when the
+    phantom benchmark is generated) are checked before anything starts: a bad one is an error
+    (exit 2) before any training."""
+    from fedmrg.experiment import Experiment, ExperimentError, resolve_paths, saved_run_config
     from fedmrg.fl.checkpoint import CheckpointError
     from fedmrg.fl.messages import ClientFailure
+    from fedmrg.output_paths import check_output_paths
+    from fedmrg.signals import RunInterrupted
 
     if resume:
         if run_name and run_name != resume:
@@ -228,10 +238,17 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
         # no --config: the run's own config.yaml, with this command's --set on top
         cfg = saved_run_config(cfg.tracking.storage_path, run_name, overrides) or cfg
     try:
+        check_output_paths(resolve_paths(cfg), {"--summary-json": summary_json})
         result = Experiment(cfg, run_name=run_name, resume=resume is not None,
                             checkpoint_fallback=checkpoint_fallback).fit()
     except (CheckpointError, ClientFailure, ExperimentError) as e:
         _fail(str(e))
+    except RunInterrupted as e:
+        # caught here: click would turn a KeyboardInterrupt into "Aborted!" and exit 1
+        name = e.run_name or "RUN"
+        click.echo(f"stopped by {e.signal_name}; continue run {name} from its last completed "
+                   f"round with: fedmrg run --resume {name}", err=True)
+        sys.exit(e.exit_code)
     if result.already_finished:
         click.echo(f"run {result.run_name} already finished its {len(result.rounds)} rounds; "
                    f"nothing to do (raise federation.rounds to continue it, or choose another "
@@ -261,7 +278,10 @@ def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...],
     generalization (generic model) and personalization (each center's own model)."""
     from fedmrg.eval.evaluator import metrics_table
     from fedmrg.experiment import TABLE_KEYS, VIEWS, ExperimentError, evaluate_run
+    from fedmrg.output_paths import file_problem
 
+    if json_path is not None and (problem := file_problem(json_path)):
+        _fail(f"--json {json_path}: {problem}")  # before the evaluation, not after it
     try:
         result = evaluate_run(run_dir, data_root=data_root, centers=centers or None, split=split,
                               overrides=overrides)

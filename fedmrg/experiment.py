@@ -332,6 +332,9 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
         checkpoint_state, _ = load_checkpoint(resume_from, fingerprint)
     tracker = RunTracker.start(cfg, tracked, dataset_root, run_name=run_name,
                                resume=resume or resume_from is not None)
+    # at once: whoever stops this run (a signal, fedmrg.signals) ends these runs as KILLED
+    emit({"type": "tracking", "tracking_uri": cfg.tracking.tracking_uri,
+          "run_ids": [*tracker.center_run_ids.values(), tracker.run_id]})
 
     def on_round(summary) -> None:
         row = summary.to_dict()
@@ -542,14 +545,34 @@ class Experiment:
         self.record_messages = record_messages
         self.progress = progress
         self.out = out
+        self._run_name = run_name  # the run's name once `fit` knows it
 
     def fit(self) -> Result:
-        """Run the experiment, or continue it (module docstring, "Resume")."""
+        """Run the experiment, or continue it (module docstring, "Resume").
+
+        SIGTERM or SIGINT (in the main thread) stops it with `fedmrg.signals.RunInterrupted`
+        (its `run_name` set): the MLflow runs end as KILLED, the client actors are killed, the
+        last round's checkpoint stays resumable. An error ends them as FAILED."""
+        from fedmrg.signals import RunInterrupted, StopOnSignals, as_run_interrupted
+
+        self._stop = StopOnSignals()
+        with self._stop:
+            try:
+                return self._fit()
+            except KeyboardInterrupt as e:
+                stop = as_run_interrupted(e)
+                if not isinstance(stop, RunInterrupted):
+                    raise
+                stop.run_name = stop.run_name or self._run_name
+                raise stop from None
+
+    def _fit(self) -> Result:
         from fedmrg.data.prepare import ensure_dataset, participating_centers
         from fedmrg.data.shards import read_manifest
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
         from fedmrg.fl.checkpoint import prune_client_checkpoints, run_fingerprint
         from fedmrg.fl.strategies import make_strategy
+        from fedmrg.output_paths import check_output_paths
         from fedmrg.ray_cluster import check_cluster_fits, connect
         from fedmrg.tracking import default_run_name
 
@@ -558,10 +581,12 @@ class Experiment:
         cfg = make_strategy(cfg).cfg  # with the switches the strategy's definition implies
         run_name = self.run_name or cfg.tracking.run_name or default_run_name(
             cfg.federation.strategy)
+        self._run_name = run_name
         # the clients find their own checkpoint folder through the run's name
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking,
                                                                     run_name=run_name))
         run_dir = Path(cfg.tracking.storage_path) / run_name
+        check_output_paths(cfg)  # before Ray and any training: a bad path fails in seconds
         started = (run_dir / RUN_CONFIG).is_file()
         if self.resume and not started:
             raise ExperimentError(f"nothing to resume: no run {run_name!r} at {run_dir} (no "
@@ -572,6 +597,7 @@ class Experiment:
                         cfg.federation.rounds, run_dir / RUN_SUMMARY)
             return Result.from_summary(finished)
         cluster_resources = connect(cfg.resources)
+        self._stop.install()  # again: ray.init replaced the SIGTERM handler
         root = ensure_dataset(cfg.data)
         manifest = read_manifest(root)
         centers = participating_centers(cfg.data, manifest)
@@ -607,7 +633,8 @@ class Experiment:
                                                    progress.on_event)
         finally:
             progress.close()
-            stop_actors(actors.values())
+            # stopped by a signal: no graceful close (`ray job stop` SIGKILLs 3 s later)
+            stop_actors(actors.values(), close=self._stop.received is None)
         # the clients are stopped: drop their checkpoints that no kept coordinator checkpoint
         # needs (those this node sees; `fedmrg.fl.checkpoint`, "Client retention")
         prune_client_checkpoints(run_dir)

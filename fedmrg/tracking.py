@@ -757,6 +757,26 @@ class RunTracker:
                                 "logged to it")
 
 
+def end_runs(tracking_uri: str, run_ids: Sequence[str], status: str,
+             reason: str | None = None) -> list[str]:
+    """End the runs of `run_ids` that are still RUNNING as `status` (nested runs first, then
+    the parent, as `RunTracker.finish`), tagging each with `fedmrg.end_reason` when a reason
+    is given; returns the ids it ended. For a run whose tracker cannot end it any more: its
+    process was stopped (`fedmrg.signals`). Runs already ended keep their status."""
+    if status not in STATUSES:
+        raise TrackingError(f"run status {status!r} is not one of {list(STATUSES)}")
+    client = _client(tracking_uri)
+    ended = []
+    for run_id in run_ids:
+        if client.get_run(run_id).info.status != "RUNNING":
+            continue
+        if reason:
+            _set_tags(client, run_id, {"fedmrg.end_reason": reason[:MAX_TAG_CHARS]})
+        client.set_terminated(run_id, status=status)
+        ended.append(run_id)
+    return ended
+
+
 def _check_centers(centers: Sequence[str]) -> list[str]:
     if isinstance(centers, str) or not centers:
         raise TrackingError(f"centers must be a non-empty list of center ids, got {centers!r}")

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import shutil
@@ -82,6 +83,8 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from fedmrg.fl.client import FederatedClient
+
+log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 # How long a call to a lost client waits for Ray to restart its actor (a restart rebuilds the
@@ -596,10 +599,24 @@ class CoordinatorHost:
         self._run_fn = run_fn
         self._events: list[dict] = []
         self._lock = threading.Lock()
+        self._tracking: dict | None = None  # the run's "tracking" event: its MLflow runs
 
     def _emit(self, event: dict) -> None:
         with self._lock:
             self._events.append(event)
+            if event.get("type") == "tracking":
+                self._tracking = event
+
+    def end_tracking(self, status: str, reason: str) -> list[str]:
+        """End the run's MLflow runs still RUNNING as `status` while `run` is cut short (its
+        tracker never reaches its own end); the ids ended. MLflow is loaded here already."""
+        from fedmrg.tracking import end_runs
+
+        with self._lock:
+            tracking = self._tracking
+        if tracking is None:
+            return []
+        return end_runs(tracking["tracking_uri"], tracking["run_ids"], status, reason)
 
     def run(self) -> Any:
         return self._run_fn(self._emit)
@@ -617,14 +634,23 @@ def run_in_coordinator_actor(run_fn: Callable[[Callable[[dict], None]], Any],
     """Run `run_fn` inside a `CoordinatorHost` actor on this node, feeding its events to
     `on_event` here as they come; returns what `run_fn` returns (its exception is raised)."""
     host = ray.remote(CoordinatorHost).options(**coordinator_actor_options()).remote(run_fn)
+    tracking: dict | None = None
     try:
         done = host.run.remote()
-        while True:
-            ready, _ = ray.wait([done], timeout=poll_interval_s)
-            for event in ray.get(host.poll.remote()):
-                on_event(event)
-            if ready:
-                break
+        try:
+            while True:
+                ready, _ = ray.wait([done], timeout=poll_interval_s)
+                for event in ray.get(host.poll.remote()):
+                    if event.get("type") == "tracking":
+                        tracking = event
+                    on_event(event)
+                if ready:
+                    break
+        except BaseException as stop:
+            # stopped here (a signal: fedmrg.signals) while the run goes on in the actor:
+            # end its MLflow runs before the actor is killed, or they stay RUNNING for ever
+            _end_cut_run(host, tracking, stop)
+            raise
         try:
             return ray.get(done)
         except RayTaskError as e:
@@ -634,4 +660,33 @@ def run_in_coordinator_actor(run_fn: Callable[[Callable[[dict], None]], Any],
             raise
     finally:
         ray.kill(host, no_restart=True)
+
+
+END_TRACKING_TIMEOUT_S = 10.0  # `ray job stop` SIGKILLs 3 s after its SIGTERM by default
+
+
+def _end_cut_run(host: ActorHandle, tracking: dict | None, stop: BaseException) -> None:
+    """End the MLflow runs of a coordinator actor's run that this driver stops: KILLED for an
+    interruption (a signal), FAILED for an error here; through the actor (MLflow is loaded
+    there), else from here with the ids its "tracking" event gave. Never raises: the reason
+    the run stopped is what the caller reports."""
+    from fedmrg.signals import as_run_interrupted
+
+    stop = as_run_interrupted(stop)
+    status = "KILLED" if isinstance(stop, KeyboardInterrupt) else "FAILED"
+    reason = f"driver stopped: {stop}" if str(stop) else f"driver stopped: {type(stop).__name__}"
+    try:
+        ray.get(host.end_tracking.remote(status, reason), timeout=END_TRACKING_TIMEOUT_S)
+        return
+    except BaseException as e:  # noqa: BLE001 - a dead or busy actor: try from here
+        log.warning("the coordinator actor could not end its MLflow runs (%s)", e)
+    if tracking is None:
+        return
+    try:
+        from fedmrg.tracking import end_runs
+
+        end_runs(tracking["tracking_uri"], tracking["run_ids"], status, reason)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not end the MLflow runs %s as %s (%s)", tracking["run_ids"], status,
+                    e)
 
