@@ -124,8 +124,11 @@ def resolve_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> Exper
 
 
 def client_layout(strategy: str, centers: Sequence[str]) -> dict[str, list[str] | None]:
-    """Client id -> the centers whose data it pools (None: its own center only)."""
-    if strategy == "centralized":
+    """Client id -> the centers whose data it pools (None: its own center only): one pooled
+    client when the strategy says so (`Strategy.pools_data`, e.g. `centralized`)."""
+    from fedmrg.fl.strategies import strategy_class
+
+    if strategy_class(strategy).pools_data:
         return {POOLED_CLIENT: list(centers)}
     return {c: None for c in centers}
 
@@ -386,7 +389,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             adapter_dir = write_folder(files, run_dir / "generic_adapter")
             tracker.log_adapter(adapter_dir)
         # specialized adapters stay where each client runs; logged when this node sees them
-        if strategy.name != "centralized":
+        if not strategy.pools_data:
             saved = {c: pool.call_all("save_specialized_adapter",
                                       str(run_dir / "centers" / c / "specialized_adapter"),
                                       centers=[c])[c] for c in pool.centers()}
