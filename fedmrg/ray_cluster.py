@@ -114,9 +114,6 @@ def connect(resources: ResourcesConfig, *, quiet: bool = True) -> dict[str, floa
             # Token authentication, as Ray does by default for a new local cluster, said
             # explicitly: Ray then skips its warning about it on every run's console.
             os.environ.setdefault("RAY_AUTH_MODE", "token")
-            # Token authentication, as Ray does by default for a new local cluster, said
-            # explicitly: Ray then skips its warning about it on every run's console.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -189,8 +186,8 @@ def describe_demands(demands: list[tuple[dict[str, float], int]]) -> str:
                      + f" x {count}" for shape, count in demands)
 
 
-def fail_without_progress(waiting_for: str, idle_s: float, *, autoscaling: bool = False
-                          ) -> None:
+def fail_without_progress(waiting_for: str, idle_s: float, *, timeout_s: float,
+                          autoscaling: bool = False) -> None:
     """What a progress watchdog does when `idle_s` passed with nothing arriving: raise
     `NoProgressError` naming Ray's pending resource demands and the cluster's free resources.
     Returns (keep waiting, warned) while the autoscaler is starting nodes, or on a cluster
@@ -217,5 +214,6 @@ def fail_without_progress(waiting_for: str, idle_s: float, *, autoscaling: bool 
             "resources.num_gpus_per_client" if demands
             else "the calls are running but have not answered")
     raise NoProgressError(
-        f"no progress for {idle_s:.0f} s (resources.progress_timeout_s) while waiting for "
+        f"no progress for {idle_s:.0f} s (resources.progress_timeout_s={timeout_s:g}) while "
+        f"waiting for "
         f"{waiting_for}; Ray's pending resource demands: {pending}; free: {shown}; {hint}")

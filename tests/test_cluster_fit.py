@@ -19,8 +19,13 @@ subprocesses joined to it through RAY_ADDRESS, as a user runs them:
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +35,12 @@ from servers import free_ports
 from fedmrg.config import ConfigError, load_config
 from fedmrg.experiment import client_layout
 from fedmrg.fl.placement import ClusterTooSmallError, check_fits, resource_demand
-from fedmrg.ray_cluster import choose_address, cluster_autoscales, describe_demands
+from fedmrg.ray_cluster import (
+    choose_address,
+    cluster_autoscales,
+    describe_demands,
+    local_logical_cpus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -196,3 +206,190 @@ def test_the_watchdog_reports_a_stall_and_counts_each_reply_as_progress(ray_clus
 
     with pytest.raises(Stalled, match="never"):
         ProgressWatchdog(1.0, fail).wait([sleep.remote(10.0)], 1, None, "never")
+
+
+# --------------------------------------------------------------------------- a 2-CPU cluster
+
+START_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 420
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
+               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_cpu_cluster():
+    """`ray start --head --num-cpus=2` on 127.0.0.1 (own ports and temp dir, token auth off, no
+    dashboard); yields (GCS address, the RAY_TMPDIR under which its `ray_current_cluster`
+    lies). Teardown stops exactly that cluster (see tests/test_ray_jobs.py)."""
+    base = tempfile.mkdtemp(prefix="rfit-", dir="/tmp")  # short: socket paths
+    (gcs, client, node_manager, object_manager, agent_http, agent_grpc, runtime_env,
+     metrics) = free_ports(8)
+    worker_low = 24000 + (os.getpid() % 300) * 100
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_low}",
+        f"--max-worker-port={worker_low + 99}", "--num-cpus=2",
+        f"--object-store-memory={300 * 1024 * 1024}", f"--temp-dir={base}/ray",
+        "--disable-usage-stats",
+    ]
+    log_path = Path(base) / "ray-start.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in teardown
+    # a loaded machine (the suite beside other work) may take a while to start a raylet
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env=_env(RAY_raylet_start_wait_time_s="120"), cwd=base,
+                            start_new_session=True)
+    address = f"127.0.0.1:{gcs}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield address, base
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _small(tmp: Path, centers: int) -> list[str]:
+    """The default config on a small phantom benchmark, one round, everything under `tmp`."""
+    from test_federation_ray import tiny_overrides
+
+    items = [o for o in tiny_overrides(tmp) if not o.startswith(("data.phantom.centers",
+                                                                  "resources."))]
+    return [*items, f"data.phantom.centers={centers}", "federation.rounds=1"]
+
+
+def _fedmrg(args: list[str], cwd: Path, env: dict[str, str], timeout_s: float = RUN_TIMEOUT_S
+            ) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "fedmrg", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    return done, time.monotonic() - started
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_default_four_clients_on_two_cpus_are_refused_before_any_actor(two_cpu_cluster,
+                                                                        tmp_path):
+    address, _ = two_cpu_cluster
+    done, _ = _fedmrg(["run", *_sets(_small(tmp_path, 4))], tmp_path,
+                      _env(RAY_ADDRESS=address))
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-4000:]
+    assert "Traceback" not in output
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert "the run does not fit the Ray cluster: 4 client actors x (0.5 CPU" in line
+    assert "need 3 CPUs, the cluster has 2" in line
+    assert "lower resources.num_cpus_per_client to 0.25" in line
+    assert "raise resources.clients_per_actor to 2" in line
+    # nothing started: no run line, and not even the base LM (built just before the actors)
+    assert "clients a, b" not in done.stdout
+    assert not (tmp_path / "lm").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_watchdog_fails_a_run_whose_stream_tasks_cannot_be_scheduled(two_cpu_cluster,
+                                                                     tmp_path):
+    """The pre-check passes (2 x (0.5 + 0.25) <= 2 CPUs), but another job's actor holds one
+    CPU: the client actors take the other, their stream tasks wait for ever."""
+    address, _ = two_cpu_cluster
+    blocker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import ray, time\n"
+         "ray.init(log_to_driver=False)\n"
+         "@ray.remote(num_cpus=1)\n"
+         "class Hog:\n"
+         "    def ping(self): return 1\n"
+         "hog = Hog.remote(); ray.get(hog.ping.remote()); print('holding', flush=True)\n"
+         "time.sleep(3600)\n"],
+        env=_env(RAY_ADDRESS=address), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, start_new_session=True)
+    try:
+        assert blocker.stdout.readline().strip() == "holding"
+        # long enough for the client actors' start under load (constructors build the
+        # model): the stall the watchdog must catch is the first round's
+        timeout_s = 90
+        done, elapsed = _fedmrg(
+            ["run", *_sets([*_small(tmp_path, 2), "resources.num_cpus_per_client=0.5",
+                            f"resources.progress_timeout_s={timeout_s}"])],
+            tmp_path, _env(RAY_ADDRESS=address))
+    finally:
+        os.killpg(blocker.pid, signal.SIGKILL)  # its driver gone, Ray removes the actor
+        blocker.wait(timeout=10)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-4000:]
+    assert "Traceback" not in output
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert f"(resources.progress_timeout_s={timeout_s}) while waiting for fit replies" in line
+    assert "Ray's pending resource demands: {CPU: 0.25} x" in line
+    assert "free: CPU 0 of 2" in line
+    assert elapsed < RUN_TIMEOUT_S
+    # the MLflow runs (parent and per center) ended FAILED, not RUNNING for ever
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_running_or_stale_local_cluster_gives_no_traceback(two_cpu_cluster, tmp_path):
+    address, ray_tmpdir = two_cpu_cluster
+    recorded = Path(ray_tmpdir, "ray", "ray_current_cluster")
+    assert recorded.read_text().strip() == address  # what `ray start` left for ray.init()
+    check = ["data", "check", *_sets(_small(tmp_path, 2))]
+
+    # RAY_ADDRESS unset, that cluster running: a private local cluster, and a line saying so
+    done, _ = _fedmrg(check, tmp_path, _env(RAY_TMPDIR=ray_tmpdir))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "Traceback" not in output and "num_cpus and num_gpus must not" not in output
+    assert f"ray: {local_logical_cpus()} logical CPUs" in done.stdout
+    assert f"a Ray cluster started by `ray start` is running at {address}" in done.stderr
+    assert "--set resources.ray_address=auto" in done.stderr
+
+    # asked to: joins it
+    done, _ = _fedmrg([*check, "--set", "resources.ray_address=auto"], tmp_path,
+                      _env(RAY_TMPDIR=ray_tmpdir))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "ray: 2 logical CPUs" in done.stdout
+
+    # a stale file (its cluster gone): a private local cluster, nothing to say
+    stale = Path(tempfile.mkdtemp(prefix="rstale-", dir="/tmp"))
+    try:
+        (stale / "ray").mkdir()
+        (dead,) = free_ports(1)
+        (stale / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
+        done, _ = _fedmrg(check, tmp_path, _env(RAY_TMPDIR=str(stale)))
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-4000:]
+        assert "Traceback" not in output
+        assert f"ray: {local_logical_cpus()} logical CPUs" in done.stdout
+        assert "is running at" not in done.stderr
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -275,6 +275,7 @@ class ProgressWatchdog:
 
         return cls(resources.progress_timeout_s,
                    functools.partial(fail_without_progress,
+                                     timeout_s=resources.progress_timeout_s,
                                      autoscaling=cluster_autoscales(resources)))
 
     def wait(self, refs: Sequence[ray.ObjectRef], num_returns: int, timeout_s: float | None,
