@@ -12,6 +12,10 @@ MLflow run; a finished run does nothing. `--resume RUN` says so explicitly (an e
 never started); `--checkpoint-fallback` resumes from the newest good checkpoint when the newest
 one is corrupt. Give an absolute `tracking.storage_path` on shared storage: the job's working
 directory is a fresh temporary copy on every submission.
+
+`ray job stop` sends SIGTERM: the run's MLflow runs end as KILLED and the driver exits 143
+(`ray job submit` still exits 0 for a stopped job: Ray reports it STOPPED); the last completed
+round's checkpoint stays, and resubmitting with the same `--run-name` continues from it.
 """
 
 import sys
