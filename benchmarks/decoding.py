@@ -31,11 +31,12 @@ import _common  # noqa: F401  (first: sets the environment before torch loads)
 import numpy as np
 
 DEFAULT_OUT = _common.RESULTS / "decoding"
+# Each variant sets both remedies, so the table does not depend on the run's config defaults.
 VARIANTS = (
-    "greedy:",
-    "no-repeat-3:eval.no_repeat_ngram_size=3",
-    "no-repeat-4:eval.no_repeat_ngram_size=4",
-    "penalty-1.2:eval.repetition_penalty=1.2",
+    "plain:eval.no_repeat_ngram_size=0,eval.repetition_penalty=1.0",
+    "no-repeat-3:eval.no_repeat_ngram_size=3,eval.repetition_penalty=1.0",
+    "no-repeat-4:eval.no_repeat_ngram_size=4,eval.repetition_penalty=1.0",
+    "penalty-1.2:eval.no_repeat_ngram_size=0,eval.repetition_penalty=1.2",
     "no-repeat-3+penalty-1.2:eval.no_repeat_ngram_size=3,eval.repetition_penalty=1.2",
 )
 KEYS = ("ce_f1_macro", "bleu4", "distinct_1", "distinct_2", "rep_4")
@@ -88,11 +89,14 @@ def run(run_dir: Path, variants: Sequence[str], split: str) -> dict[str, Any]:
     import json
 
     from fedmrg.config import load_config
+    from fedmrg.eval.evaluator import mean_over_centers
     from fedmrg.experiment import evaluate_run
 
     run_dir = run_dir.expanduser().resolve()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    centers = list(summary["centers"])
+    # the run's participating centers: its summary's, else those with a saved model
+    summary = run_dir / "summary.json"
+    centers = (list(json.loads(summary.read_text())["centers"]) if summary.is_file()
+               else sorted(p.name for p in (run_dir / "models").iterdir() if p.is_dir()))
     cfg = load_config(str(run_dir / "config.yaml"))
     results = []
     for i, text in enumerate(variants):
@@ -102,9 +106,11 @@ def run(run_dir: Path, variants: Sequence[str], split: str) -> dict[str, Any]:
         wall = time.perf_counter() - start
         row = {"name": name, "overrides": overrides, "wall_s": wall}
         for view in VIEWS:
-            row[view] = {"mean": {k: out[view]["mean"].get(k, math.nan) for k in KEYS},
-                         "per_center": {c: {k: m.get(k, math.nan) for k in KEYS}
-                                        for c, m in out[view]["per_center"].items()}}
+            per_center = {c: {k: m.get(k, math.nan) for k in KEYS}
+                          for c, m in out[view]["per_center"].items()}
+            mean = mean_over_centers(per_center[c] for c in centers)
+            row[view] = {"mean": {k: mean.get(k, math.nan) for k in KEYS},
+                         "per_center": per_center}
         row["samples"] = [s for s in out["samples"] if s["view"] == "generalization"][:2]
         results.append(row)
         print(f"{name}: {wall:.0f} s; " + "; ".join(

@@ -37,6 +37,21 @@ class NoProgressError(ExperimentError):
     """A wait for client actors or replies saw nothing for `resources.progress_timeout_s`."""
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster ..." notice, logged on
+    every start of a local cluster: Ray's default (token auth on) is kept, only the line that
+    repeats it on every run's console goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this")
+
+
+def _quiet_token_auth_notice() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
+
+
 def local_logical_cpus() -> int:
     """Logical CPUs of a local cluster: more than the cores on purpose, so client actors that
     hold fractional CPUs leave room for their Ray Data tasks."""
@@ -111,9 +126,7 @@ def connect(resources: ResourcesConfig, *, quiet: bool = True) -> dict[str, floa
             # "local", not None: None would make Ray join the cluster in ray_current_cluster
             address = "local"
             kwargs.update(num_cpus=local_logical_cpus(), include_dashboard=False)
-            # Token authentication, as Ray does by default for a new local cluster, said
-            # explicitly: Ray then skips its warning about it on every run's console.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        _quiet_token_auth_notice()
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
