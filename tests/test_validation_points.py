@@ -159,3 +159,29 @@ def test_a_tiny_run_logs_validation_points_and_ends_with_the_same_models(ray_clu
     assert "val generalization:" in outs["val"].getvalue()
     summary = json.loads((Path(val.storage_dir) / "summary.json").read_text())
     assert summary["validation"]["evaluations"] == 2 and summary["validation"]["wall_s"] > 0
+
+
+def test_the_console_shows_validation_points_and_final_evaluation_progress():
+    from fedmrg.experiment import _Progress
+
+    out = io.StringIO()
+    progress = _Progress(2, True, out)
+    progress.note("starting 2 client actors for 2 clients (model, data streams)...")
+    progress.on_event({"type": "start", "run_name": "r", "rounds": 2, "clients": ["a", "b"]})
+    progress.on_event({"type": "evaluating", "split": "val", "round": 1, "total": 4})
+    progress.on_event({"type": "evaluated", "split": "val", "done": 1, "total": 4,
+                       "view": "generalization", "center": "a"})
+    progress.on_event({"type": "evaluation", "split": "val", "view": "generalization",
+                       "mean": {"ce_f1_macro": 0.25, "rep_4": 0.5}, "round": 1})
+    progress.on_event({"type": "evaluating", "split": "test", "round": 2, "total": 5})
+    progress.on_event({"type": "evaluated", "split": "test", "done": 2, "total": 5,
+                       "view": "personalization", "center": "b"})
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "starting 2 client actors for 2 clients (model, data streams)...",
+        "run r: clients a, b",
+        "  val generalization: ce_f1_macro 0.250, rep_4 0.500",
+        "evaluating after round 2 on the test split: 5 evaluations (generalization and "
+        "personalization)",
+        "  evaluated 2/5: personalization on b"]
