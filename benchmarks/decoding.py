@@ -38,6 +38,7 @@ VARIANTS = (
     "no-repeat-4:eval.no_repeat_ngram_size=4,eval.repetition_penalty=1.0",
     "penalty-1.2:eval.no_repeat_ngram_size=0,eval.repetition_penalty=1.2",
     "no-repeat-3+penalty-1.2:eval.no_repeat_ngram_size=3,eval.repetition_penalty=1.2",
+    "no-repeat-4+penalty-1.2:eval.no_repeat_ngram_size=4,eval.repetition_penalty=1.2",
 )
 KEYS = ("ce_f1_macro", "bleu4", "distinct_1", "distinct_2", "rep_4")
 VIEWS = ("generalization", "personalization")
@@ -111,7 +112,7 @@ def run(run_dir: Path, variants: Sequence[str], split: str) -> dict[str, Any]:
             mean = mean_over_centers(per_center[c] for c in centers)
             row[view] = {"mean": {k: mean.get(k, math.nan) for k in KEYS},
                          "per_center": per_center}
-        row["samples"] = [s for s in out["samples"] if s["view"] == "generalization"][:2]
+        row["samples"] = out["samples"]  # eval.samples per center and view
         results.append(row)
         print(f"{name}: {wall:.0f} s; " + "; ".join(
             f"{view} " + ", ".join(f"{k} {row[view]['mean'][k]:.3f}" for k in KEYS)
@@ -144,13 +145,30 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [f"Decoding variants on the saved models of `{record['run_dir']}` "
              f"({record['split']} split, mean over centers {', '.join(record['centers'])}; "
              f"Δ: change from `{record['variants'][0]['name']}`, ± the standard error of the "
-             f"per-center differences).", "", _common.markdown_table(header, rows, "ll" +
+             f"per-center differences)." + (f" {record['note']}" if record.get("note") else ""),
+             "", _common.markdown_table(header, rows, "ll" +
                                                                       "r" * (len(header) - 2))]
-    lines += ["", "Sample generic-model reports (first study of the first center):", ""]
-    for row in record["variants"]:
-        if row["samples"]:
-            lines.append(f"- {row['name']}: \"{row['samples'][0]['generated']}\"")
+    worst = worst_sample(record["variants"][0]["samples"])
+    if worst is not None:
+        lines += ["", f"The most repetitive sample report of `{record['variants'][0]['name']}` "
+                      f"({worst['view']}, center {worst['center']}, study {worst['study_id']}) "
+                      f"under each variant:", ""]
+        for row in record["variants"]:
+            same = [s for s in row["samples"] if (s["center"], s["view"], s["study_id"]) == (
+                worst["center"], worst["view"], worst["study_id"])]
+            if same:
+                lines.append(f"- {row['name']}: \"{same[0]['generated']}\"")
+        lines.append(f"- reference: \"{worst.get('reference', '')}\"")
     return "\n".join(lines) + "\n"
+
+
+def worst_sample(samples: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sample whose generated report repeats the largest share of its 4-grams."""
+    from fedmrg.eval.repetition import repeated_ngram_rate, report_words
+
+    if not samples:
+        return None
+    return max(samples, key=lambda s: repeated_ngram_rate(report_words(s["generated"]), 4))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,8 +179,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "the baseline); default: " + " ".join(VARIANTS))
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--note", default="", help="how RUN_DIR was made (kept in the record)")
     args = parser.parse_args(argv)
     record = run(args.run_dir, args.variants or VARIANTS, args.split)
+    record["note"] = args.note
     record["command"] = _common.command_line("decoding.py", argv)
     record["machine"] = _common.machine_info()
     _common.write_json(args.out_dir / "decoding.json", record)
