@@ -261,13 +261,16 @@ def figure_round_metrics(history: History) -> Figure | None:
     fig, axes = _grid(len(panels))
     for ax, (title, unit, scale, lines) in zip(axes, panels, strict=False):
         for label, points in lines.items():
-            _line(ax, points, label=label, scale=scale)
+            if label.startswith("test "):  # a point or a few (federation.eval_every): stars
+                steps, values = zip(*sorted(points), strict=True)
+                ax.plot(steps, values, marker="*", markersize=10, linestyle=":", label=label)
+            else:
+                _line(ax, points, label=label, scale=scale)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         if unit:
             ax.set_ylabel(unit)
-        if len(lines) > 1 or title in EVALUATION_CURVES:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     return fig
 
 
