@@ -58,9 +58,9 @@ def cli_args(items: list[str]) -> list[str]:
 
 
 def stop_after_first_round(command: list[str], signum: int, tmp: Path, name: str
-                           ) -> tuple[int, str]:
+                           ) -> tuple[int, str, float]:
     """Start `command` as a driver of the session's cluster, send `signum` once it prints
-    its round-1 line; (exit code, output)."""
+    its round-1 line; (exit code, output, time.time() of the signal)."""
     log = tmp / f"{name}.log"
     idle_cpus = ray.available_resources().get("CPU", 0)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
@@ -78,7 +78,7 @@ def stop_after_first_round(command: list[str], signum: int, tmp: Path, name: str
                 pytest.fail(f"no round 1 within {FIRST_ROUND_TIMEOUT_S} s:\n"
                             f"{log.read_text()[-4000:]}")
             time.sleep(0.1)
-        sent = time.monotonic()
+        sent, sent_at = time.monotonic(), time.time()
         proc.send_signal(signum)
         code = proc.wait(timeout=EXIT_TIMEOUT_S)
         stopped_s = time.monotonic() - sent
@@ -92,7 +92,12 @@ def stop_after_first_round(command: list[str], signum: int, tmp: Path, name: str
         time.sleep(0.2)
     output = log.read_text()
     print(f"{name}: exit {code} {stopped_s:.1f} s after the signal")
-    return code, output
+    return code, output, sent_at
+
+
+def ended_after_s(run, sent_at: float) -> float:
+    """Seconds from the signal to the MLflow run's end (`ray job stop` SIGKILLs after 3 s)."""
+    return run.info.end_time / 1000 - sent_at
 
 
 def mlflow_runs(tmp: Path, name: str):
@@ -110,7 +115,7 @@ def mlflow_runs(tmp: Path, name: str):
 
 def test_sigterm_ends_the_runs_killed_exits_143_and_the_run_resumes(ray_cluster, tmp_path):
     items = overrides(tmp_path)
-    code, output = stop_after_first_round(
+    code, output, sent_at = stop_after_first_round(
         [sys.executable, "-m", "fedmrg", "run", "--run-name", "stopped", *cli_args(items)],
         signal.SIGTERM, tmp_path, "stopped")
     assert code == 143, output[-4000:]
@@ -119,6 +124,7 @@ def test_sigterm_ends_the_runs_killed_exits_143_and_the_run_resumes(ray_cluster,
     assert "Traceback" not in output, output[-4000:]
     client, parent, nested = mlflow_runs(tmp_path, "stopped")
     assert parent.info.status == "KILLED", output[-3000:]
+    print(f"stopped: MLflow run ended {ended_after_s(parent, sent_at):.1f} s after SIGTERM")
     assert parent.data.tags["fedmrg.end_reason"] == "driver stopped: stopped by SIGTERM"
     assert sorted(r.data.tags["fedmrg.center"] for r in nested) == ["a", "b"]
     assert {r.info.status for r in nested} == {"KILLED"}
@@ -140,11 +146,12 @@ def test_sigterm_ends_the_runs_killed_exits_143_and_the_run_resumes(ray_cluster,
 
 
 def test_sigint_in_process_ends_the_runs_killed_and_exits_130(ray_cluster, tmp_path):
-    code, output = stop_after_first_round(
+    code, output, sent_at = stop_after_first_round(
         [sys.executable, "-c", IN_PROCESS, "inproc", *overrides(tmp_path)], signal.SIGINT,
         tmp_path, "inproc")
     assert code == 130, output[-4000:]
     _, parent, nested = mlflow_runs(tmp_path, "inproc")
     assert parent.info.status == "KILLED", output[-3000:]
+    print(f"inproc: MLflow run ended {ended_after_s(parent, sent_at):.1f} s after SIGINT")
     assert len(nested) == 2 and {r.info.status for r in nested} == {"KILLED"}
     assert list_checkpoints(tmp_path / "runs" / "inproc" / "checkpoints")
