@@ -11,7 +11,8 @@ FL-MRG table (`CURRENT_TABLE`, written by `benchmarks/fl_mrg.py --report`), aggr
 here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tables`,
 `targets_text`), so a number in the docs is always what the records say:
 
-- README.md `status`: how many quality targets fedmrg meets, and which it misses;
+- README.md `status`: how many quality targets fedmrg meets, and which it misses; and, when
+  the runs decoded otherwise than today's default `eval.*` settings, which and how;
 - README.md `table`: one compact table (every strategy row, the main metrics, bytes per run);
 - docs/results.md `fl_mrg`: the full tables, target checks and ablations, as `--report` prints.
 
@@ -91,6 +92,28 @@ def _missed_words(check: Mapping[str, Any]) -> str:
     return f"{check['target']} ({check['detail']})"
 
 
+def decoding_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """'' when every run decoded with today's default `eval.*` generation settings; else one
+    sentence naming each setting the runs used and today's default (a setting a record lacks
+    did not exist when it ran: it was off)."""
+    from fedmrg.config import load_config
+    from fedmrg.eval.evaluator import generation_kwargs
+
+    now = generation_kwargs(load_config("default").eval)
+    used: dict[str, set[str]] = {}
+    for record in records:
+        settings = record.get("generation") or {}
+        for key, value in now.items():
+            if settings.get(key, None) != value:
+                used.setdefault(key, set()).add(repr(settings[key]) if key in settings
+                                                else "off (before the setting existed)")
+    if not used:
+        return ""
+    return ("The runs decoded with " + "; ".join(
+        f"`eval.{k}` {' / '.join(sorted(v))}, the default now {now[k]!r}"
+        for k, v in sorted(used.items())) + ".")
+
+
 def status_block(agg: Mapping[str, Any], targets: Mapping[str, Any], table: Path) -> str:
     """One sentence: targets met, which are missed (with both numbers), where from."""
     missed = [c for c in targets["checks"] if c["passed"] is False]
@@ -138,9 +161,11 @@ def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE) -> dict[Path, dict[st
     records = load_table(root, table)["runs"]
     agg = fl_mrg.aggregate(records)
     targets = fl_mrg.check_targets(agg)
-    return {README: {"status": status_block(agg, targets, table),
-                     "table": compact_table(agg)},
-            RESULTS_DOC: {"fl_mrg": full_block(agg, targets, records)}}
+    note = decoding_note(records)
+    status = status_block(agg, targets, table) + (f" {note}" if note else "")
+    full = full_block(agg, targets, records) + (f"\n\n{note}" if note else "")
+    return {README: {"status": status, "table": compact_table(agg)},
+            RESULTS_DOC: {"fl_mrg": full}}
 
 
 def _pattern(name: str) -> re.Pattern[str]:

@@ -128,3 +128,16 @@ def test_no_file_cites_a_design_document_or_folder_users_do_not_have():
         cited += [f"{path.relative_to(ROOT)}: {name}" for name in ("DESIGN.md", "../shared")
                   if name in text]
     assert not cited, cited
+
+
+def test_runs_decoded_otherwise_than_the_default_are_said_so():
+    from fedmrg.config import load_config
+    from fedmrg.eval.evaluator import generation_kwargs
+
+    now = generation_kwargs(load_config("default").eval)
+    assert readme_results.decoding_note([{"generation": dict(now)}]) == ""
+    old = {k: v for k, v in now.items() if k != "no_repeat_ngram_size"}
+    note = readme_results.decoding_note([{"generation": old},
+                                         {"generation": {**now, "num_beams": 3}}])
+    assert "`eval.no_repeat_ngram_size` off (before the setting existed)" in note
+    assert f"`eval.num_beams` 3, the default now {now['num_beams']!r}" in note
