@@ -185,3 +185,13 @@ def test_the_console_shows_validation_points_and_final_evaluation_progress():
         "evaluating after round 2 on the test split: 5 evaluations (generalization and "
         "personalization)",
         "  evaluated 2/5: personalization on b"]
+
+
+def test_a_validation_point_scores_without_starting_meteor():
+    from fedmrg.eval import nlg
+
+    nlg.close_meteor()
+    metrics = nlg.compute_nlg_metrics(["the heart is normal ."], ["the heart is normal ."],
+                                      meteor=False)
+    assert "meteor" not in metrics and metrics["bleu1"] == pytest.approx(1.0)
+    assert nlg._meteor is None  # no JVM was started

@@ -132,12 +132,13 @@ def mean_over_centers(metrics: Iterable[Mapping[str, float]]) -> dict[str, float
 @torch.no_grad()
 def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = False, *,
                    num_samples: int = 5, absent: str = "exclude", oracle_prompt: bool = False,
-                   **generation: Any) -> EvalResult:
+                   meteor: bool = True, **generation: Any) -> EvalResult:
     """Generate a report for every study of `batches` and score it (see the module docstring).
 
     `generation` overrides GENERATION_DEFAULTS (num_beams, max_new_tokens, min_new_tokens,
     repetition_penalty, no_repeat_ngram_size), passed to `model.generate`; build it from a
-    config with `generation_kwargs(cfg.eval)`.
+    config with `generation_kwargs(cfg.eval)`. `meteor=False` leaves METEOR out (it needs a
+    JVM per process: a validation point does without).
     """
     unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
     if unknown:
@@ -170,7 +171,7 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     if not reports:
         raise EvaluationError("evaluate_model: the batches iterable yielded no batch")
     metrics: dict[str, float] = {"num_studies": float(len(reports))}
-    metrics.update(compute_nlg_metrics(references, reports))
+    metrics.update(compute_nlg_metrics(references, reports, meteor=meteor))
     metrics.update(compute_repetition_metrics(reports))
     metrics.update(compute_ce_from_reports(references, reports, absent=absent))
     true = torch.cat(labels).numpy()

@@ -246,13 +246,15 @@ def _meteor_score(references: Sequence[str], hypotheses: Sequence[str]) -> float
 
 
 def compute_nlg_metrics(
-    references: Sequence[str], hypotheses: Sequence[str], *, clean: bool = True
+    references: Sequence[str], hypotheses: Sequence[str], *, clean: bool = True,
+    meteor: bool = True,
 ) -> dict[str, float]:
     """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr of `hypotheses` against `references`.
 
     Pairs are aligned by position, one reference each. With `clean` (the default) both sides go
     through `clean_report` first; pass ``clean=False`` only for text already cleaned that way.
-    Empty hypotheses score 0 rather than failing. Returns floats under `METRIC_KEYS`.
+    Empty hypotheses score 0 rather than failing. Returns floats under `METRIC_KEYS`
+    (without "meteor" when `meteor=False`: no JVM is started, e.g. for a cheap validation).
     """
     _check_corpus(references, hypotheses)
     if clean:
@@ -270,14 +272,14 @@ def compute_nlg_metrics(
     # Cider takes the max document frequency over reference n-grams, which fails when no
     # reference has a single token; every score is 0 then anyway.
     cider = Cider().compute_score(gts, res)[0] if any(refs) else 0.0
-    meteor = _meteor_score(refs, hyps)
 
-    return {
+    out = {
         "bleu1": float(bleu[0]),
         "bleu2": float(bleu[1]),
         "bleu3": float(bleu[2]),
         "bleu4": float(bleu[3]),
-        "meteor": float(meteor),
+        "meteor": float(_meteor_score(refs, hyps)) if meteor else None,
         "rouge_l": float(rouge_l),
         "cider": float(cider),
     }
+    return {k: v for k, v in out.items() if v is not None}

@@ -427,8 +427,11 @@ class FederatedClient:
         batches = self.eval_stream(target, split).iter_batches(0)
         if max_studies is not None:
             batches = first_studies(batches, max_studies)
+        # a validation point (max_studies) is cheap: no METEOR, whose JVM would then stay
+        # resident in every client through the rest of training
         result = evaluate_model(self.model, batches, use_specialized,
-                                num_samples=self.eval_samples, **self.generation)
+                                num_samples=self.eval_samples, meteor=max_studies is None,
+                                **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
         samples = result.samples
         if not self.cfg.eval.share_references:  # a center's own reports never leave it
