@@ -255,6 +255,8 @@ def round_panels(history: History) -> list[tuple[str, str, float, dict[str, Sequ
 
 def figure_round_metrics(history: History) -> Figure | None:
     """The curves that matter over rounds (`round_panels`), one panel each; None if none."""
+    from matplotlib.ticker import MaxNLocator
+
     panels = round_panels(history)
     if not panels:
         return None
@@ -268,6 +270,7 @@ def figure_round_metrics(history: History) -> Figure | None:
                 _line(ax, points, label=label, scale=scale)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 1.5
         if unit:
             ax.set_ylabel(unit)
         ax.legend(fontsize=7)
