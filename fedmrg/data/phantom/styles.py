@@ -677,7 +677,8 @@ def radiology_lexicon() -> list[str]:
         for f in dataclasses.fields(style):
             if f.name not in ("name", "summary"):
                 texts += _template_strings(getattr(style, f.name))
-    values = [*RIBS, *SIZES, *GRADES, *(g + "ly" for g in GRADES), *NODULE_CM, "left right bilateral both upper middle lower",
+    values = [*RIBS, *SIZES, *GRADES, *(g + "ly" for g in GRADES), *NODULE_CM,
+              "left right bilateral both upper middle lower",
               "lobe lobes lung base bases bibasilar basilar hemithorax hemithoraces apex apices",
               "mass nodule cm are is a s"]
     text = re.sub(r"\{[A-Za-z_]+\}[a-z]*", " ", " ".join(texts + values)).lower()
