@@ -37,7 +37,13 @@ from test_federation_ray import tiny_overrides
 
 from fedmrg.cli import main
 from fedmrg.config import load_config
-from fedmrg.fl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from fedmrg.fl.checkpoint import (
+    client_rounds_to_keep,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from fedmrg.runs import run_info
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.slow]
 
@@ -116,8 +122,16 @@ def runs(ray_cluster, tmp_path_factory):
     wait_for(lambda: ray.available_resources().get("CPU", 0) >= idle_cpus, 60,
              "the killed run's actors released")
     at_kill = [r for r, _ in list_checkpoints(killed_dir / "checkpoints")]
+    clients_at_kill = {c: [r for r, _ in list_checkpoints(killed_dir / "centers" / c /
+                                                            "checkpoints")] for c in ("a", "b")}
+    # the rounds each client trained in (aggregated or rejected), from the newest checkpoint
+    newest = latest_checkpoint(killed_dir / "checkpoints")
+    history = newest.load()["coordinator"]["history"] if newest is not None else []
+    trained_at_kill = {c: [row["round_id"] for row in history if c in row["participants"]
+                           or c in row["rejected"]] for c in ("a", "b")}
     return {"tmp": tmp, "items": items, "full": full, "killed_dir": killed_dir,
-            "at_kill": at_kill, "log": log}
+            "at_kill": at_kill, "clients_at_kill": clients_at_kill,
+            "trained_at_kill": trained_at_kill, "log": log}
 
 
 def test_uninterrupted_run_checkpointed_every_round(runs):
@@ -127,6 +141,9 @@ def test_uninterrupted_run_checkpointed_every_round(runs):
     kept = [r for r, _ in list_checkpoints(run_dir / "checkpoints")]
     assert kept == list(range(1, ROUNDS + 1))[-cfg.tracking.checkpoint_keep:]
     assert_bit_identical(global_state(run_dir), full.global_state)
+    for center in ("a", "b"):  # at the end, a client keeps the coordinator's rounds, no more
+        assert [r for r, _ in list_checkpoints(run_dir / "centers" / center / "checkpoints")
+                ] == kept
     for center in ("a", "b"):  # each client's own checkpoints, without the server's tensors
         own = latest_checkpoint(run_dir / "centers" / center / "checkpoints")
         assert own.round_id == ROUNDS and own.meta["center"] == center
@@ -167,6 +184,17 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
 
     tmp, full, run_dir = runs["tmp"], runs["full"], runs["killed_dir"]
     assert runs["at_kill"] == [1, 2], runs["log"].read_text()[-3000:]
+    # each client kept its state as of both coordinator rounds (and round 3 when it got
+    # that far): with every client in both rounds, rounds 1 and 2
+    for center, kept in runs["clients_at_kill"].items():
+        trained = runs["trained_at_kill"][center]
+        assert set(kept) - {3} == client_rounds_to_keep(trained, [1, 2]), (center, kept,
+                                                                            trained)
+    assert runs["trained_at_kill"] == {"a": [1, 2], "b": [1, 2]}, (
+        "a client failed a round of the killed run (a loaded machine?), so it cannot end like "
+        "the uninterrupted run: " + runs["log"].read_text()[-3000:])
+    listed = run_info(run_dir)  # `fedmrg runs`
+    assert (listed.status, listed.resume_round, listed.rounds_planned) == ("interrupted", 2, 3)
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("fedmrg")
     before = client.search_runs([experiment.experiment_id], "attributes.run_name = 'killed'")
@@ -185,6 +213,8 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
     assert f"error: {newest}: corrupt: sha256" in refused.output
     assert "--checkpoint-fallback" in refused.output
     assert [r for r, _ in list_checkpoints(run_dir / "checkpoints")] == [1, 2]
+    listed = run_info(run_dir)
+    assert listed.resume_round == 1 and "only with --checkpoint-fallback" in listed.note
 
     # with fallback: round 1's checkpoint; the clients go back to their round-1 state
     resumed = CliRunner().invoke(main, ["run", "--resume", "killed", "--checkpoint-fallback",
@@ -195,6 +225,10 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
         resumed.output)
     assert_bit_identical(global_state(run_dir), full.global_state)
     load_checkpoint(newest.parent)  # round 2 written again, valid
+    coordinator_rounds = [r for r, _ in list_checkpoints(run_dir / "checkpoints")]
+    for center in ("a", "b"):
+        assert [r for r, _ in list_checkpoints(run_dir / "centers" / center / "checkpoints")
+                ] == coordinator_rounds
 
     # the same MLflow run; round 2, logged before the kill and run again, is not logged twice
     after = client.search_runs([experiment.experiment_id], "attributes.run_name = 'killed'")
