@@ -140,3 +140,50 @@ def test_prepare_data_then_train_as_ray_jobs(external_cluster, tmp_path):
     assert list(scores["generalization"]["per_center"]) == ["a"]
     assert scores["generalization"]["per_center"]["a"]["bleu4"] == pytest.approx(
         result["generalization"]["per_center"]["a"]["bleu4"], abs=1e-6)
+
+
+def _ray(address: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", *args, f"--address={address}"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_ray_job_stop_ends_the_mlflow_runs_killed(external_cluster, tmp_path):
+    """The issue's case: after `ray job stop` the MLflow runs stayed RUNNING. Ray sends the
+    driver SIGTERM, then SIGKILL 3 s later (RAY_JOB_STOP_WAIT_TIME_S): the runs must be ended
+    by then."""
+    import time
+
+    from mlflow import MlflowClient
+
+    job_id = f"stop-{os.getpid()}"
+    args = ["ray_jobs/train.py", "--run-name", "job-stopped"]
+    for item in [*tiny_overrides(tmp_path), "federation.rounds=3"]:
+        args += ["--set", item]
+    submitted = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", f"--address={external_cluster}", "--no-wait",
+         f"--submission-id={job_id}", "--working-dir", ".", "--", "python", *args],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    logs = ""
+    while "round 1/3" not in logs:
+        assert time.monotonic() < deadline, f"no round 1 within {JOB_TIMEOUT_S} s:\n{logs[-4000:]}"
+        time.sleep(2)
+        logs = _ray(external_cluster, "logs", job_id).stdout
+        status = _ray(external_cluster, "status", job_id).stdout
+        assert "RUNNING" in status or "PENDING" in status, status + logs[-4000:]
+    stopped = _ray(external_cluster, "stop", job_id)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    status = _ray(external_cluster, "status", job_id)
+    assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr
+    logs = _ray(external_cluster, "logs", job_id).stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("fedmrg")
+    parents = client.search_runs([experiment.experiment_id],
+                                 "attributes.run_name = 'job-stopped'")
+    assert len(parents) == 1
+    nested = client.search_runs([experiment.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    statuses = [parents[0].info.status, *(r.info.status for r in nested)]
+    assert statuses == ["KILLED"] * 3, logs[-4000:]
+    assert "stopped by SIGTERM; continue run job-stopped" in logs
