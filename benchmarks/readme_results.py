@@ -34,7 +34,7 @@ import fl_mrg
 from _common import ROOT, markdown_table
 
 # The current default's FL-MRG table (3 seeds, diagnosis head sent whole).
-CURRENT_TABLE = Path("benchmarks/results/fl_mrg/whole_head/full.json")
+CURRENT_TABLE = Path("benchmarks/results/fl_mrg/lora_strategies/full.json")
 README = Path("README.md")
 RESULTS_DOC = Path("docs/results.md")
 
