@@ -118,8 +118,12 @@ def test_every_reply_was_recorded(run):
     assert len(result.messages) == len(fits) + len(evals)  # nothing of another kind
     assert sorted((m.round_id, m.center) for m in fits) == [
         (r, c) for r in range(1, ROUNDS + 1) for c in CENTERS]
-    # generalization and personalization on each center's test split
-    assert sorted((m.view, m.center) for m in evals) == [(v, c) for v in VIEWS for c in CENTERS]
+    # generalization and personalization on each center's test split, and the same on its val
+    # split at every validation point (eval.val_every)
+    val_every = run["cfg"].eval.val_every
+    points = 1 + (ROUNDS // val_every if val_every else 0)
+    assert sorted((m.view, m.center) for m in evals) == [
+        (v, c) for v in VIEWS for c in CENTERS for _ in range(points)]
 
 
 @on_the_run
@@ -179,6 +183,8 @@ def allowed_string(path: tuple, value: str, metric_names: set[str],
         return value in VIEWS
     if path in (("lora", "<key>"), ("dense", "<key>")):
         return value in shared
+    if path == ("statistics", "<key>"):  # the names the strategy's payload schema publishes
+        return value in statistic_specs(projection_dim=1)  # names only
     if path == ("metrics", "<key>"):
         return value in metric_names and len(value) <= 48
     return False
