@@ -298,6 +298,12 @@ def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_c
         assert pool.puts == 1
         new = pool.submit_fit("a", RoundPlan(3, {"w": torch.zeros(3, 2)}))
         assert pool.puts == 2 and pool.result(new).metrics["total"] == 0.0
+        # a dict changed after it was put is a new state, not the stored one
+        changed = {"w": torch.zeros(3, 2)}
+        pool.result(pool.submit_fit("a", RoundPlan(4, changed)))
+        changed["w"] = torch.full((3, 2), 2.0)
+        again = pool.submit_fit("a", RoundPlan(5, changed))
+        assert pool.puts == 3 and pool.result(again).metrics["total"] == 12.0
         reply = pool.result(pool.submit_evaluate("b", "test", False, "heldout", None))
         assert reply.center == "heldout" and reply.metrics["got_state"] == 0.0
 
@@ -307,7 +313,7 @@ def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_c
         assert info.value.center == "c"
         with pytest.raises(ClientFailure, match="no such client"):
             pool.submit_fit("zz", RoundPlan(1, state))
-        assert len(pool.received) == 5  # every reply that arrived, the failure excluded
+        assert len(pool.received) == 7  # every reply that arrived, the failure excluded
     finally:
         pool.shutdown()
 

@@ -154,6 +154,22 @@ def test_dense_updates_are_averaged_by_sample_count(rank):
         assert torch.allclose(state[W], mean, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedmrg", "fedprox"])
+def test_a_state_handed_out_never_changes_when_the_next_round_aggregates(strategy_name):
+    # plans, evaluations and the Ray pool's object-store copy may still hold the old state
+    strategy = make_strategy(config(strategy_name, dense_update_rank=2))
+    start = global_state()
+    strategy.initialize(start)
+    before = strategy.global_state()
+    copy = {n: t.clone() for n, t in before.items()}
+    strategy.aggregate_round(1, [make_update(c, start, rank=2) for c in ("a", "b", "c")])
+    after = strategy.global_state()
+    assert after is not before
+    assert before.keys() == copy.keys()
+    assert all(torch.equal(before[n], copy[n]) for n in copy)
+    assert not torch.equal(after[W], before[W]) and not torch.equal(after[A1], before[A1])
+
+
 def test_an_update_without_a_shared_tensor_is_an_error_naming_the_center():
     strategy = make_strategy(config("fedavg"))
     start = global_state()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_coordinator_inprocess import FakeClient, fake_coordinator
 
 from fedmrg.eval.evaluator import EvaluationError, first_studies
@@ -170,6 +171,15 @@ def test_a_tiny_run_logs_validation_points_and_ends_with_the_same_models(ray_clu
     assert "val generalization:" in outs["val"].getvalue()
     summary = json.loads((Path(val.storage_dir) / "summary.json").read_text())
     assert summary["validation"]["evaluations"] == 2 and summary["validation"]["wall_s"] > 0
+    # every client's saved model holds the final global state, not the one an earlier
+    # validation point was sent (the low-rank downlink sends no full state to reuse then)
+    for result in (plain, val):
+        for center_dir in sorted((Path(result.storage_dir) / "models").iterdir()):
+            saved = load_file(center_dir / "modules.safetensors")
+            shared = [n for n in result.global_state if n in saved]
+            assert shared, center_dir
+            for name in shared:
+                assert torch.equal(saved[name], result.global_state[name]), (center_dir, name)
 
 
 def test_the_console_shows_validation_points_and_final_evaluation_progress():

@@ -473,7 +473,9 @@ class RayClientPool:
         if state is None:
             return None
         if not _same_state(state, self._state):
-            self._state, self._state_ref = state, ray.put(state)
+            # a snapshot of the names -> tensors, not the caller's dict: a dict changed after
+            # it was put must not pass for the state the object store holds
+            self._state, self._state_ref = dict(state), ray.put(state)
             self.puts += 1
         return self._state_ref
 
@@ -581,13 +583,11 @@ def stop_actors(actors: Sequence[ActorHandle] | Any, timeout_s: float = 30.0, *,
 
 
 def _same_state(a: Tensors | None, b: Tensors | None) -> bool:
-    """Same object, or the same names with equal tensors (plans may copy the state)."""
-    if a is b:
-        return True
+    """The same names with the same or equal tensors (plans may copy the state)."""
     if a is None or b is None or a.keys() != b.keys():
-        return False
-    return all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
-               for k in a)
+        return a is b
+    return all(a[k] is b[k] or (a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                                and torch.equal(a[k], b[k])) for k in a)
 
 
 # --------------------------------------------------------------------------- the coordinator

@@ -228,7 +228,8 @@ class Strategy:
 
     def global_state(self) -> dict[str, Tensor] | None:
         """What a client loads as the server's model (None for `local`: there is none).
-        The same object until the next aggregation, so plans of one round share it."""
+        The same object until the next aggregation, so plans of one round share it; an
+        aggregation makes a new one and never changes a state already handed out."""
         return self._global
 
     def update_spec(self) -> UpdateSpec:

@@ -152,6 +152,9 @@ class FedAvg(Strategy):
                 raise FederationError(f"center {u.center!r}: num_samples {u.num_samples!r} is "
                                       f"not a positive integer")
         metrics = {"clients": float(len(updates)), "weight_total": float(sum(weights))}
+        # A state handed out (`global_state`) never changes: plans, evaluations and the
+        # client pool's object-store copy may still hold it, so the round writes a new dict.
+        self._global = dict(self._global)
         metrics.update(self._aggregate_lora(updates, weights))
         metrics.update(self._aggregate_dense(updates, weights))
         self._plan_state = None
