@@ -41,6 +41,12 @@ aggregation send the same bytes):
 - fedavg strategy: the product's `fedavg` baseline (LoRA factors + dense shared updates).
 - full model: every parameter (and shared buffer) of the model, in the wire dtype.
 
+Per-client GPU memory at paper scale (``--memory``, written to benchmarks/results/memory.json
+instead): one row per way of loading the frozen 7B decoder (float32, bfloat16, bfloat16 with
+gradient checkpointing, 4-bit and 8-bit quantized with checkpointing), estimated from the
+shapes of the meta-device paper model by `fedmrg.model.memory.training_memory` (its
+docstring says what each part counts). benchmarks/gpu_scale.py measures the peak on a GPU.
+
 Target (issue 6): a round under 1% of the full model at paper scale, judged on up + down
 (delta) per client, against the full model in the same wire dtype; up + down (full) is
 reported beside it (a client's round after it missed one). Prints tables and writes JSON.
@@ -78,6 +84,18 @@ from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import describe_parameter_groups, get_shared_state
 
 DEFAULT_OUT = RESULTS / "comm.json"
+MEMORY_OUT = RESULTS / "memory.json"
+# (setting, overrides of the paper preset): how the frozen base LM is held
+MEMORY_SETTINGS = (
+    ("float32", ["model.lm_dtype=float32", "model.gradient_checkpointing=false"]),
+    ("bfloat16", ["model.lm_dtype=bfloat16", "model.gradient_checkpointing=false"]),
+    ("bfloat16 + checkpointing", ["model.lm_dtype=bfloat16",
+                                  "model.gradient_checkpointing=true"]),
+    ("8-bit + checkpointing", ["model.lm_dtype=bfloat16", "model.lm_quantization=8bit",
+                               "model.gradient_checkpointing=true"]),
+    ("4-bit + checkpointing", ["model.lm_dtype=bfloat16", "model.lm_quantization=4bit",
+                               "model.gradient_checkpointing=true"]),
+)
 TARGET_FRACTION = 0.01
 NUM_OBSERVATIONS, NUM_STATES = 14, 4
 
@@ -243,6 +261,28 @@ def paper_scale_row(rank: int, aggregation: str, wire: str, clients: int) -> dic
             "clients": clients, "counted": shape_counts(model, cfg, clients)}
 
 
+def memory_rows() -> list[dict[str, Any]]:
+    """Per-client GPU memory at paper scale for each `MEMORY_SETTINGS` row (from shapes)."""
+    from fedmrg.model.memory import training_memory
+
+    rows = []
+    for setting, overrides in MEMORY_SETTINGS:
+        cfg = load_config("paper", overrides)
+        estimate = training_memory(paper_model(cfg), cfg)
+        rows.append({"setting": setting, "overrides": overrides, "gib": estimate.gib(),
+                     "batch_size": cfg.data.batch_size,
+                     "max_report_tokens": cfg.data.max_report_tokens})
+    return rows
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    parts = [k for k in rows[0]["gib"] if k != "total"]
+    header = ["frozen 7B decoder", *[f"{p} GiB" for p in parts], "total GiB"]
+    body = [[r["setting"], *[f"{r['gib'][p]:.2f}" for p in parts], f"{r['gib']['total']:.1f}"]
+            for r in rows]
+    return markdown_table(header, body, "l" + "r" * (len(parts) + 1))
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -287,10 +327,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override of the default scale, section.key=value")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--memory", action="store_true",
+                        help="per-client GPU memory at paper scale per way of loading the "
+                             "decoder, from shapes (writes --out, default memory.json)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     machine = machine_info()
     started = time.perf_counter()
+    if args.memory:
+        out = args.out or MEMORY_OUT
+        rows = memory_rows()
+        text = memory_table(rows)
+        print(text)
+        record = {"command": command_line("comm.py", argv), "machine": machine,
+                  "wall_s": time.perf_counter() - started, "measured": False,
+                  "source": "fedmrg.model.memory.training_memory on the meta-device paper "
+                            "model (shapes only)", "results": rows, "table": text}
+        write_json(out, record)
+        print(f"wrote {out}")
+        return record
+    args.out = args.out or DEFAULT_OUT
     torch.manual_seed(args.seed)
 
     rows = []

@@ -105,6 +105,8 @@ class ModelConfig:
     encoder: str = _f("resnet10t", "timm model name of the vision encoder")
     encoder_kwargs: dict = _f({}, "extra kwargs for timm.create_model (e.g. widths)")
     pretrained: bool = _f(False, "load pretrained encoder weights (local cache or hub)")
+    encoder_checkpoint: str = _f("", "a local timm checkpoint file (.safetensors, .pth, .bin) "
+                                     "with the encoder's pretrained weights (empty: none)")
     in_chans: int = _f(1, "image channels fed to the encoder", choices=(1, 3))
     freeze_encoder: bool = _f(False, "freeze the encoder (paper scale: true)")
     local_batchnorm: bool = _f(True, "keep a trained encoder's BatchNorm layers (weights and "
@@ -112,6 +114,14 @@ class ModelConfig:
     encoder_lora_rank: int = _f(0, "LoRA rank on a frozen encoder (0: none)", min=0)
     visual_tokens: int = _f(4, "visual tokens the projector produces", min=1, max=256)
     lm: str = _f("builtin:tiny-llama", "causal LM: 'builtin:tiny-llama', an HF id or a path")
+    lm_dtype: str = _f("float32", "dtype of the frozen base LM's weights (bfloat16 halves its "
+                                  "memory; the adapters train in float32)",
+                       choices=("float32", "bfloat16", "float16"))
+    lm_quantization: str = _f("none", "load the frozen base LM quantized with bitsandbytes "
+                                      "(QLoRA; CUDA only, `pip install bitsandbytes`)",
+                              choices=("none", "4bit", "8bit"))
+    gradient_checkpointing: bool = _f(False, "recompute the LM's activations in the backward "
+                                             "pass (less memory, ~30% more time)")
     lm_cache: str = _f("~/.cache/fedmrg/lm", "where the builtin base LM is cached")
     lm_hidden_size: int = _f(128, "builtin LM hidden size", min=16)
     lm_layers: int = _f(2, "builtin LM layers", min=1)
@@ -124,8 +134,9 @@ class ModelConfig:
     # benchmarks/centralized.py's sweep preferred attention+MLP, rank 16, lr 5e-3 on pooled
     # data; in the default federated run the same values made the generic model worse
     # (BLEU-4 0.054 -> 0.008), so the federated defaults stay attention-only, rank 8, 2e-3.
-    lora_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 "decoder modules that get the adapters")
+    lora_targets: list[str] = _f([], "decoder modules that get the adapters ([]: the "
+                                     "attention projections of the LM's architecture, "
+                                     "fedmrg.model.lora_targets)")
     specialized_adapter: bool = _f(True, "train a private specialized adapter")
     diagnosis_prompts: bool = _f(True, "prepend the diagnosis prompt to the visual tokens")
     prompt_teacher_forcing: float = _f(1.0, "probability of ground-truth labels as the prompt "
@@ -217,6 +228,13 @@ class ResourcesConfig:
                                    "centers on one machine); >1 needs pin_centers false", min=1)
     pin_centers: bool = _f(False, "require custom resource center_<id> on a client's node")
     max_restarts: int = _f(2, "client actor restarts after a crash", min=0)
+    gpus_per_center: int = _f(0, "GPUs of one center trained together: > 1 makes the client "
+                                 "actor train each round's local steps as a Ray Train "
+                                 "TorchTrainer run with one worker per GPU (0 or 1: the "
+                                 "actor trains itself on num_gpus_per_client)", min=0)
+    workers_per_center: int = _f(1, "Ray Train workers of a center without GPUs (gloo): > 1 "
+                                    "trains its local steps data-parallel on that many CPU "
+                                    "workers of num_cpus_per_client each", min=1)
     ray_address: str = _f("", "Ray cluster address: host:port, ray://..., 'auto' (the cluster "
                               "`ray start` left running on this machine) or 'local' (empty: "
                               "RAY_ADDRESS, else a private local cluster)")
@@ -361,6 +379,18 @@ def _validate_cross(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"resources.clients_per_actor ({cfg.resources.clients_per_actor}) must be 1 when "
             f"resources.pin_centers is true: each center's client runs on its own data's node")
+    m, r = cfg.model, cfg.resources
+    if m.lm_quantization != "none" and (
+            cfg.device == "cpu" or (cfg.device == "auto" and r.num_gpus_per_client == 0)):
+        raise ConfigError(
+            f"model.lm_quantization={m.lm_quantization!r} needs CUDA (bitsandbytes) but the "
+            f"clients run on the CPU (device={cfg.device!r}, resources.num_gpus_per_client="
+            f"{r.num_gpus_per_client:g}): give them GPUs, or use model.lm_dtype=bfloat16")
+    if r.gpus_per_center > 1 and r.workers_per_center > 1:
+        raise ConfigError(
+            f"resources.workers_per_center={r.workers_per_center} with resources."
+            f"gpus_per_center={r.gpus_per_center}: a center with GPUs has one Ray Train worker "
+            f"per GPU; set workers_per_center only for CPU-only centers")
     if cfg.data.source == "phantom" and cfg.data.centers:
         n = cfg.data.phantom.centers
         known = {chr(ord("a") + i) for i in range(n)}

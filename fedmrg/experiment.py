@@ -575,6 +575,7 @@ class Experiment:
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
         from fedmrg.fl.checkpoint import prune_client_checkpoints, run_fingerprint
         from fedmrg.fl.strategies import make_strategy
+        from fedmrg.model.preflight import check_model_inputs
         from fedmrg.output_paths import check_output_paths
         from fedmrg.ray_cluster import check_cluster_fits, connect
         from fedmrg.tracking import default_run_name
@@ -590,6 +591,7 @@ class Experiment:
                                                                     run_name=run_name))
         run_dir = Path(cfg.tracking.storage_path) / run_name
         check_output_paths(cfg)  # before Ray and any training: a bad path fails in seconds
+        check_model_inputs(cfg.model)  # the LM, its LoRA targets, the encoder's weights file
         started = (run_dir / RUN_CONFIG).is_file()
         if self.resume and not started:
             raise ExperimentError(f"nothing to resume: no run {run_name!r} at {run_dir} (no "

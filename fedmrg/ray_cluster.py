@@ -164,11 +164,27 @@ def check_cluster_fits(cfg: ExperimentConfig, clients: Mapping[str, list[str] | 
     """`fedmrg.fl.placement.check_fits` for the run's client actors on this cluster: raises
     `ClusterTooSmallError` (a `ConfigError`) naming the keys to change, or logs it as a warning
     on an autoscaling cluster (`cluster_autoscales`)."""
-    from fedmrg.fl.placement import check_fits, resource_demand
+    import ray
 
+    from fedmrg.fl.placement import (
+        ClusterTooSmallError,
+        check_center_gpus,
+        check_fits,
+        resource_demand,
+    )
+
+    autoscaling = cluster_autoscales(cfg.resources)
     for warning in check_fits(resource_demand(cfg, clients), cluster_resources,
-                              autoscaling=cluster_autoscales(cfg.resources)):
+                              autoscaling=autoscaling):
         log.warning(warning)
+    if cfg.resources.gpus_per_center > 1:
+        node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes()
+                     if n.get("Alive")]
+        problem = check_center_gpus(cfg.resources, node_gpus)
+        if problem and autoscaling:
+            log.warning("%s (the cluster adds nodes on demand: starting anyway)", problem)
+        elif problem:
+            raise ClusterTooSmallError(problem)
 
 
 # --------------------------------------------------------------------------- what waits

@@ -155,10 +155,11 @@ class FederatedClient:
         self.eval_samples = ev.samples if eval_samples is None else eval_samples
         self.data_cfg = dataclasses.replace(cfg.data, root=self.root)
 
-        lm, tokenizer = load_base_lm(cfg.model)
+        device = _device(cfg.device)
+        lm, tokenizer = load_base_lm(cfg.model, device=device)  # a quantized LM loads there
         self.model = MRGModel.from_config(cfg.model, lm, tokenizer, seed=seed,
                                           max_report_tokens=cfg.data.max_report_tokens)
-        self.model.to(_device(cfg.device))
+        self.model.to(device)
         # the strategy's client half (`fl.strategies`): what to load, train, keep and send
         self.strategy = make_client_strategy(cfg)
         self.strategy.prepare_model(self.model)

@@ -52,6 +52,43 @@ def client_actor_options(resources: ResourcesConfig, center: str | None) -> dict
     return options
 
 
+@dataclass(frozen=True)
+class TrainWorkers:
+    """The Ray Train workers one center's local round runs on (`fedmrg.fl.ddp`): `count` > 1
+    means a TorchTrainer run per round, each worker holding `cpus` and `gpus`."""
+
+    count: int
+    cpus: float
+    gpus: float
+
+    @property
+    def distributed(self) -> bool:
+        return self.count > 1
+
+
+def train_workers(resources: ResourcesConfig) -> TrainWorkers:
+    """One worker per GPU of `resources.gpus_per_center` (> 1), else
+    `resources.workers_per_center` CPU workers (gloo); each takes num_cpus_per_client CPUs."""
+    if resources.gpus_per_center > 1:
+        return TrainWorkers(resources.gpus_per_center, resources.num_cpus_per_client, 1.0)
+    return TrainWorkers(resources.workers_per_center, resources.num_cpus_per_client, 0.0)
+
+
+def check_center_gpus(resources: ResourcesConfig, node_gpus: Sequence[float]) -> str | None:
+    """A center's GPUs must be on one node: its Ray Train workers (one per GPU) and its client
+    actor's own share. The problem as a one-line message naming the key (None: it fits)."""
+    if resources.gpus_per_center <= 1:
+        return None
+    need = resources.gpus_per_center + resources.num_gpus_per_client
+    most = max(node_gpus, default=0.0)
+    if need <= most + _EPS:
+        return None
+    return (f"resources.gpus_per_center={resources.gpus_per_center} (+ "
+            f"resources.num_gpus_per_client={_fmt(resources.num_gpus_per_client)} for the "
+            f"client actor) needs {_fmt(need)} GPUs on one node; the largest node has "
+            f"{_fmt(most)}")
+
+
 def actor_groups(client_ids: Sequence[str], clients_per_actor: int) -> list[list[str]]:
     """The clients each actor hosts: consecutive runs of `clients_per_actor` in the given
     order (the last group may be smaller)."""
@@ -89,12 +126,16 @@ class ResourceDemand:
     clients_per_actor: int
     pin_centers: bool
     custom: dict[str, float] = field(default_factory=dict)  # e.g. center_a: 1
+    # Ray Train workers of a distributed center (`train_workers`), while its round trains
+    # (the round's clients train at once, each with its own workers)
+    workers: TrainWorkers = field(default_factory=lambda: TrainWorkers(1, 0.0, 0.0))
 
     @property
     def total(self) -> dict[str, float]:
-        out = {"CPU": self.actors * (self.cpus_per_actor + self.stream_cpus_per_task)
-               + self.coordinator_cpus,
-               "GPU": self.actors * self.gpus_per_actor}
+        w = self.workers if self.workers.distributed else TrainWorkers(0, 0.0, 0.0)
+        out = {"CPU": self.actors * (self.cpus_per_actor + self.stream_cpus_per_task
+                                     + w.count * w.cpus) + self.coordinator_cpus,
+               "GPU": self.actors * (self.gpus_per_actor + w.count * w.gpus)}
         out.update(self.custom)
         return out
 
@@ -115,7 +156,8 @@ def resource_demand(cfg: ExperimentConfig, clients: Mapping[str, list[str] | Non
         stream_cpus_per_task=float(cfg.data.stream_cpus_per_task),
         stream_max_tasks=cfg.data.stream_max_tasks, coordinator_cpus=COORDINATOR_NUM_CPUS,
         clients_per_actor=cfg.resources.clients_per_actor,
-        pin_centers=cfg.resources.pin_centers, custom=custom)
+        pin_centers=cfg.resources.pin_centers, custom=custom,
+        workers=train_workers(cfg.resources))
 
 
 def _floor(value: float, digits: int = 2) -> float:
@@ -150,9 +192,11 @@ def _cpu_problem(d: ResourceDemand, have: float) -> str | None:
                 break
     fixes.append(f"give the cluster at least {_fmt(need)} CPUs (ray start --num-cpus)")
     hosts = "" if d.clients_per_actor == 1 else f" ({d.clients} clients)"
+    workers = (f" + {d.workers.count} Ray Train workers x {_fmt(d.workers.cpus)} CPU "
+               f"[resources.workers_per_center/gpus_per_center]" if d.workers.distributed else "")
     return (f"{d.actors} client actors{hosts} x ({_fmt(d.cpus_per_actor)} CPU "
             f"[resources.num_cpus_per_client] + {_fmt(d.stream_cpus_per_task)} CPU for one "
-            f"data-stream task [data.stream_cpus_per_task]) + coordinator "
+            f"data-stream task [data.stream_cpus_per_task]{workers}) + coordinator "
             f"{_fmt(d.coordinator_cpus)} CPU need {_fmt(need)} CPUs, the cluster has "
             f"{_fmt(have)}: " + ", or ".join(fixes))
 
@@ -169,8 +213,10 @@ def _gpu_problem(d: ResourceDemand, have: float) -> str | None:
                          f"a GPU)")
     fixes.append("set resources.num_gpus_per_client=0 (train on CPUs)")
     fixes.append(f"give the cluster at least {_fmt(need)} GPUs")
-    return (f"{d.actors} client actors x {_fmt(d.gpus_per_actor)} GPU "
-            f"[resources.num_gpus_per_client] need {_fmt(need)} GPUs, the cluster has "
+    workers = (f" + {d.workers.count} Ray Train workers x 1 GPU [resources.gpus_per_center]"
+               if d.workers.gpus else "")
+    return (f"{d.actors} client actors x ({_fmt(d.gpus_per_actor)} GPU "
+            f"[resources.num_gpus_per_client]{workers}) need {_fmt(need)} GPUs, the cluster has "
             f"{_fmt(have)}: " + ", or ".join(fixes))
 
 

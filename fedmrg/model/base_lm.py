@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
@@ -316,11 +317,60 @@ def _load_error(what: str, path: str | Path, e: Exception) -> BaseLMError:
         f"{BUILTIN_TINY_LLAMA!r} or a local path. Cause: {type(e).__name__}: {e}")
 
 
-def load_causal_lm(path: str | Path) -> PreTrainedModel:
-    """An HF causal LM from a hub id (cached offline) or a folder, in float32, frozen."""
-    quiet_weight_bars()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantization_config(quantization: str, dtype: str) -> Any:
+    """transformers' `BitsAndBytesConfig` for `model.lm_quantization` (None for "none"):
+    NF4 with double quantization for 4-bit (QLoRA's recipe), computing in `dtype` (bfloat16
+    when the weights' dtype is float32: a 4-bit matmul in float32 only costs time)."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[dtype] if dtype != "float32" else torch.bfloat16
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise BaseLMError(f"model.lm_quantization: {quantization!r} is not one of "
+                      f"['none', '4bit', '8bit']")
+
+
+def check_quantization_device(quantization: str, device: str | torch.device | None) -> None:
+    """A quantized base LM needs CUDA and bitsandbytes: say which is missing, naming the key."""
+    if quantization == "none":
+        return
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise BaseLMError(
+            f"model.lm_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); this "
+            f"client runs on {device or 'cpu'}: give the clients GPUs "
+            f"(resources.num_gpus_per_client) or set model.lm_quantization=none with "
+            f"model.lm_dtype=bfloat16")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise BaseLMError(f"model.lm_quantization={quantization!r} needs the bitsandbytes "
+                          f"package: pip install 'fedmrg[gpu]' (or bitsandbytes)") from e
+
+
+def load_causal_lm(path: str | Path, *, dtype: str = "float32", quantization: str = "none",
+                   device: str | torch.device | None = None) -> PreTrainedModel:
+    """An HF causal LM from a hub id (cached offline) or a folder, frozen, its weights in
+    `dtype` (`model.lm_dtype`), or quantized (`model.lm_quantization`: loaded straight onto
+    `device`, which must be CUDA; unquantized models load on the CPU and the caller moves
+    them)."""
+    if dtype not in DTYPES:
+        raise BaseLMError(f"model.lm_dtype: {dtype!r} is not one of {list(DTYPES)}")
+    check_quantization_device(quantization, device)
+    quiet_weight_bars()
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    quant = quantization_config(quantization, dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": torch.device(device).index or 0})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error("causal LM", path, e) from e
     return _freeze(model)
@@ -346,22 +396,83 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the tokeni
     return tokenizer
 
 
-def load_pretrained_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`load_causal_lm` + `load_tokenizer` from the same id or folder."""
-    return load_causal_lm(path), load_tokenizer(path)
-
-
 def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[CorpusEntry] | None = None,
-                 recipe: WarmupRecipe = WarmupRecipe()) -> (
+                 recipe: WarmupRecipe = WarmupRecipe(),
+                 device: str | torch.device | None = None) -> (
         tuple[PreTrainedModel, PreTrainedTokenizerBase]):
-    """The frozen base LM and its tokenizer for `cfg.lm` (builtin: built once, then cached).
+    """The frozen base LM and its tokenizer for `cfg.lm` (builtin: built once, then cached),
+    in `cfg.lm_dtype` or quantized per `cfg.lm_quantization` onto `device` (CUDA).
+    (`cfg.gradient_checkpointing` is turned on by `MRGModel`, which knows the adapters.)
 
     `corpus` overrides the builtin's warm-up corpus (default: the phantom neutral studies,
     each with its diagnosis prompt; plain report strings warm up without prompts).
     """
+    path: str | Path = cfg.lm
     if cfg.lm.startswith("builtin:"):
         if cfg.lm != BUILTIN_TINY_LLAMA:
             raise BaseLMError(f"model.lm: unknown builtin LM {cfg.lm!r}; the builtin one is "
                               f"{BUILTIN_TINY_LLAMA!r}")
-        return load_pretrained_lm(_builtin_path(cfg, corpus, recipe))
-    return load_pretrained_lm(cfg.lm)
+        path = _builtin_path(cfg, corpus, recipe)
+    model = load_causal_lm(path, dtype=cfg.lm_dtype, quantization=cfg.lm_quantization,
+                           device=device)
+    return model, load_tokenizer(path)
+
+
+def lm_source_config(name: str) -> Any:
+    """The HF config of `model.lm` (a folder or a hub id), read without weights: a one-line
+    `BaseLMError` naming the key and value for a folder without config.json or an id that is
+    neither a folder nor in the Hugging Face cache (nor downloadable when online)."""
+    from transformers import AutoConfig
+
+    folder = Path(os.path.expanduser(name))
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise BaseLMError(f"model.lm={name!r}: the folder has no config.json (a Hugging Face "
+                          f"model folder holds config.json, the weights and the tokenizer)")
+    if not folder.is_dir() and (name.startswith(("/", "./", "../", "~"))
+                                or name.count("/") > 1):
+        raise BaseLMError(f"model.lm={name!r}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(str(folder) if folder.is_dir() else name)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise BaseLMError(
+            f"model.lm={name!r}: not a local folder and not in the Hugging Face cache"
+            + (" (downloads are off: HF_HUB_OFFLINE=1)" if offline else "")
+            + f"; download it first (hf download {name}) or point model.lm at a folder "
+            f"({type(e).__name__})") from e
+
+
+def lm_module_names(name: str) -> tuple[str, list[str]]:
+    """(model_type, the LoRA-adaptable module names) of `model.lm`, from its config on the
+    meta device: no weights are read or allocated, so a 7B LM is checked in a second."""
+    return _module_names(lm_source_config(name))
+
+
+def _module_names(config: Any) -> tuple[str, list[str]]:
+    from fedmrg.model.lora_targets import adaptable_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return config.model_type, adaptable_modules(model)
+
+
+def check_base_lm(cfg: ModelConfig) -> str:
+    """Before any actor starts: `model.lm` resolves (a folder with a config, or a cached id)
+    and every LoRA target matches a module of it. Returns the LM's model_type. The builtin LM
+    is checked on a one-layer Llama of its shape (the cached build is not needed)."""
+    from fedmrg.model.lora_targets import check_lora_targets, resolve_lora_targets
+
+    if cfg.lm.startswith("builtin:"):
+        if cfg.lm != BUILTIN_TINY_LLAMA:
+            raise BaseLMError(f"model.lm: unknown builtin LM {cfg.lm!r}; the builtin one is "
+                              f"{BUILTIN_TINY_LLAMA!r}")
+        config = LlamaConfig(vocab_size=64, hidden_size=cfg.lm_hidden_size,
+                             intermediate_size=cfg.lm_hidden_size, num_hidden_layers=1,
+                             num_attention_heads=cfg.lm_heads)
+        where = "the builtin Llama"
+    else:
+        config, where = lm_source_config(cfg.lm), repr(cfg.lm)
+    model_type, names = _module_names(config)
+    targets = resolve_lora_targets(model_type, cfg.lora_targets)
+    check_lora_targets(targets.modules, names, f"{where} ({model_type})")
+    return model_type

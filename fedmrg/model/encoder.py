@@ -8,6 +8,9 @@ optional peft LoRA adapter named `encoder` on its Linear/Conv2d layers.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import timm
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -23,12 +26,18 @@ class EncoderError(ValueError):
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """`timm.create_model(cfg.encoder, ...)` with a pooled (N, F) output and clear errors."""
+    """`timm.create_model(cfg.encoder, ...)` with a pooled (N, F) output and clear errors.
+
+    Pretrained weights come from `model.encoder_checkpoint` (a local file, read by timm's own
+    loader: the classifier is dropped and the stem adapted to `in_chans`), else from timm's
+    source when `model.pretrained`, else none (random initialization)."""
     if not timm.is_model(cfg.encoder):
         close = timm.list_models(f"*{cfg.encoder.split('_')[0]}*")[:10]
         raise EncoderError(f"model.encoder: {cfg.encoder!r} is not a timm model"
                            + (f"; similar names: {close}" if close else ""))
     kwargs = dict(num_classes=0, in_chans=cfg.in_chans, **cfg.encoder_kwargs)
+    if cfg.encoder_checkpoint:
+        return _from_checkpoint(cfg, kwargs)
     if not cfg.pretrained:
         try:
             return timm.create_model(cfg.encoder, pretrained=False, **kwargs)
@@ -41,8 +50,33 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         raise EncoderError(
             f"model.pretrained=true but pretrained weights for {cfg.encoder!r} are not available: "
             f"{type(e).__name__}: {e}. Offline (no network or HF_HUB_OFFLINE=1), put the weights "
-            f"in the Hugging Face cache, point encoder_kwargs.pretrained_cfg_overlay="
-            f"{{file: /path/to/weights}} at a local file, or set model.pretrained=false") from e
+            f"in the Hugging Face cache, set model.encoder_checkpoint to a local weights file, "
+            f"or set model.pretrained=false") from e
+
+
+def check_encoder_checkpoint(cfg: ModelConfig) -> None:
+    """`model.encoder_checkpoint` names a readable file (checked before any actor starts)."""
+    if not cfg.encoder_checkpoint:
+        return
+    path = Path(os.path.expanduser(cfg.encoder_checkpoint))
+    if not path.is_file():
+        raise EncoderError(f"model.encoder_checkpoint={cfg.encoder_checkpoint!r}: no such file")
+    if not os.access(path, os.R_OK):
+        raise EncoderError(f"model.encoder_checkpoint={cfg.encoder_checkpoint!r}: not readable")
+
+
+def _from_checkpoint(cfg: ModelConfig, kwargs: dict) -> nn.Module:
+    check_encoder_checkpoint(cfg)
+    path = str(Path(os.path.expanduser(cfg.encoder_checkpoint)))
+    overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": path}
+    try:
+        return timm.create_model(cfg.encoder, pretrained=True, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except Exception as e:  # a wrong file: torch/safetensors read errors, key/shape mismatches
+        first = str(e).strip().splitlines()
+        raise EncoderError(f"model.encoder_checkpoint={cfg.encoder_checkpoint!r}: not weights "
+                           f"of {cfg.encoder!r} with {cfg.encoder_kwargs or 'default'} kwargs: "
+                           f"{type(e).__name__}: {' '.join(first[:2])[:300]}") from e
 
 
 def _lora_target_names(backbone: nn.Module) -> list[str]:

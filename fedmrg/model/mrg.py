@@ -21,8 +21,9 @@ generic + specialized (serves the center itself), each with its LM loss, tied by
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,12 @@ from fedmrg.data.transforms import tokenize_reports
 from fedmrg.model.base_lm import ensure_pad_token, load_base_lm
 from fedmrg.model.encoder import VisionEncoder
 from fedmrg.model.heads import DiagnosisHead, ProjectionHead, Projector
+from fedmrg.model.lora_targets import (
+    LoraTargetError,
+    adaptable_modules,
+    check_lora_targets,
+    resolve_lora_targets,
+)
 from fedmrg.model.losses import (
     client_aware_contrastive_loss,
     compute_prototypes,
@@ -92,6 +99,17 @@ class MRGModel(nn.Module):
         self._active: tuple[str, ...] = ()
         self.last_states: torch.Tensor | None = None  # diagnosis states of the last generate()
         self.last_tokens: torch.Tensor | None = None  # token ids the last generate() produced
+        if cfg.gradient_checkpointing:
+            # Per decoder layer, non-reentrant (the frozen LM's own inputs need no grad). The
+            # two decoder passes of a step use different adapters, and a layer is recomputed
+            # in the backward pass after both ran: `context_fn` makes each recomputation run
+            # with the adapters its forward pass had.
+            lm = decoder.get_base_model()
+            kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ----------------------------------------------------------------------- building
 
@@ -139,12 +157,29 @@ class MRGModel(nn.Module):
         """
         if personalized and not self.cfg.specialized_adapter:
             raise ModelInputError("personalized=True but model.specialized_adapter is false")
-        names = (GENERIC, SPECIALIZED) if personalized else (GENERIC,)
+        self._activate((GENERIC, SPECIALIZED) if personalized else (GENERIC,))
+
+    def _activate(self, names: tuple[str, ...]) -> None:
         if names == self._active:
             return
         self.decoder.base_model.set_adapter(list(names))
         self.decoder.set_requires_grad(self.adapter_names, requires_grad=True)
         self._active = names
+
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager,
+                                            contextlib.AbstractContextManager]:
+        """(forward, recomputation) contexts of one checkpointed layer call (torch's
+        `context_fn`): the recomputation runs with the adapters active at its forward."""
+        return contextlib.nullcontext(), self._adapters_as(self._active)
+
+    @contextlib.contextmanager
+    def _adapters_as(self, names: tuple[str, ...]) -> Iterator[None]:
+        current = self._active
+        self._activate(names)
+        try:
+            yield
+        finally:
+            self._activate(current)
 
     # ----------------------------------------------------------------------- pieces
 
@@ -224,7 +259,8 @@ class MRGModel(nn.Module):
         out = self.decoder(inputs_embeds=seq.embeds, attention_mask=seq.attention_mask,
                            position_ids=seq.position_ids, logits_to_keep=seq.report_len + 1,
                            use_cache=False)
-        return out.logits[:, :-1]  # position t predicts token t + 1
+        # position t predicts token t + 1; float32 for the losses whatever the LM's dtype
+        return out.logits[:, :-1].float()
 
     def _report_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "input_ids" in batch:
@@ -375,18 +411,22 @@ class MRGModel(nn.Module):
 
 
 def wrap_decoder(base_lm: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
-    """The frozen LM with LoRA adapters `generic` (+ `specialized`) on `cfg.lora_targets`."""
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+    """The frozen LM with LoRA adapters `generic` (+ `specialized`) on `cfg.lora_targets`, or
+    on the attention projections of the LM's architecture when that list is empty
+    (`fedmrg.model.lora_targets`). The adapters are float32 whatever the base LM's dtype
+    (peft's `autocast_adapter_dtype`)."""
+    model_type = getattr(base_lm.config, "model_type", "")
     try:
-        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            decoder = get_peft_model(base_lm, lora, adapter_name=GENERIC)
-    except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in base_lm.named_modules()
-                        if isinstance(m, nn.Linear)})
-        raise ModelInputError(f"model.lora_targets {cfg.lora_targets}: not found in the LM "
-                              f"({e}); its Linear modules are {names}") from e
+        targets = resolve_lora_targets(model_type, cfg.lora_targets)
+        check_lora_targets(targets.modules, adaptable_modules(base_lm), f"the LM ({model_type})")
+    except LoraTargetError as e:
+        raise ModelInputError(str(e)) from e
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(targets.modules),
+                      fan_in_fan_out=targets.fan_in_fan_out, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        decoder = get_peft_model(base_lm, lora, adapter_name=GENERIC)
     if cfg.specialized_adapter:
         decoder.add_adapter(SPECIALIZED, lora)
     decoder.base_model.set_adapter([GENERIC])
