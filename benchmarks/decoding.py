@@ -30,6 +30,8 @@ from typing import Any
 import _common  # noqa: F401  (first: sets the environment before torch loads)
 import numpy as np
 
+from fedmrg.choices import View, choice_values
+
 DEFAULT_OUT = _common.RESULTS / "decoding"
 # Each variant sets both remedies, so the table does not depend on the run's config defaults.
 VARIANTS = (
@@ -41,7 +43,7 @@ VARIANTS = (
     "no-repeat-4+penalty-1.2:eval.no_repeat_ngram_size=4,eval.repetition_penalty=1.2",
 )
 KEYS = ("ce_f1_macro", "bleu4", "distinct_1", "distinct_2", "rep_4")
-VIEWS = ("generalization", "personalization")
+VIEWS = tuple(choice_values(View))
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

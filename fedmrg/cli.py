@@ -276,8 +276,9 @@ def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...],
                  json_path: Path | None, overrides: tuple[str, ...]) -> None:
     """Evaluate a finished run's models (<tracking.storage_path>/<run name>) on a dataset:
     generalization (generic model) and personalization (each center's own model)."""
+    from fedmrg.choices import View
     from fedmrg.eval.evaluator import metrics_table
-    from fedmrg.experiment import TABLE_KEYS, VIEWS, ExperimentError, evaluate_run
+    from fedmrg.experiment import TABLE_KEYS, ExperimentError, evaluate_run
     from fedmrg.output_paths import file_problem
 
     if json_path is not None and (problem := file_problem(json_path)):
@@ -287,7 +288,7 @@ def evaluate_cmd(run_dir: Path, data_root: str | None, centers: tuple[str, ...],
                               overrides=overrides)
     except ExperimentError as e:
         _fail(str(e))
-    for view in VIEWS:
+    for view in View:
         rows = [{"center": c, **m} for c, m in result[view]["per_center"].items()]
         rows.append({"center": "mean", **result[view]["mean"]})
         click.echo(f"{view} ({split} split)")

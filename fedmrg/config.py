@@ -5,7 +5,9 @@ tracking). Every default is written once, here. Presets live in `fedmrg/configs/
 override; `--set section.key=value` overrides on top. An unknown key, a wrong type or an
 out-of-range value raises `ConfigError` naming the key and what is allowed.
 
-Field metadata: `help` (shown by `fedmrg config --help-keys`), `choices`, `min`, `max`.
+Field metadata: `help` (shown by `fedmrg config --help-keys`), `choices`, `min`, `max`. A key
+whose type is a `StrEnum` of `fedmrg.choices` accepts exactly that enum's values and holds the
+member (which equals its value); `to_dict`/`flat` give plain values.
 """
 
 from __future__ import annotations
@@ -15,11 +17,23 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fedmrg.choices import (
+    AggregationMethod,
+    DataSource,
+    Device,
+    NormAction,
+    OnBadRow,
+    ServerOptimizer,
+    WireDtype,
+    choice_values,
+    plain,
+)
 from fedmrg.fl.strategies import strategy_names  # reads names only: no torch, no cycle
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -56,8 +70,8 @@ class PhantomConfig:
 @dataclass
 class DataConfig:
     root: str = _f("data/phantom-v1", "dataset root (<root>/center=<id>/, manifest.json)")
-    source: str = _f("phantom", "where the dataset comes from when `root` is missing",
-                     choices=("phantom", "path"))
+    source: DataSource = _f(DataSource.PHANTOM, "where the dataset comes from when `root` is "
+                                                "missing")
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     centers: list[str] = _f([], "centers that take part (empty: every center in the manifest "
                                  "except 'heldout')")
@@ -68,8 +82,8 @@ class DataConfig:
                                 "reports are truncated)", min=8)
     batch_size: int = _f(16, "training batch size per client", min=1)
     augment: bool = _f(True, "train-time augmentation (random crop/shift, contrast jitter)")
-    on_error: str = _f("raise", "bad rows: 'raise' names file and row, 'skip' skips and counts",
-                       choices=("raise", "skip"))
+    on_error: OnBadRow = _f(OnBadRow.RAISE, "bad rows: 'raise' names file and row, 'skip' skips "
+                                            "and counts")
     cache_decoded: bool | None = _f(None, "keep decoded pixels in the object store across "
                                           "epochs (null: when they fit in 512 MiB)")
     stream_cpus_per_task: float = _f(0.25, "logical CPUs each Ray Data task of a stream asks "
@@ -171,7 +185,7 @@ class FederationConfig:
     fraction: float = _f(1.0, "fraction of clients sampled per round", min=0, max=1)
     min_clients: int = _f(1, "replies needed to close a round", min=1)
     round_deadline_s: float = _f(0.0, "round deadline in seconds (0: wait for all)", min=0)
-    aggregation: str = _f("exact", "LoRA aggregation", choices=("exact", "fedavg", "stack"))
+    aggregation: AggregationMethod = _f(AggregationMethod.EXACT, "LoRA aggregation")
     dense_update_rank: int = _f(8, "truncated-SVD rank of dense shared updates (0: dense)",
                                 min=0)
     download_rank: int = _f(8, "rank of the low-rank round change of dense shared tensors sent "
@@ -183,16 +197,16 @@ class FederationConfig:
     whole_tensors: list[str] = _f(["diagnosis_head."],
                                   "name prefixes of dense shared tensors that travel whole, up "
                                   "and down, whatever the two ranks ([]: none)")
-    wire_dtype: str = _f("fp32", "dtype of floating tensors in messages (bf16 halves the bytes)",
-                         choices=("fp32", "bf16"))
-    server_optimizer: str = _f("none", "server optimizer on the aggregated update",
-                               choices=("none", "adam"))
+    wire_dtype: WireDtype = _f(WireDtype.FP32, "dtype of floating tensors in messages (bf16 "
+                                               "halves the bytes)")
+    server_optimizer: ServerOptimizer = _f(ServerOptimizer.NONE, "server optimizer on the "
+                                                                 "aggregated update")
     server_lr: float = _f(1.0, "server learning rate (1.0 with 'none' applies the mean update; "
                                "adam: try 0.01)", min=0)
     eval_every: int = _f(0, "evaluate every N rounds (0: only at the end)", min=0)
     max_update_norm: float = _f(0.0, "bound on a client update's L2 norm (0: no bound)", min=0)
-    update_norm_action: str = _f("reject", "an update above max_update_norm is rejected or "
-                                 "scaled down to it", choices=("reject", "clip"))
+    update_norm_action: NormAction = _f(NormAction.REJECT, "an update above max_update_norm is "
+                                        "rejected or scaled down to it")
     round_retries: int = _f(2, "times a round with fewer than min_clients usable updates is "
                                "retried before the run stops with a checkpoint", min=0)
 
@@ -265,7 +279,7 @@ class TrackingConfig:
 @dataclass
 class ExperimentConfig:
     seed: int = _f(0, "seed for sampling, initialization and aggregation order", min=0)
-    device: str = _f("auto", "torch device", choices=("auto", "cpu", "cuda"))
+    device: Device = _f(Device.AUTO, "torch device")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -275,7 +289,8 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON types (choices as their values)."""
+        return plain(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """`section.key` -> value, e.g. for MLflow params."""
@@ -293,7 +308,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{f.name}"] = value
+            out[f"{prefix}{f.name}"] = plain(value)
     return out
 
 
@@ -306,7 +321,13 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
             return None
         tp = args[0]
         origin = get_origin(tp)
-    if origin is Literal:
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            value = tp(value)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {choice_values(tp)}"
+                              ) from None
+    elif origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
@@ -487,5 +508,8 @@ def describe_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[
         extra = ""
         if meta.get("choices"):
             extra = f" {list(meta['choices'])}"
-        rows.append((key, repr(getattr(default, f.name)), f"{meta.get('help', '')}{extra}"))
+        elif isinstance(tp, type) and issubclass(tp, Enum):
+            extra = f" {choice_values(tp)}"
+        rows.append((key, repr(plain(getattr(default, f.name))),
+                     f"{meta.get('help', '')}{extra}"))
     return rows

@@ -58,6 +58,7 @@ from typing import Any, TextIO
 import numpy as np
 import yaml
 
+from fedmrg.choices import View
 from fedmrg.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ MODELS = "models"  # models/<client>/: each client's final model (fedmrg.model.i
 # Columns of the final table (a subset of fedmrg.eval.evaluator.HEADLINE).
 TABLE_KEYS = ("ce_f1_macro", "ce_f1_micro", "bleu1", "bleu4", "meteor", "rouge_l", "cider",
               "rep_4", "diag_acc")
-VIEWS = ("generalization", "personalization")
 
 
 class ExperimentError(ValueError):
@@ -377,7 +377,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
         federated = coordinator.run()
         global_state = federated.global_state
         validations = [e for e in federated.evaluations
-                       if e.split != coordinator.eval_split and e.view == "generalization"]
+                       if e.split != coordinator.eval_split and e.view == View.GENERALIZATION]
         # every client's final model (global state + its private state), for `evaluate_run`
         state_ref = pool.state_ref(global_state)
         for center in pool.centers():
@@ -430,7 +430,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
 def _sample_rows(federated: Any) -> list[dict[str, Any]]:
     """Rows for the MLflow samples table from the final evaluation replies."""
     rows = []
-    for view in VIEWS:
+    for view in View:
         for reply in getattr(federated, f"{view}_replies", None) or []:
             for sample in reply.samples:
                 rows.append({"center": reply.center, "study_id": sample.get("study_id", ""),
@@ -503,12 +503,12 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
         return models[client]
 
     out: dict[str, Any] = {"samples": []}
-    for view in VIEWS:
+    for view in View:
         per_center = {}
         for center in centers:
-            client = center if view == "personalization" and center in clients else clients[0]
+            client = center if view == View.PERSONALIZATION and center in clients else clients[0]
             model = model_of(client)
-            personalized = view == "personalization" and model.cfg.specialized_adapter
+            personalized = view == View.PERSONALIZATION and model.cfg.specialized_adapter
             stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,
                                               tokenizer=model.tokenizer, seed=cfg.seed)
             result = evaluate_model(model, stream.iter_batches(0), personalized,

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from fedmrg.choices import DataSource
 from fedmrg.config import ExperimentConfig
 
 PROBE_PREFIX = ".fedmrg-write-check-"
@@ -118,7 +119,7 @@ def output_paths(cfg: ExperimentConfig, extra_files: Mapping[str, str | Path] | 
         elif not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", artifact):
             found.append(("tracking.artifact_location", "folder", Path(artifact).expanduser()))
     root = Path(cfg.data.root).expanduser()
-    if cfg.data.source == "phantom" and not (root / MANIFEST).exists():
+    if cfg.data.source == DataSource.PHANTOM and not (root / MANIFEST).exists():
         found.append(("data.root", "folder", root))  # the benchmark is generated there
     if cfg.model.lm.startswith("builtin:"):
         found.append(("model.lm_cache", "folder", Path(cfg.model.lm_cache).expanduser()))

@@ -44,6 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmrg.choices import View, choice_values
 from fedmrg.config import ExperimentConfig, TrackingConfig
 from fedmrg.data.shards import MANIFEST, DatasetError, manifest_hash
 
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("generalization", "personalization")
+VIEWS = tuple(choice_values(View))
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 LIBRARIES = ("torch", "transformers", "peft", "timm", "ray", "mlflow", "fedmrg")
 SAMPLE_COLUMNS = ("center", "study_id", "view", "reference", "generated")
@@ -574,7 +575,7 @@ class RunTracker:
         A view already logged at `step` (a resumed run repeating an evaluation it logged before
         a crash) is skipped with a warning, so no evaluation metric is logged twice."""
         if view not in VIEWS:
-            raise TrackingError(f"evaluation view {view!r} is not one of {list(VIEWS)}")
+            raise TrackingError(f"evaluation view {view!r} is not one of {choice_values(View)}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrackingError(f"evaluation step must be an integer >= 0, got {step!r}")
         check_metric_name(split, "evaluation split")

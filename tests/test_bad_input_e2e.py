@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_reproducibility import CHEAP, build_lm_once, experiment, fit_concurrently, tiny_config
+from helpers import CHEAP, build_lm_once, experiment, fit_concurrently, tiny_run_config
 
 from fedmrg.config import ConfigError
 from fedmrg.data.phantom import generate_phantom
@@ -131,13 +131,13 @@ def runs(ray_cluster, tmp_path_factory):
     clean = small_phantom(base / "vanish-data")
     victim = center_file(clean, "a")
     cfgs = {
-        "raise": tiny_config(base / "raise", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
+        "raise": tiny_run_config(base / "raise", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
                              "data.on_error=raise"),
-        "skip": tiny_config(base / "skip", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
+        "skip": tiny_run_config(base / "skip", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
                             "data.on_error=skip"),
         # streaming, one epoch (one batch of the 7 train rows) per round: round 2 reads
         # center a's file again
-        "vanish": tiny_config(base / "vanish", lm_cache, *CHEAP, f"data.root={clean}",
+        "vanish": tiny_run_config(base / "vanish", lm_cache, *CHEAP, f"data.root={clean}",
                               "data.on_error=skip", "data.cache_decoded=false",
                               "data.batch_size=8", "train.local_steps=1"),
     }
@@ -231,7 +231,7 @@ def test_a_shard_that_disappears_between_rounds_stops_the_run_even_when_skipping
 def test_an_unknown_phantom_center_is_a_config_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.centers: unknown center 'zz'; the phantom "
                                           r"benchmark has \['a', 'b'"):
-        tiny_config(tmp_path, tmp_path / "lm", *CHEAP, "data.centers=[a, zz]")
+        tiny_run_config(tmp_path, tmp_path / "lm", *CHEAP, "data.centers=[a, zz]")
 
 
 @pytest.mark.parametrize("centers, message", [
@@ -241,7 +241,7 @@ def test_an_unknown_phantom_center_is_a_config_error_naming_it(tmp_path):
 def test_a_bad_center_in_a_dataset_stops_before_any_client_starts(ray_cluster, tmp_path,
                                                                   centers, message):
     root = small_phantom(tmp_path / "ds")
-    cfg = tiny_config(tmp_path, tmp_path / "lm", *CHEAP, "data.source=path",
+    cfg = tiny_run_config(tmp_path, tmp_path / "lm", *CHEAP, "data.source=path",
                       f"data.root={root}", f"data.centers={centers}")
     with pytest.raises(DatasetError, match=message):
         experiment(cfg, "bad-center")()
@@ -259,7 +259,7 @@ def test_a_center_without_train_rows_stops_before_any_client_starts(ray_cluster,
     rows = manifest["centers"]["b"]["rows"]
     rows["val"], rows["train"] = rows["val"] + rows["train"], 0
     (root / MANIFEST).write_text(json.dumps(manifest))
-    cfg = tiny_config(tmp_path, tmp_path / "lm", *CHEAP, f"data.root={root}")
+    cfg = tiny_run_config(tmp_path, tmp_path / "lm", *CHEAP, f"data.root={root}")
     with pytest.raises(DatasetError, match=rf"{root / MANIFEST}: center 'b' has no 'train' "
                                            r"rows \(nothing to train on"):
         experiment(cfg, "no-train")()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_federation_ray import tiny_overrides
+from helpers import tiny_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

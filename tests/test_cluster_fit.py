@@ -271,7 +271,7 @@ def two_cpu_cluster():
 
 def _small(tmp: Path, centers: int) -> list[str]:
     """The default config on a small phantom benchmark, one round, everything under `tmp`."""
-    from test_federation_ray import tiny_overrides
+    from helpers import tiny_overrides
 
     items = [o for o in tiny_overrides(tmp) if not o.startswith(("data.phantom.centers",
                                                                   "resources."))]

@@ -11,14 +11,21 @@ and both evaluation views come back per center and as a mean.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    SHAPES,
+    FakeClient,
+    fake_coordinator,
+    fake_state,
+    tiny_client_config,
+)
 
-from fedmrg.config import ExperimentConfig
-from fedmrg.fl.broadcast import apply_delta
+from fedmrg.config import ExperimentConfig, config_from_dict
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import (
     Coordinator,
@@ -34,7 +41,6 @@ from fedmrg.fl.wire import from_wire, message_bytes
 from fedmrg.model.params import get_private_state, get_shared_state
 
 CENTERS = ("a", "b")
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 GENERATION = {"num_beams": 1, "max_new_tokens": 6}
 
 
@@ -54,20 +60,8 @@ def lm_cache(tmp_path_factory) -> str:
 
 
 def tiny_config(strategy: str, root: str, lm_cache: str, **federation) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = root, 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 32, 1
-    m = cfg.model
-    m.lm_cache, m.lm_hidden_size, m.lm_layers, m.lm_heads = lm_cache, 32, 1, 2
-    m.lm_vocab_size, m.lm_warmup_steps, m.encoder_kwargs = 256, 5, TINY_ENCODER
-    m.visual_tokens, m.lora_rank, m.projection_dim = 3, 4, 8
-    cfg.train.local_steps, cfg.train.warmup_steps = 2, 1
-    f = cfg.federation
-    f.strategy, f.rounds, f.dense_update_rank = strategy, 2, 2
-    for k, v in federation.items():
-        setattr(f, k, v)
-    return cfg
+    """The tiny in-process config; dense updates at rank 2 unless `federation` says otherwise."""
+    return tiny_client_config(strategy, root, lm_cache, **{"dense_update_rank": 2, **federation})
 
 
 class RecordingPool(InProcessPool):
@@ -321,8 +315,9 @@ def test_a_retried_round_applies_its_delta_after_the_client_went_back_a_round(
     clients of a round in the FL-MRG benchmark)."""
     from fedmrg.fl.broadcast import StateBroadcast
 
-    cfg = make_strategy(tiny_config("fedmrg", dataset, lm_cache, download_rank=2)).cfg
-    cfg.tracking.storage_path, cfg.tracking.run_name = str(tmp_path), "retry"
+    configured = make_strategy(tiny_config("fedmrg", dataset, lm_cache, download_rank=2)).cfg
+    cfg = dataclasses.replace(configured, tracking=dataclasses.replace(
+        configured.tracking, storage_path=str(tmp_path), run_name="retry"))
     client = FederatedClient(cfg, "a", dataset_root=dataset, seed=cfg.seed,
                              generation=GENERATION, eval_samples=2)
     try:
@@ -349,65 +344,6 @@ def test_a_retried_round_applies_its_delta_after_the_client_went_back_a_round(
 
 # --------------------------------------------------------------------------- pure coordinator
 # Fake clients with synthetic updates: the round logic without a model (milliseconds).
-
-SHAPES = {"m.lora_A.generic.weight": (2, 6), "m.lora_B.generic.weight": (5, 2),
-          "head.weight": (4, 3), "head.bias": (4,)}
-
-
-def fake_state() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
-
-
-class FakeClient:
-    """Answers a plan with a seeded update; `fault` breaks it in one way."""
-
-    def __init__(self, center: str, fault: str | None = None):
-        self.center, self.fault = center, fault
-        self.synced: dict | None = None  # the downlink state, as a real client keeps it
-
-    def fit(self, plan: RoundPlan) -> ClientUpdate:
-        if self.fault == "crash":
-            raise RuntimeError("out of memory")
-        if plan.global_delta is not None:
-            self.synced = apply_delta(self.synced, plan.global_delta)
-        else:
-            self.synced = plan.global_state
-        g = torch.Generator().manual_seed(plan.round_id * 100 + ord(self.center))
-        lora = {n: self.synced[n] + torch.randn(SHAPES[n], generator=g)
-                for n in SHAPES if ".lora_" in n}
-        dense = {n: torch.randn(SHAPES[n], generator=g) for n in SHAPES if ".lora_" not in n}
-        update = ClientUpdate(plan.round_id, self.center, 10 + ord(self.center) % 7, lora, dense,
-                              metrics={"loss": float(ord(self.center))})
-        if self.fault == "stale":
-            update.round_id -= 1
-        elif self.fault == "nan":
-            update.dense["head.bias"] = torch.full((4,), float("nan"))
-        elif self.fault == "shape":
-            update.dense["head.weight"] = torch.zeros(3, 4)
-        elif self.fault == "private":
-            update.dense["local_head.net.0.weight"] = torch.zeros(2, 2)
-        elif self.fault == "huge":
-            update = scale_update(update, self.synced, 1000.0)
-        return update
-
-    def evaluate(self, split, personalized, dataset_center=None, global_state=None):
-        from fedmrg.fl.messages import EvalReply
-
-        value = float(ord((dataset_center or self.center)[0])) + (0.5 if personalized else 0.0)
-        return EvalReply(dataset_center or self.center,
-                         "personalization" if personalized else "generalization",
-                         {"score": value, "has_state": float(global_state is not None)})
-
-
-def fake_coordinator(clients: dict, strategy: str = "fedavg", **federation) -> Coordinator:
-    cfg = ExperimentConfig()
-    cfg.federation.strategy = strategy
-    for k, v in federation.items():
-        setattr(cfg.federation, k, v)
-    s = make_strategy(cfg)
-    return Coordinator(s.cfg, s, InProcessPool(clients), fake_state(), np.random.default_rng(3))
-
 
 def test_bad_replies_are_rejected_with_their_reason_and_the_round_goes_on():
     faults = {"a": None, "b": "stale", "c": "nan", "d": "shape", "e": "crash", "f": "private",
@@ -549,9 +485,7 @@ def test_an_evaluation_failing_past_its_retries_stops_the_run_naming_it():
 
 def aggregated(*rounds: list[ClientUpdate]) -> dict[str, torch.Tensor]:
     """The fedavg global state after rounds that aggregate exactly these updates."""
-    cfg = ExperimentConfig()
-    cfg.federation.strategy = "fedavg"
-    s = make_strategy(cfg)
+    s = make_strategy(config_from_dict({"federation": {"strategy": "fedavg"}}))
     s.initialize(fake_state())
     for round_id, updates in enumerate(rounds, 1):
         s.aggregate_round(round_id, updates)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model_config
 
-from fedmrg.config import ModelConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, OBSERVATIONS
 from fedmrg.eval.evaluator import (
     HEADLINE,
@@ -26,7 +26,6 @@ from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.mrg import MRGModel
 
 B, V, SIZE = 3, 2, 32
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 GEN = {"num_beams": 1, "max_new_tokens": 6}
 REPORTS = (
     "The heart is enlarged, consistent with cardiomegaly. No pleural effusion.",
@@ -51,10 +50,7 @@ def one_thread():
 def model(tmp_path_factory) -> MRGModel:
     from fedmrg.data.phantom import neutral_corpus
 
-    cfg = ModelConfig(lm_cache=str(tmp_path_factory.mktemp("lm_cache")), lm_hidden_size=32,
-                      lm_layers=1, lm_heads=2, lm_vocab_size=256, lm_warmup_steps=5,
-                      encoder_kwargs=TINY_ENCODER, visual_tokens=3, lora_rank=4,
-                      projection_dim=8)
+    cfg = tiny_model_config(tmp_path_factory.mktemp("lm_cache"))
     lm, tok = load_base_lm(cfg, corpus=neutral_corpus(120, 0))
     return MRGModel.from_config(cfg, lm, tok, seed=0)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from test_federation_ray import tiny_overrides
+from helpers import tiny_overrides
 
 from fedmrg.config import load_config
 from fedmrg.fl.actors import ClientHost, RayClientPool, client_actor_options, stop_actors

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from helpers import TINY_ROUNDS, tiny_overrides
 
 from fedmrg.config import ResourcesConfig, load_config
 from fedmrg.fl.actors import (
@@ -31,24 +32,7 @@ from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROUNDS = 2
-
-
-def tiny_overrides(tmp: Path) -> list[str]:
-    """A complete run in well under a minute on 2 cores (also used by test_ray_jobs.py)."""
-    return [
-        f"data.root={tmp}/data", "data.phantom.centers=2", "data.phantom.studies_per_center=20",
-        "data.phantom.image_size=32", "data.phantom.heldout_center=false",
-        "data.image_size=32", "data.batch_size=4", "data.max_report_tokens=24",
-        f"model.lm_cache={tmp}/lm", "model.lm_hidden_size=32", "model.lm_layers=1",
-        "model.lm_heads=2", "model.lm_vocab_size=256", "model.lm_warmup_steps=5",
-        "model.encoder_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
-        "model.visual_tokens=3", "model.lora_rank=4", "model.projection_dim=8",
-        "train.local_steps=2", f"federation.rounds={ROUNDS}", "eval.max_new_tokens=24",
-        "resources.num_cpus_per_client=0.5", "resources.num_gpus_per_client=0",
-        f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
-        f"tracking.artifact_location={tmp}/mlartifacts", f"tracking.storage_path={tmp}/runs",
-    ]
+ROUNDS = TINY_ROUNDS
 
 
 @pytest.fixture(scope="module")

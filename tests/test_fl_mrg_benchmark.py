@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_federation_ray import tiny_overrides
+from helpers import tiny_overrides
 
 from fedmrg.config import load_config
 from fedmrg.fl.strategies import make_strategy

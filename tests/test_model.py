@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers import TINY_ENCODER, tiny_model_config
 from peft import PeftModel
 
 from fedmrg.config import LossConfig, ModelConfig
@@ -32,14 +33,6 @@ from fedmrg.model.params import (
 from fedmrg.model.prompts import diagnosis_prompt
 
 B, V, SIZE = 4, 2, 32
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
-
-
-def tiny_cfg(cache: str, **over) -> ModelConfig:
-    base = dict(lm_cache=cache, lm_hidden_size=32, lm_layers=1, lm_heads=2, lm_vocab_size=256,
-                lm_warmup_steps=5, encoder_kwargs=TINY_ENCODER, visual_tokens=3, lora_rank=4,
-                projection_dim=8)
-    return ModelConfig(**{**base, **over})
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def make_model(tmp_path_factory, corpus):
     cache = str(tmp_path_factory.mktemp("lm_cache"))
 
     def make(seed: int = 0, **over) -> MRGModel:
-        cfg = tiny_cfg(cache, **over)
+        cfg = tiny_model_config(cache, **over)
         lm, tok = load_base_lm(cfg, corpus=corpus)
         return MRGModel.from_config(cfg, lm, tok, seed=seed)
 

@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import tiny_overrides
 from servers import free_ports, wait_until_serving
-from test_federation_ray import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model_config
 
-from fedmrg.config import ConfigError, EvalConfig, ModelConfig, load_config
+from fedmrg.config import ConfigError, EvalConfig, load_config
 from fedmrg.data.schema import NUM_OBSERVATIONS
 from fedmrg.eval.evaluator import (
     GENERATION_KEYS,
@@ -93,7 +94,6 @@ def test_generation_keys_are_typed_validated_config_keys():
 # --------------------------------------------------------------------------- decoding
 
 B, V, SIZE = 4, 2, 32
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,7 @@ def model(tmp_path_factory):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = ModelConfig(lm_cache=str(tmp_path_factory.mktemp("lm_cache")), lm_hidden_size=32,
-                      lm_layers=1, lm_heads=2, lm_vocab_size=256, lm_warmup_steps=5,
-                      encoder_kwargs=TINY_ENCODER, visual_tokens=3, lora_rank=4,
-                      projection_dim=8)
+    cfg = tiny_model_config(tmp_path_factory.mktemp("lm_cache"))
     lm, tok = load_base_lm(cfg, corpus=neutral_corpus(120, 0))
     yield MRGModel.from_config(cfg, lm, tok, seed=0)
     torch.set_num_threads(threads)

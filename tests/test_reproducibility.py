@@ -15,25 +15,30 @@ three sampled each round, so the sampling sequence and the aggregation order bot
   machine). Another sampling sequence and another global state.
 The aggregation does not depend on the order replies arrive in (the strategy sorts by center).
 
-`fit_concurrently` and the config helpers are shared with test_bad_input_e2e.py and
-test_trust_boundary.py.
+The run and comparison helpers (`tiny_run_config`, `fit_concurrently`, `state_bits`, ...) are
+in tests/helpers.py.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from test_federation_ray import tiny_overrides
+from helpers import (
+    CHEAP,
+    bits,
+    build_lm_once,
+    experiment,
+    fit_concurrently,
+    state_bits,
+    tiny_run_config,
+)
 
-from fedmrg.config import ExperimentConfig, load_config
+from fedmrg.config import ExperimentConfig
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import make_strategy, sample_clients
 from fedmrg.fl.wire import from_wire
@@ -43,61 +48,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CENTERS = ("a", "b", "c")
 ROUNDS = 2
 FRACTION = 0.6  # ceil(0.6 * 3) = 2 of 3 centers per round
-RUN_TIMEOUT_S = 1200.0  # far beyond a run on the loaded machine (~3 min): a hang fails, bounded
-# Smaller than test_federation_ray's tiny run where it does not matter here: 10 studies per
-# center (7 train, 2 test), greedy generation of short reports.
-CHEAP = ("data.phantom.studies_per_center=10", "eval.num_beams=1", "eval.max_new_tokens=16")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tiny_config(tmp: Path, lm_cache: Path, *overrides: str) -> ExperimentConfig:
-    """test_federation_ray's tiny run in `tmp`, with one builtin-LM cache shared by the module
-    (built once before any run starts) and `overrides` on top."""
-    return load_config("default", [*tiny_overrides(tmp), f"model.lm_cache={lm_cache}",
-                                   *overrides])
-
-
-def fit_concurrently(runs: Mapping[str, Callable[[], Any]], timeout_s: float = RUN_TIMEOUT_S
-                     ) -> dict[str, Any]:
-    """Call every function at once in threads (each an `Experiment.fit()` with its own actors,
-    data, MLflow store and run folder); {name: its result, or the exception it raised}. A run
-    that takes longer than `timeout_s` fails the test instead of hanging it."""
-    def outcome(fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - the tests assert on the exception itself
-            return e
-
-    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        futures = {name: pool.submit(outcome, fn) for name, fn in runs.items()}
-        return {name: future.result(timeout=timeout_s) for name, future in futures.items()}
-
-
-def experiment(cfg: ExperimentConfig, run_name: str, **kwargs: Any) -> Callable[[], Any]:
-    """`Experiment(cfg, ...).fit` with every reply recorded and no progress output."""
-    from fedmrg.experiment import Experiment
-
-    return Experiment(cfg, run_name=run_name, record_messages=True, progress=False,
-                      out=io.StringIO(), **kwargs).fit
-
-
-def build_lm_once(cfg: ExperimentConfig) -> None:
-    """Build the builtin base LM into the shared cache before concurrent runs read it."""
-    from fedmrg.model.base_lm import builtin_build_info
-
-    builtin_build_info(cfg.model)
-
-
-def bits(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
-    """A tensor's dtype, shape and raw bytes: equal exactly when bit-identical."""
-    t = t.detach().cpu().contiguous()
-    return str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def state_bits(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-    return {name: bits(t) for name, t in state.items()}
 
 
 def sampling_sequence(seed: int, rounds: int = ROUNDS) -> list[list[str]]:
@@ -171,7 +124,7 @@ def runs(ray_cluster, tmp_path_factory):
     lm_cache = base / "lm"
     seeds = {"A": 0, "B": 0, "C": other_seed()}
     hosting = {"B": ["resources.clients_per_actor=2"]}
-    cfgs = {name: tiny_config(base / name, lm_cache, f"seed={seed}",
+    cfgs = {name: tiny_run_config(base / name, lm_cache, f"seed={seed}",
                               f"data.phantom.centers={len(CENTERS)}",
                               f"federation.fraction={FRACTION}", *CHEAP,
                               *hosting.get(name, []))

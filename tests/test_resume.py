@@ -33,7 +33,7 @@ import pytest
 import ray
 import torch
 from click.testing import CliRunner
-from test_federation_ray import tiny_overrides
+from helpers import tiny_overrides
 
 from fedmrg.cli import main
 from fedmrg.config import load_config

@@ -220,7 +220,7 @@ def test_a_run_keeps_the_client_rounds_a_resume_needs_and_is_listed(ray_cluster,
     coordinator keeps rounds 3-4; each center's folder holds, of the rounds it trained, its
     newest and its newest at or before 3 and 4 (a center that sat round 4 out keeps its
     round-3 or older state, not rounds the coordinator no longer has)."""
-    from test_federation_ray import tiny_overrides
+    from helpers import tiny_overrides
 
     from fedmrg.experiment import Experiment
     from fedmrg.fl.checkpoint import client_rounds_to_keep, list_checkpoints

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import ray
 from click.testing import CliRunner
-from test_federation_ray import tiny_overrides
+from helpers import tiny_overrides
 
 from fedmrg.cli import main
 from fedmrg.fl.checkpoint import list_checkpoints

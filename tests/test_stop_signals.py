@@ -13,8 +13,8 @@ import signal
 import time
 
 import pytest
+from helpers import start
 from mlflow import MlflowClient
-from test_tracking import dataset_root, migrated_db, start, store  # noqa: F401 - fixtures
 
 from fedmrg.signals import RunInterrupted, StopOnSignals, as_run_interrupted
 from fedmrg.tracking import TrackingError, end_runs

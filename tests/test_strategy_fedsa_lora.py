@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_client_config
 
-from fedmrg.config import ExperimentConfig
+from fedmrg.config import config_from_dict
 from fedmrg.fl.lowrank import ErrorFeedback, is_lora_factor
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import STRATEGIES, FedAvg, make_strategy
@@ -38,9 +39,7 @@ def client_update(center: str, start: dict[str, torch.Tensor]) -> ClientUpdate:
 
 
 def strategy() -> FedSALoRA:
-    cfg = ExperimentConfig()
-    cfg.federation.strategy = "fedsa_lora"
-    s = make_strategy(cfg)
+    s = make_strategy(config_from_dict({"federation": {"strategy": "fedsa_lora"}}))
     assert isinstance(s, FedSALoRA)
     return s
 
@@ -86,21 +85,6 @@ def dataset(tmp_path_factory) -> str:
     return str(root)
 
 
-def tiny_config(root: str, lm_cache: str) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = root, 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 32, 1
-    m = cfg.model
-    m.lm_cache, m.lm_hidden_size, m.lm_layers, m.lm_heads = lm_cache, 32, 1, 2
-    m.lm_vocab_size, m.lm_warmup_steps = 256, 5
-    m.encoder_kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
-    m.visual_tokens, m.lora_rank, m.projection_dim = 3, 4, 8
-    cfg.train.local_steps, cfg.train.warmup_steps = 2, 1
-    cfg.federation.strategy, cfg.federation.rounds = "fedsa_lora", 2
-    return cfg
-
-
 def test_rounds_share_a_and_keep_each_clients_b(ray_cluster, dataset, tmp_path):
     from fedmrg.fl.checkpoint import latest_checkpoint
     from fedmrg.fl.client import FederatedClient
@@ -108,7 +92,8 @@ def test_rounds_share_a_and_keep_each_clients_b(ray_cluster, dataset, tmp_path):
     from fedmrg.fl.wire import from_wire
     from fedmrg.model.params import get_shared_state
 
-    s = make_strategy(tiny_config(dataset, str(tmp_path / "lm")))
+    s = make_strategy(tiny_client_config("fedsa_lora", dataset, str(tmp_path / "lm"),
+                                         rounds=2))
     cfg = s.cfg
     clients = {c: FederatedClient(cfg, c, dataset_root=dataset, seed=cfg.seed,
                                   generation={"num_beams": 1, "max_new_tokens": 4},

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_client_config
 
-from fedmrg.config import ExperimentConfig
+from fedmrg.config import config_from_dict
 from fedmrg.fl.lowrank import ErrorFeedback, is_lora_factor
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import STRATEGIES, FedAvg, FederationError, make_strategy
@@ -39,9 +40,7 @@ def client_update(center: str, start: dict[str, torch.Tensor]) -> ClientUpdate:
 
 
 def strategy() -> FFALoRA:
-    cfg = ExperimentConfig()
-    cfg.federation.strategy = "ffa_lora"
-    s = make_strategy(cfg)
+    s = make_strategy(config_from_dict({"federation": {"strategy": "ffa_lora"}}))
     assert isinstance(s, FFALoRA)
     return s
 
@@ -100,28 +99,14 @@ def dataset(tmp_path_factory) -> str:
     return str(root)
 
 
-def tiny_config(root: str, lm_cache: str) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = root, 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 32, 1
-    m = cfg.model
-    m.lm_cache, m.lm_hidden_size, m.lm_layers, m.lm_heads = lm_cache, 32, 1, 2
-    m.lm_vocab_size, m.lm_warmup_steps = 256, 5
-    m.encoder_kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
-    m.visual_tokens, m.lora_rank, m.projection_dim = 3, 4, 8
-    cfg.train.local_steps, cfg.train.warmup_steps = 2, 1
-    cfg.federation.strategy, cfg.federation.rounds = "ffa_lora", 1
-    return cfg
-
-
 def test_one_round_trains_b_only_and_aggregates_it_exactly(ray_cluster, dataset, tmp_path):
     from fedmrg.fl.client import FederatedClient
     from fedmrg.fl.coordinator import Coordinator, InProcessPool
     from fedmrg.fl.wire import from_wire
     from fedmrg.model.params import get_shared_state
 
-    s = make_strategy(tiny_config(dataset, str(tmp_path / "lm")))
+    s = make_strategy(tiny_client_config("ffa_lora", dataset, str(tmp_path / "lm"),
+                                         rounds=1))
     cfg = s.cfg
     clients = {c: FederatedClient(cfg, c, dataset_root=dataset, seed=cfg.seed,
                                   generation={"num_beams": 1, "max_new_tokens": 4},

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_cfg, start
 from mlflow import MlflowClient
 from servers import free_ports, wait_until_serving
 
@@ -44,43 +45,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """One sqlite file with MLflow's schema, copied by each test."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, migrated_db, monkeypatch) -> dict[str, str]:
-    """A private sqlite store and artifact folder; cwd is tmp_path so nothing lands in the repo."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    return {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "artifact_location": str(tmp_path / "artifacts")}
-
-
-@pytest.fixture
-def dataset_root(tmp_path) -> Path:
-    root = tmp_path / "dataset"
-    root.mkdir()
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "centers": {}}))
-    return root
-
-
-def make_cfg(store: dict[str, str], **sections):
-    data = {"seed": 7, "tracking": {**store, "experiment": "fedmrg-test"}}
-    for section, values in sections.items():
-        data[section] = {**data.get(section, {}), **values}
-    return config_from_dict(data)
-
-
-def start(store, dataset_root, centers=("a", "b"), run_name="run1", resume=False, **sections):
-    return RunTracker.start(make_cfg(store, **sections), list(centers), str(dataset_root),
-                            run_name, resume=resume)
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

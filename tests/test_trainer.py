@@ -10,8 +10,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model_config
 
-from fedmrg.config import LossConfig, ModelConfig, TrainConfig
+from fedmrg.config import LossConfig, TrainConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS
 from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.mrg import MRGModel
@@ -26,7 +27,6 @@ from fedmrg.model.trainer import (
 )
 
 B, V, SIZE = 4, 2, 32
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,10 +44,7 @@ def make_model(tmp_path_factory, corpus):
     cache = str(tmp_path_factory.mktemp("lm_cache"))
 
     def make(seed: int = 0, **over) -> MRGModel:
-        base = dict(lm_cache=cache, lm_hidden_size=32, lm_layers=1, lm_heads=2,
-                    lm_vocab_size=256, lm_warmup_steps=5, encoder_kwargs=TINY_ENCODER,
-                    visual_tokens=3, lora_rank=4, projection_dim=8)
-        cfg = ModelConfig(**{**base, **over})
+        cfg = tiny_model_config(cache, **over)
         lm, tok = load_base_lm(cfg, corpus=corpus)
         return MRGModel.from_config(cfg, lm, tok, seed=seed)
 

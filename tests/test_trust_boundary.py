@@ -37,8 +37,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_reproducibility import build_lm_once, experiment, fit_concurrently, tiny_config
+from helpers import build_lm_once, experiment, fit_concurrently, tiny_run_config
 
+from fedmrg.choices import View, choice_values
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.fl.lowrank import LowRankUpdate, is_lora_factor
 from fedmrg.fl.messages import ClientUpdate, EvalReply, UpdateSpec
@@ -53,7 +54,7 @@ def on_the_run(test):
 
 CENTERS = ("a", "b")
 ROUNDS = 2
-VIEWS = ("generalization", "personalization")
+VIEWS = tuple(choice_values(View))
 # 19 train, 3 val, 5 test rows per center; with batches of 7, none of these counts is a
 # dimension of any tensor of the tiny model (checked in test_no_tensor_is_per_sample)
 STUDIES = 27
@@ -89,7 +90,7 @@ def run(ray_cluster, tmp_path_factory):
     from fedmrg.model.params import get_private_state, get_shared_state
 
     tmp = tmp_path_factory.mktemp("trust")
-    cfg = tiny_config(tmp, tmp / "lm", f"data.phantom.studies_per_center={STUDIES}",
+    cfg = tiny_run_config(tmp, tmp / "lm", f"data.phantom.studies_per_center={STUDIES}",
                       f"data.batch_size={BATCH}", "eval.samples=0", "eval.num_beams=1",
                       "eval.max_new_tokens=16", f"federation.rounds={ROUNDS}")
     build_lm_once(cfg)

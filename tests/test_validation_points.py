@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeClient, fake_coordinator
 from safetensors.torch import load_file
-from test_coordinator_inprocess import FakeClient, fake_coordinator
 
 from fedmrg.eval.evaluator import EvaluationError, first_studies
 
@@ -128,21 +128,15 @@ def untimed(table: dict) -> dict:
 @pytest.mark.slow
 def test_a_tiny_run_logs_validation_points_and_ends_with_the_same_models(ray_cluster,
                                                                          tmp_path):
+    from helpers import CHEAP, build_lm_once, fit_concurrently, state_bits, tiny_run_config
     from mlflow import MlflowClient
-    from test_reproducibility import (
-        CHEAP,
-        build_lm_once,
-        fit_concurrently,
-        state_bits,
-        tiny_config,
-    )
 
     from fedmrg.experiment import Experiment
 
     lm_cache = tmp_path / "lm"
     common = ("federation.rounds=2", "data.phantom.centers=2", *CHEAP)
-    cfgs = {"plain": tiny_config(tmp_path / "plain", lm_cache, *common, "eval.val_every=0"),
-            "val": tiny_config(tmp_path / "val", lm_cache, *common, "eval.val_every=1",
+    cfgs = {"plain": tiny_run_config(tmp_path / "plain", lm_cache, *common, "eval.val_every=0"),
+            "val": tiny_run_config(tmp_path / "val", lm_cache, *common, "eval.val_every=1",
                                "eval.val_studies=2")}
     build_lm_once(cfgs["plain"])
     outs = {name: io.StringIO() for name in cfgs}

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fedmrg.choices import DataSource
 from fedmrg.config import DataConfig
 from fedmrg.data.shards import MANIFEST, DatasetError, read_manifest
 
@@ -22,7 +23,7 @@ def ensure_dataset(cfg: DataConfig) -> Path:
         manifest = read_manifest(root)
         _check_phantom_matches(root, manifest, cfg)
         return root
-    if cfg.source != "phantom":
+    if cfg.source != DataSource.PHANTOM:
         raise DatasetError(f"{root}: no dataset there (data.source is 'path'); create it with "
                            f"`fedmrg data import` or `fedmrg data phantom`")
     if root.exists() and any(root.iterdir()):
@@ -46,7 +47,7 @@ def ensure_dataset(cfg: DataConfig) -> Path:
 def _check_phantom_matches(root: Path, manifest: dict, cfg: DataConfig) -> None:
     """A phantom dataset generated with other settings than the config asks for is an error."""
     source = manifest.get("source", {})
-    if cfg.source != "phantom" or source.get("kind") != "phantom":
+    if cfg.source != DataSource.PHANTOM or source.get("kind") != "phantom":
         return
     from fedmrg.data.phantom import PHANTOM_VERSION
 

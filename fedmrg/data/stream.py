@@ -50,6 +50,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 from ray.exceptions import RayError
 
+from fedmrg.choices import OnBadRow, choice_values
 from fedmrg.config import ConfigError, DataConfig
 from fedmrg.data.schema import LABEL_NAMES, NUM_OBSERVATIONS, SPLITS
 from fedmrg.data.shards import DatasetError, SkipLog, center_files, read_manifest
@@ -62,7 +63,6 @@ from fedmrg.data.transforms import (
     tokenize_reports,
 )
 
-ON_ERROR = ("raise", "skip")
 # Why a row was skipped under on_error="skip" (keys of `CenterStream.skipped.counts`).
 CORRUPT_IMAGE, EMPTY_REPORT, BAD_LABELS = "corrupt_image", "empty_report", "bad_labels"
 SKIP_REASONS = (CORRUPT_IMAGE, EMPTY_REPORT, BAD_LABELS)
@@ -202,7 +202,7 @@ def decode_rows(batch: pa.Table, *, center: str, image_size: int, max_views: int
         if reason:
             message = (f"center {row_centers[i]!r}, file {paths[i]}, study {study_id!r}: "
                        f"{detail}")
-            if on_error == "raise":
+            if on_error == OnBadRow.RAISE:
                 raise DatasetError(message + " (on_error='skip' skips and counts such rows)")
             skip_reason[i], skip_message[i] = reason, message
     out = {
@@ -597,8 +597,8 @@ def _check_args(**args: Any) -> None:
     """Fail fast, naming the argument, before any Ray work starts."""
     if args["split"] not in SPLITS:
         raise ConfigError(f"split: {args['split']!r} is not one of {list(SPLITS)}")
-    if args["on_error"] not in ON_ERROR:
-        raise ConfigError(f"on_error: {args['on_error']!r} is not one of {list(ON_ERROR)}")
+    if args["on_error"] not in choice_values(OnBadRow):
+        raise ConfigError(f"on_error: {args['on_error']!r} is not one of {choice_values(OnBadRow)}")
     if args["in_chans"] not in (1, 3):
         raise ConfigError(f"in_chans: {args['in_chans']!r} is not 1 or 3")
     for key in ("image_size", "max_views", "batch_size", "max_report_tokens",

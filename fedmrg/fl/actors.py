@@ -68,6 +68,7 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fedmrg.choices import Device
 from fedmrg.config import ExperimentConfig, ResourcesConfig
 from fedmrg.fl.coordinator import ClientDataError
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
@@ -99,8 +100,8 @@ def client_device(requested: str, assigned_gpus: Sequence[str]) -> str:
     """The device a client uses. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that
     holds no GPU, so `auto` would find (and share, unaccounted) every GPU of the node: a client
     Ray gave no GPU runs on the CPU. An explicit `cuda` or `cpu` is kept."""
-    if requested == "auto" and not assigned_gpus:
-        return "cpu"
+    if requested == Device.AUTO and not assigned_gpus:
+        return Device.CPU
     return requested
 
 

@@ -71,6 +71,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from fedmrg.choices import Device, View
 from fedmrg.config import ExperimentConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest
@@ -100,8 +101,6 @@ from fedmrg.model.params import (
     load_shared_state,
 )
 from fedmrg.model.trainer import LocalTrainer, TrainerError
-
-GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
 
 
 class ClientError(ValueError):
@@ -438,7 +437,8 @@ class FederatedClient:
         if not self.cfg.eval.share_references:  # a center's own reports never leave it
             samples = [{k: v for k, v in x.items() if k not in ("reference", "study_id")}
                        for x in samples]
-        return EvalReply(center=target, view=PERSONALIZATION if personalized else GENERALIZATION,
+        view = View.PERSONALIZATION if personalized else View.GENERALIZATION
+        return EvalReply(center=target, view=view,
                          metrics=metrics, samples=samples)
 
 
@@ -451,6 +451,6 @@ def default_checkpoint_dir(cfg: ExperimentConfig, center: str) -> Path | None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
+    if name == Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -84,6 +84,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import Tensor
 
+from fedmrg.choices import View
 from fedmrg.config import ExperimentConfig
 from fedmrg.data.shards import SKIPPED, DatasetError
 from fedmrg.eval.evaluator import mean_over_centers
@@ -97,7 +98,6 @@ __all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coord
            "Evaluation", "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
            "validate_update"]
 
-GENERALIZATION, PERSONALIZATION = "generalization", "personalization"
 # How long a finished abandoned call's reply may take to arrive once the same client has
 # answered a later call (it is already on its way: milliseconds, bounded generously).
 LATE_REPLY_GRACE_S = 5.0
@@ -588,10 +588,10 @@ class Coordinator:
         jobs: list[tuple[str, str, str, bool]] = []  # (view, dataset, client, personalized)
         for dataset in [*datasets, *heldout]:
             if state is None and dataset not in datasets:  # local: every model on held-out
-                jobs += [(GENERALIZATION, dataset, c, False) for c in clients]
+                jobs += [(View.GENERALIZATION, dataset, c, False) for c in clients]
             else:
-                jobs.append((GENERALIZATION, dataset, owner(dataset), False))
-        jobs += [(PERSONALIZATION, d, owner(d), True) for d in datasets]
+                jobs.append((View.GENERALIZATION, dataset, owner(dataset), False))
+        jobs += [(View.PERSONALIZATION, d, owner(d), True) for d in datasets]
 
         def submit(job: tuple[str, str, str, bool]) -> Any:
             _, dataset, client, personalized = job
@@ -635,7 +635,7 @@ class Coordinator:
             raise ClientDataError(data_errors, f"round {round_id} evaluation")
         wall = time.perf_counter() - started
         out = []
-        for view in (GENERALIZATION, PERSONALIZATION):
+        for view in View:
             per_center: dict[str, dict[str, float]] = {}
             ordered = [(job, replies[job]) for job in jobs if job[0] == view]  # job order
             for dataset in dict.fromkeys(job[1] for job, _ in ordered):

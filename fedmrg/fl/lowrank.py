@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-LORA_METHODS = ("exact", "fedavg", "stack")
+from fedmrg.choices import AggregationMethod, choice_values
+
 COMPUTE_DTYPE = torch.float64  # QR/SVD precision; the cost is a few small matrices per module
 
 # `<module>.lora_A.<adapter>.weight`, as peft names them in a state dict
@@ -204,15 +205,16 @@ def aggregate_lora(method: str, As: Sequence[torch.Tensor], Bs: Sequence[torch.T
 
     `rank` is used by "exact" only; None means the largest client rank.
     """
-    if method == "exact":
+    if method == AggregationMethod.EXACT:
         _check_factors(As, Bs)
         target = max(a.shape[0] for a in As) if rank is None else rank
         return aggregate_lora_exact(As, Bs, weights, target)
-    if method == "fedavg":
+    if method == AggregationMethod.FEDAVG:
         return aggregate_lora_fedavg(As, Bs, weights)
-    if method == "stack":
+    if method == AggregationMethod.STACK:
         return aggregate_lora_stack(As, Bs, weights)
-    raise LowRankError(f"unknown LoRA aggregation {method!r}; choose one of {list(LORA_METHODS)}")
+    raise LowRankError(f"unknown LoRA aggregation {method!r}; choose one of "
+                       f"{choice_values(AggregationMethod)}")
 
 
 # --------------------------------------------------------------------------- LoRA in state dicts

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedmrg.choices import ServerOptimizer, choice_values
 from fedmrg.config import ConfigError
 
 
@@ -81,8 +82,9 @@ class ServerAdam(ServerSGD):
 
 def make_server_optimizer(name: str, lr: float) -> ServerSGD:
     """federation.server_optimizer: "none" -> ServerSGD(lr), "adam" -> ServerAdam(lr)."""
-    if name == "none":
+    if name == ServerOptimizer.NONE:
         return ServerSGD(lr)
-    if name == "adam":
+    if name == ServerOptimizer.ADAM:
         return ServerAdam(lr)
-    raise ConfigError(f"federation.server_optimizer: {name!r} is not one of ['none', 'adam']")
+    raise ConfigError(f"federation.server_optimizer: {name!r} is not one of "
+                      f"{choice_values(ServerOptimizer)}")

@@ -47,14 +47,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmrg.choices import NormAction, choice_values
 from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientUpdate, UpdateSpec
 from fedmrg.fl.strategies import FederationError
 
-__all__ = ["NORM_ACTIONS", "NormCheck", "bound_update_norm", "scale_update", "update_norm",
+__all__ = ["NormCheck", "bound_update_norm", "scale_update", "update_norm",
            "validate_update"]
 
-NORM_ACTIONS = ("reject", "clip")
 _F64 = torch.float64
 
 
@@ -250,15 +250,15 @@ class NormCheck:
 def bound_update_norm(update: ClientUpdate, reference: Mapping[str, Tensor] | None,
                       max_norm: float, action: str) -> NormCheck:
     """Apply the norm bound (module docstring, 3); `max_norm` <= 0 means no bound."""
-    if action not in NORM_ACTIONS:
+    if action not in choice_values(NormAction):
         raise FederationError(f"federation.update_norm_action: {action!r} is not one of "
-                              f"{list(NORM_ACTIONS)}")
+                              f"{choice_values(NormAction)}")
     norm = update_norm(update, reference)
     if not math.isfinite(norm):
         return NormCheck(norm, None, reason=f"update norm is {norm} (overflow)")
     if max_norm <= 0 or norm <= max_norm:
         return NormCheck(norm, update)
-    if action == "reject":
+    if action == NormAction.REJECT:
         return NormCheck(norm, None, reason=f"update norm {norm:.6g} exceeds "
                                             f"federation.max_update_norm={max_norm:g}")
     return NormCheck(norm, scale_update(update, reference, max_norm / norm), clipped=True)

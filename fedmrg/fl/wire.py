@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmrg.choices import WireDtype, choice_values
 from fedmrg.fl.lowrank import LowRankUpdate, is_lora_factor, lora_delta_shape, lora_pairs
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WIRE_DTYPES = {WireDtype.FP32: torch.float32, WireDtype.BF16: torch.bfloat16}
 SCALAR_BYTES = 8  # a Python int/float as int64/float64
 
 
@@ -159,7 +160,7 @@ def message_bytes(payload: Any) -> WireSize:
 def wire_dtype(name: str) -> torch.dtype:
     """"fp32" | "bf16" -> the torch dtype; anything else is an error naming the choices."""
     if name not in WIRE_DTYPES:
-        raise WireError(f"unknown wire dtype {name!r}; choose one of {list(WIRE_DTYPES)}")
+        raise WireError(f"unknown wire dtype {name!r}; choose one of {choice_values(WireDtype)}")
     return WIRE_DTYPES[name]
 
 

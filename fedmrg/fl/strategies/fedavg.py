@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedmrg.choices import AggregationMethod
 from fedmrg.config import ExperimentConfig
 from fedmrg.fl.lowrank import (
     aggregate_lora_states,
@@ -132,7 +133,7 @@ class FedAvg(Strategy):
         self._plan_state = None
 
     def global_state(self) -> dict[str, Tensor] | None:
-        if self._global is None or self.aggregation != "stack" or not self._stacked:
+        if self._global is None or self.aggregation != AggregationMethod.STACK or not self._stacked:
             return self._global
         if self._plan_state is None:
             self._plan_state = {**self._global,
@@ -177,10 +178,10 @@ class FedAvg(Strategy):
         if not expected:
             return {}
         states = [u.lora for u in updates]
-        if self.aggregation == "stack":
+        if self.aggregation == AggregationMethod.STACK:
             # Clients restarted from B = 0, so their factors are the round's update; the
             # stack of them is appended to the cumulative stack (rank grows, module docstring).
-            round_stack = aggregate_lora_states("stack", states, weights)
+            round_stack = aggregate_lora_states(AggregationMethod.STACK, states, weights)
             for pair in lora_pairs(round_stack).values():
                 a, b = round_stack[pair.a_key], round_stack[pair.b_key]
                 if pair.a_key in self._stacked:

@@ -1,0 +1,100 @@
+"""The closed choice lists of fedmrg, as `StrEnum`s that the config and the code share.
+
+A config key with one of these types accepts exactly the enum's values (`fedmrg.config`
+names them in its error); the code that branches on a choice compares against the member
+(`method is AggregationMethod.EXACT`), so a value cannot be misspelt in one place only.
+Members are `str`: they equal, hash, print, JSON- and MLflow-log as their value.
+
+Strategy names are not here: they are whatever `fedmrg.fl.strategies` registers.
+No imports beyond the standard library (the config imports this without torch).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10 has no StrEnum; the same contract by hand
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return format(str(self.value), spec)
+
+
+class View(StrEnum):
+    """An evaluation view: the generic model on every center, or each center's own model."""
+
+    GENERALIZATION = "generalization"
+    PERSONALIZATION = "personalization"
+
+
+class AggregationMethod(StrEnum):
+    """How the server combines the clients' LoRA factors (`fedmrg.fl.lowrank`)."""
+
+    EXACT = "exact"  # best rank-r approximation of the weighted sum of B_k A_k
+    FEDAVG = "fedavg"  # mean of the A's and of the B's separately (inexact)
+    STACK = "stack"  # FLoRA concatenation: exact, rank = sum of the clients' ranks
+
+
+class NormAction(StrEnum):
+    """What happens to a client update above `federation.max_update_norm`."""
+
+    REJECT = "reject"
+    CLIP = "clip"
+
+
+class WireDtype(StrEnum):
+    """The dtype floating tensors travel in (`fedmrg.fl.wire`)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class ServerOptimizer(StrEnum):
+    """The server optimizer applied to the aggregated update (`fedmrg.fl.server_optim`)."""
+
+    NONE = "none"
+    ADAM = "adam"
+
+
+class DataSource(StrEnum):
+    """Where the dataset comes from when `data.root` is missing."""
+
+    PHANTOM = "phantom"
+    PATH = "path"
+
+
+class OnBadRow(StrEnum):
+    """What a stream does with a row it cannot read."""
+
+    RAISE = "raise"
+    SKIP = "skip"
+
+
+class Device(StrEnum):
+    """The torch device a client trains on (`auto`: cuda when there is one)."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def choice_values(choices: type[Enum]) -> list[str]:
+    """The allowed values of a choice list, for error messages: `['exact', 'fedavg', ...]`."""
+    return [member.value for member in choices]
+
+
+def plain(value: object) -> object:
+    """`value` with every enum member (also inside lists and dicts) replaced by its value:
+    what YAML's safe dumper and equality with a file's contents need."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
