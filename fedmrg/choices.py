@@ -3,7 +3,8 @@
 A config key with one of these types accepts exactly the enum's values (`fedmrg.config`
 names them in its error); the code that branches on a choice compares against the member
 (`method is AggregationMethod.EXACT`), so a value cannot be misspelt in one place only.
-Members are `str`: they equal, hash, print, JSON- and MLflow-log as their value.
+Members are `str`: they equal, hash, print, `repr` (so `{key}={value!r}` in an error message
+reads `'cpu'`), JSON- and MLflow-log as their value.
 
 Strategy names are not here: they are whatever `fedmrg.fl.strategies` registers.
 No imports beyond the standard library (the config imports this without torch).
@@ -25,14 +26,21 @@ else:  # pragma: no cover - Python 3.10 has no StrEnum; the same contract by han
             return format(str(self.value), spec)
 
 
-class View(StrEnum):
+class Choice(StrEnum):
+    """A closed choice list; a member reads as its value everywhere, `repr` included."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class View(Choice):
     """An evaluation view: the generic model on every center, or each center's own model."""
 
     GENERALIZATION = "generalization"
     PERSONALIZATION = "personalization"
 
 
-class AggregationMethod(StrEnum):
+class AggregationMethod(Choice):
     """How the server combines the clients' LoRA factors (`fedmrg.fl.lowrank`)."""
 
     EXACT = "exact"  # best rank-r approximation of the weighted sum of B_k A_k
@@ -40,42 +48,42 @@ class AggregationMethod(StrEnum):
     STACK = "stack"  # FLoRA concatenation: exact, rank = sum of the clients' ranks
 
 
-class NormAction(StrEnum):
+class NormAction(Choice):
     """What happens to a client update above `federation.max_update_norm`."""
 
     REJECT = "reject"
     CLIP = "clip"
 
 
-class WireDtype(StrEnum):
+class WireDtype(Choice):
     """The dtype floating tensors travel in (`fedmrg.fl.wire`)."""
 
     FP32 = "fp32"
     BF16 = "bf16"
 
 
-class ServerOptimizer(StrEnum):
+class ServerOptimizer(Choice):
     """The server optimizer applied to the aggregated update (`fedmrg.fl.server_optim`)."""
 
     NONE = "none"
     ADAM = "adam"
 
 
-class DataSource(StrEnum):
+class DataSource(Choice):
     """Where the dataset comes from when `data.root` is missing."""
 
     PHANTOM = "phantom"
     PATH = "path"
 
 
-class OnBadRow(StrEnum):
+class OnBadRow(Choice):
     """What a stream does with a row it cannot read."""
 
     RAISE = "raise"
     SKIP = "skip"
 
 
-class Device(StrEnum):
+class Device(Choice):
     """The torch device a client trains on (`auto`: cuda when there is one)."""
 
     AUTO = "auto"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import TINY_ENCODER
 from safetensors.torch import save_file
 
 from fedmrg.config import ConfigError, ExperimentConfig, ModelConfig, load_config
@@ -27,7 +28,6 @@ from fedmrg.model.params import get_shared_state
 from fedmrg.model.preflight import check_model_inputs
 from tests.tiny_hf import ARCHITECTURES, save_tiny_lm
 
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 # the attention module names each architecture's adapters must land on
 EXPECTED = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"},
             "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj"}, "gpt2": {"c_attn", "c_proj"}}
