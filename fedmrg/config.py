@@ -277,6 +277,30 @@ class TrackingConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """What the coordinator may learn (docs/privacy.md). Everything off by default."""
+
+    mode: str = _f("none", "client-level differential privacy: 'central' (the coordinator "
+                           "clips each update and adds noise to their mean), 'local' (each "
+                           "client clips and noises what it sends) or 'none'",
+                   choices=("none", "central", "local"))
+    clip_norm: float = _f(1.0, "L2 bound on one client's update (the update norm over "
+                               "everything it sends)", min=1e-12)
+    noise_multiplier: float = _f(1.0, "Gaussian noise std as a multiple of clip_norm", min=0)
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported per round",
+                      min=1e-15, max=0.1)
+    target_epsilon: float = _f(0.0, "stop the run before a round would take epsilon past "
+                                    "this (0: no budget)", min=0)
+    noise_seed: int | None = _f(None, "seed of the DP noise (null: OS randomness, as a "
+                                      "deployment needs; an integer: reproducible experiments "
+                                      "only, whoever knows it can remove the noise)", min=0)
+    secure_aggregation: bool = _f(False, "pairwise-masked secure aggregation: the "
+                                         "coordinator learns only the weighted sum of updates")
+    secagg_fraction_bits: int = _f(24, "fixed-point fraction bits of masked values (modulus "
+                                       "2^64)", min=8, max=40)
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = _f(0, "seed for sampling, initialization and aggregation order", min=0)
     device: Device = _f(Device.AUTO, "torch device")
@@ -287,6 +311,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON types (choices as their values)."""

@@ -413,6 +413,8 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             "messages": list(pool.received),
             "global_state_puts": pool.puts,
             "resumed_from": resumed_from,
+            # epsilon spent, the guarantee's settings, why it stopped early (docs/privacy.md)
+            "privacy": federated.privacy,
             # the validation points (eval.val_every): how many, and what they cost
             "validation": {"evaluations": len(validations),
                            "wall_s": sum(e.wall_s for e in validations)},
@@ -577,6 +579,7 @@ class Experiment:
         from fedmrg.fl.strategies import make_strategy
         from fedmrg.model.preflight import check_model_inputs
         from fedmrg.output_paths import check_output_paths
+        from fedmrg.privacy.server import check_privacy
         from fedmrg.ray_cluster import check_cluster_fits, connect
         from fedmrg.tracking import default_run_name
 
@@ -592,6 +595,7 @@ class Experiment:
         run_dir = Path(cfg.tracking.storage_path) / run_name
         check_output_paths(cfg)  # before Ray and any training: a bad path fails in seconds
         check_model_inputs(cfg.model)  # the LM, its LoRA targets, the encoder's weights file
+        check_privacy(cfg)  # a privacy setting its strategy cannot keep, likewise
         started = (run_dir / RUN_CONFIG).is_file()
         if self.resume and not started:
             raise ExperimentError(f"nothing to resume: no run {run_name!r} at {run_dir} (no "

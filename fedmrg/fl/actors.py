@@ -204,6 +204,9 @@ class ClientHost:
         update.metrics.update(skip_metrics(client.train_stream.skipped))
         return update
 
+    def secure_aggregation(self, center: str, stage: str, round_id: int, message: Any) -> Any:
+        return self._client(center).secure_aggregation(stage, round_id, message)
+
     def evaluate(self, center: str, split: str, personalized: bool,
                  dataset_center: str | None, global_state: Tensors | None,
                  max_studies: int | None = None) -> EvalReply:
@@ -493,6 +496,10 @@ class RayClientPool:
         ref = self.state_ref(plan.global_state)
         light = dataclasses.replace(plan, global_state=None)  # the state travels by reference
         return self._submit(center, "fit", "fit", light, ref)
+
+    def submit_secagg(self, center: str, stage: str, round_id: int, message: Any) -> Call:
+        return self._submit(center, "secure aggregation", "secure_aggregation", stage,
+                            round_id, message)
 
     def submit_evaluate(self, center: str, split: str, personalized: bool,
                         dataset_center: str | None = None,

@@ -101,6 +101,7 @@ from fedmrg.model.params import (
     load_shared_state,
 )
 from fedmrg.model.trainer import LocalTrainer, TrainerError
+from fedmrg.privacy.client import SecAggParticipant
 
 
 class ClientError(ValueError):
@@ -168,6 +169,7 @@ class FederatedClient:
         self.num_samples = int(self.train_stream.manifest_rows)
         self._eval_streams: dict[tuple[str, str], CenterStream] = {}
         self._label_counts: Tensor | None = None
+        self._secagg: SecAggParticipant | None = None  # secure aggregation, per round keys
         self.epoch, self.batch_in_epoch = 0, 0  # stream position, continues across rounds
         self._batches = self._batch_iterator()
 
@@ -394,19 +396,37 @@ class FederatedClient:
 
         lora: dict[str, Tensor] = {}
         dense: dict = {}
+        masked = None
         if federated:
             lora, dense = self.strategy.model_update(self, start, get_shared_state(self.model))
+        if federated and plan.secure_aggregation is not None:  # only the masked vector leaves
+            masked = self.secure_aggregation_session().masked_vector(
+                plan.secure_aggregation, plan.round_id,
+                ClientUpdate(plan.round_id, self.center, self.num_samples, lora, dense), start)
+            lora, dense = {}, {}
         statistics = self.strategy.statistics(self, plan, round_batches)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(epoch=float(self.epoch), residual_norm=self.error_feedback.residual_norm(),
                        fit_s=time.perf_counter() - start_time)
         update = ClientUpdate(round_id=plan.round_id, center=self.center,
                               num_samples=self.num_samples, lora=lora, dense=dense,
-                              statistics=statistics, metrics=metrics)
+                              statistics=statistics, metrics=metrics, masked=masked)
         self.state_round = plan.round_id
         if self.checkpoint_dir is not None:
             self._write_checkpoint(plan.round_id, previous_round)
         return to_wire(update, self.cfg.federation.wire_dtype)
+
+    # ----------------------------------------------------------------- secure aggregation
+
+    def secure_aggregation_session(self) -> SecAggParticipant:
+        if self._secagg is None:
+            self._secagg = SecAggParticipant(self.center)
+        return self._secagg
+
+    def secure_aggregation(self, stage: str, round_id: int, message: Any) -> Any:
+        """A secure-aggregation step besides the masked fit (`fedmrg.privacy.client`: keys,
+        key shares, unmasking shares); its keys live in this process only."""
+        return self.secure_aggregation_session().handle(stage, round_id, message)
 
     # ----------------------------------------------------------------- evaluation
 

@@ -93,6 +93,7 @@ from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 from fedmrg.fl.strategies import FederationError, Strategy
 from fedmrg.fl.validation import bound_update_norm, validate_update
 from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
+from fedmrg.privacy.server import ServerPrivacy
 
 __all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coordinator",
            "Evaluation", "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
@@ -149,6 +150,10 @@ class ClientPool(Protocol):
                         dataset_center: str | None = None,
                         global_state: dict[str, Tensor] | None = None,
                         max_studies: int | None = None) -> Any: ...
+
+    def submit_secagg(self, center: str, stage: str, round_id: int, message: Any) -> Any:
+        """A secure-aggregation step (`FederatedClient.secure_aggregation`)."""
+        ...
 
     def wait(self, handles: Sequence[Any], num_returns: int, timeout_s: float | None,
              ) -> tuple[list[Any], list[Any]]: ...
@@ -209,6 +214,10 @@ class InProcessPool:
             split, personalized, dataset_center=dataset_center, global_state=global_state,
             **limit))
 
+    def submit_secagg(self, center: str, stage: str, round_id: int, message: Any) -> _Call:
+        return self._run(center, lambda client: client.secure_aggregation(stage, round_id,
+                                                                          message))
+
     def wait(self, handles: Sequence[_Call], num_returns: int, timeout_s: float | None,
              ) -> tuple[list[_Call], list[_Call]]:
         return list(handles), []
@@ -247,6 +256,7 @@ class FederatedResult:
     generalization: Evaluation | None
     personalization: Evaluation | None
     evaluations: list[Evaluation] = field(default_factory=list)  # every one, in order
+    privacy: dict[str, Any] = field(default_factory=dict)  # ServerPrivacy.report(); {}: off
 
     @property
     def generalization_replies(self) -> list[EvalReply]:
@@ -306,6 +316,14 @@ class RoundAttempt:
     bytes_down: int = 0
     duplicates: int = 0
     late_dropped: int = 0
+    # the centers whose updates `accepted` stands for, when it is their aggregate (secure
+    # aggregation: one update of their sum); None: the centers of `accepted`
+    participants: list[str] | None = None
+
+    @property
+    def usable(self) -> list[str]:
+        return (list(self.participants) if self.participants is not None
+                else [u.center for u in self.accepted])
 
     def reject(self, center: str, kind: str, reason: str) -> None:
         self.rejected[center], self.rejected_kind[center] = reason, kind
@@ -352,16 +370,23 @@ class Coordinator:
                                          cfg.federation.whole_tensors)
                           if state is not None and rank > 0 else None)
         self.client_versions: dict[str, int] = {}  # center -> synced version it holds
+        # client-level DP and secure aggregation (`fedmrg.privacy`, docs/privacy.md)
+        self.privacy = ServerPrivacy.for_run(strategy.cfg, strategy)
 
     # ----------------------------------------------------------------- the run
 
     def run(self) -> FederatedResult:
         """Rounds from the one after `round_id` to `federation.rounds`, evaluations included."""
         while self.round_id < self.cfg.federation.rounds:
+            stop = self.privacy and self.privacy.budget_problem(len(self.pool.centers()))
+            if stop:  # before the round that would exceed it: evaluated and saved as usual
+                log.warning("round %d not run: %s", self.round_id + 1, stop)
+                break
             self.step()
         generalization, personalization = self.evaluate(self.round_id)
         return FederatedResult(self.history, self.strategy.global_state(), generalization,
-                               personalization, list(self.evaluations))
+                               personalization, list(self.evaluations),
+                               privacy=self.privacy.report() if self.privacy else {})
 
     def step(self) -> RoundSummary:
         """The next round, recorded in the history and reported; evaluated every
@@ -392,7 +417,7 @@ class Coordinator:
         try:
             for number in range(1, fed.round_retries + 2):
                 attempts.append(self._attempt(round_id, number))
-                if len(attempts[-1].accepted) >= fed.min_clients:
+                if len(attempts[-1].usable) >= fed.min_clients:
                     break
             else:
                 self.on_round_failure(round_id, attempts)
@@ -403,13 +428,20 @@ class Coordinator:
         rejoined = sorted(set(self.pool.rejoined()) if hasattr(self.pool, "rejoined") else ())
 
         aggregation_started = time.perf_counter()
-        metrics = self.strategy.aggregate_round(round_id, final.accepted)
+        accepted = final.accepted
+        if self.privacy is not None:  # central DP: one update of the noised mean
+            accepted = self.privacy.aggregate_input(round_id, accepted, len(final.centers),
+                                                    self.strategy.global_state())
+        metrics = self.strategy.aggregate_round(round_id, accepted)
         if self.broadcast is not None:  # the next round's delta, computed once for everyone
             self.broadcast.advance(self.strategy.global_state())
         aggregation_time = time.perf_counter() - aggregation_started
         metrics.update(client_metrics(final.accepted))
         metrics.update(round_fault_metrics(attempts, rejoined))
-        return RoundSummary(round_id=round_id, participants=[u.center for u in final.accepted],
+        if self.privacy is not None:
+            metrics.update(clients=float(len(final.usable)),
+                           **self.privacy.account(len(attempts), len(self.pool.centers())))
+        return RoundSummary(round_id=round_id, participants=final.usable,
                             rejected=dict(sorted(final.rejected.items())),
                             bytes_up=sum(a.bytes_up for a in attempts),
                             bytes_down=sum(a.bytes_down for a in attempts),
@@ -424,6 +456,8 @@ class Coordinator:
     def _attempt(self, round_id: int, number: int) -> RoundAttempt:
         """Sample, send, collect and check one attempt of a round (steps 1-4)."""
         fed = self.cfg.federation
+        if self.privacy is not None and self.privacy.secure:
+            return self.privacy.secure_attempt(self, round_id, number)
         centers = self.strategy.configure_round(round_id, self.pool.centers(), self.rng)
         plans = self._wire_plans({c: self._downlink(c, self.strategy.plan(round_id, c))
                                   for c in centers})
@@ -431,18 +465,9 @@ class Coordinator:
                                bytes_down=sum(message_bytes(p).bytes for p in plans.values()))
         handles = {self.pool.submit_fit(c, plans[c]): c for c in centers}
         collected = self.collect_replies(handles, fed.min_clients, fed.round_deadline_s)
-        if collected.data_errors:  # every reply of the attempt is in: one error names them all
-            raise ClientDataError(collected.data_errors, f"round {round_id}")
-        attempt.duplicates, attempt.late_dropped = collected.duplicates, collected.late_dropped
-        for center, (kind, reason) in collected.failed.items():
-            attempt.reject(center, kind, reason)
-            self.client_versions.pop(center, None)  # it may not hold what it was sent
-        for center in collected.replies:
-            version = _plan_version(plans[center])
-            if version is None:
-                self.client_versions.pop(center, None)
-            else:
-                self.client_versions[center] = version
+        self.note_fits(round_id, plans, collected, attempt)
+        max_norm, norm_action = (self.privacy.norm_bound() if self.privacy is not None
+                                 else (fed.max_update_norm, fed.update_norm_action))
 
         spec = self.strategy.update_spec()
         reference = self.strategy.global_state()
@@ -456,8 +481,7 @@ class Coordinator:
             if reason is not None:
                 attempt.reject(center, "invalid", reason)
                 continue
-            check = bound_update_norm(from_wire(reply), reference, fed.max_update_norm,
-                                      fed.update_norm_action)
+            check = bound_update_norm(from_wire(reply), reference, max_norm, norm_action)
             attempt.norms[center] = check.norm
             if check.update is None:
                 attempt.reject(center, "norm", check.reason or "update norm out of bounds")
@@ -466,6 +490,25 @@ class Coordinator:
                 attempt.clipped[center] = check.norm
             attempt.accepted.append(check.update)
         return attempt
+
+    def note_fits(self, round_id: int, plans: Mapping[str, RoundPlan], collected: Collected,
+                  attempt: RoundAttempt) -> None:
+        """Record an attempt's fit calls: bad data stops the run (one error naming every
+        client), failures are rejected, and each client's synced version is what it was sent
+        when it answered, unknown when it did not."""
+        if collected.data_errors:  # every reply of the attempt is in: one error names them all
+            raise ClientDataError(collected.data_errors, f"round {round_id}")
+        attempt.duplicates += collected.duplicates
+        attempt.late_dropped += collected.late_dropped
+        for center, (kind, reason) in collected.failed.items():
+            attempt.reject(center, kind, reason)
+            self.client_versions.pop(center, None)  # it may not hold what it was sent
+        for center in collected.replies:
+            version = _plan_version(plans[center])
+            if version is None:
+                self.client_versions.pop(center, None)
+            else:
+                self.client_versions[center] = version
 
     def _downlink(self, center: str, plan: RoundPlan) -> RoundPlan:
         """The plan with what `center` needs of the global state: the round's delta when it
@@ -659,7 +702,8 @@ class Coordinator:
         return {"round_id": self.round_id, "strategy": self.strategy.state_dict(),
                 "rng": self.rng.bit_generator.state,
                 "history": [s.to_dict() for s in self.history],
-                "broadcast": None if self.broadcast is None else self.broadcast.state_dict()}
+                "broadcast": None if self.broadcast is None else self.broadcast.state_dict(),
+                "privacy": None if self.privacy is None else self.privacy.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round_id = int(state["round_id"])
@@ -669,6 +713,8 @@ class Coordinator:
         if self.broadcast is not None and state.get("broadcast") is not None:
             self.broadcast.load_state_dict(state["broadcast"])
         self.client_versions = {}  # clients are rebuilt on resume: each gets the full state
+        if self.privacy is not None and state.get("privacy") is not None:
+            self.privacy.load_state_dict(state["privacy"])  # the epsilon spent so far
 
 
 def _plan_version(plan: RoundPlan) -> int | None:

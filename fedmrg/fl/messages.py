@@ -54,6 +54,9 @@ class RoundPlan:
     # low-rank delta that brings a client holding `global_delta.base_version` up to date
     state_version: int | None = None
     global_delta: StateDelta | None = None
+    # secure aggregation (`fedmrg.privacy.client.SecAggPlan`): who masks with whom, the key
+    # shares addressed to this client, the vector's layout; None: the update goes in the clear
+    secure_aggregation: Any = None
 
 
 @dataclass
@@ -71,6 +74,9 @@ class ClientUpdate:
     # "prototype_counts" (14,), "label_counts" (14, 4)); never rows of samples
     statistics: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # secure aggregation: the masked fixed-point vector (int64 view of uint64) that stands
+    # for lora and dense, which are then empty (`fedmrg.privacy.secagg`)
+    masked: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedmrg.config import ConfigError, ExperimentConfig
@@ -109,6 +110,7 @@ class ClientStrategy:
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        self._noise: torch.Generator | None = None  # local DP noise, made on first use
 
     def prepare_model(self, model: Any) -> None:
         """Called once on the freshly built model, before its trainer and optimizer exist."""
@@ -147,6 +149,14 @@ class ClientStrategy:
                 if is_lora_factor(n) and n not in owned and self.sends_factor(n)}
         deltas = {n: t - start[n] for n, t in trained.items()
                   if not is_lora_factor(n) and n not in owned}
+        from fedmrg.privacy.client import client_clips, privatize_update  # (import cycle)
+        from fedmrg.privacy.dp import noise_generator
+
+        if client_clips(self.cfg.privacy):  # before compression (docs/privacy.md)
+            if self._noise is None and self.cfg.privacy.mode == "local":
+                self._noise = noise_generator(self.cfg.privacy.noise_seed, client.center)
+            lora, deltas = privatize_update(self.cfg.privacy, client.center, start, lora,
+                                            deltas, self._noise)
         fed = self.cfg.federation
         dense = client.error_feedback.compress_all(deltas, fed.dense_update_rank,
                                                    fed.whole_tensors)
@@ -241,6 +251,12 @@ class Strategy:
             lora={n: tuple(t.shape) for n, t in self._global.items() if is_lora_factor(n)},
             dense={n: tuple(t.shape) for n, t in self._global.items()
                    if not is_lora_factor(n)})
+
+    def linear_problem(self) -> str | None:
+        """Why aggregating this round's updates differs from aggregating one update carrying
+        their weighted mean, or None when it does not: central DP and secure aggregation
+        need the aggregate to be linear in what clients send (`fedmrg.privacy.linear`)."""
+        return f"strategy {self.name!r} does not aggregate the mean of its clients' updates"
 
     # ----------------------------------------------------------------- checkpoints
 

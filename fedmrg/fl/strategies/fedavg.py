@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -101,6 +101,8 @@ class FedAvg(Strategy):
         "federation.download_rank": 0,
     }
     client_class = FedAvgClient
+
+    lora_mean: ClassVar[bool] = False  # the LoRA aggregate is the factors' mean, always
 
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
@@ -223,6 +225,17 @@ class FedAvg(Strategy):
         self.optimizer.step(self._global, weights_only)
         norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in weights_only.values()))
         return {"dense_update_norm": norm}
+
+    def linear_problem(self) -> str | None:
+        statistics = sorted(self.update_spec().statistics)
+        if statistics:
+            return (f"strategy {self.name!r}: its updates carry statistics {statistics}, "
+                    f"merged client by client")
+        if not self.lora_mean and self.aggregation != "fedavg":
+            return (f"strategy {self.name!r} with federation.aggregation "
+                    f"{self.aggregation!r}: needs each client's factors (only 'fedavg', the "
+                    f"mean factor by factor, is linear)")
+        return None
 
     # ----------------------------------------------------------------- checkpoints
 

@@ -49,6 +49,7 @@ class FedSALoRA(FedAvg):
     order = 45
     implies = dict(FedAvg.implies)
     client_class = FedSALoRAClient
+    lora_mean = True  # the mean of the A factors (module docstring)
 
     def initialize(self, global_state: dict[str, Tensor]) -> None:
         super().initialize({n: t for n, t in global_state.items() if not is_factor_b(n)})

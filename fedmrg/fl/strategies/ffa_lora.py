@@ -61,6 +61,7 @@ class FFALoRA(FedAvg):
     order = 40
     implies = dict(FedAvg.implies)
     client_class = FFALoRAClient
+    lora_mean = True  # exact under summation (module docstring)
 
     def update_spec(self) -> UpdateSpec:
         spec = super().update_spec()
