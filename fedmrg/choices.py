@@ -83,6 +83,14 @@ class OnBadRow(Choice):
     SKIP = "skip"
 
 
+class PrivacyMode(Choice):
+    """Client-level differential privacy (`fedmrg.privacy`, docs/privacy.md)."""
+
+    NONE = "none"
+    CENTRAL = "central"  # the coordinator clips every update and noises their sum
+    LOCAL = "local"  # each client clips and noises what it sends
+
+
 class Device(Choice):
     """The torch device a client trains on (`auto`: cuda when there is one)."""
 

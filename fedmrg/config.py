@@ -29,6 +29,7 @@ from fedmrg.choices import (
     Device,
     NormAction,
     OnBadRow,
+    PrivacyMode,
     ServerOptimizer,
     WireDtype,
     choice_values,
@@ -280,10 +281,9 @@ class TrackingConfig:
 class PrivacyConfig:
     """What the coordinator may learn (docs/privacy.md). Everything off by default."""
 
-    mode: str = _f("none", "client-level differential privacy: 'central' (the coordinator "
-                           "clips each update and adds noise to their mean), 'local' (each "
-                           "client clips and noises what it sends) or 'none'",
-                   choices=("none", "central", "local"))
+    mode: PrivacyMode = _f(PrivacyMode.NONE, "client-level differential privacy: 'central' "
+                           "(the coordinator clips each update and adds noise to their mean), "
+                           "'local' (each client clips and noises what it sends) or 'none'")
     clip_norm: float = _f(1.0, "L2 bound on one client's update (the update norm over "
                                "everything it sends)", min=1e-12)
     noise_multiplier: float = _f(1.0, "Gaussian noise std as a multiple of clip_norm", min=0)

@@ -20,6 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_client_config
 
 from fedmrg.config import ExperimentConfig
 from fedmrg.fl.client import FederatedClient
@@ -35,22 +36,12 @@ from fedmrg.privacy.linear import update_changes
 from fedmrg.privacy.secagg import AdvertisedKeys, dequantize
 
 CENTERS = ("a", "b", "c")
-TINY_ENCODER = {"channels": [8, 16, 32, 64], "stem_width": 8}
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def tiny_config(root: str, lm_cache: str) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = root, 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 32, 1
-    m = cfg.model
-    m.lm_cache, m.lm_hidden_size, m.lm_layers, m.lm_heads = lm_cache, 32, 1, 2
-    m.lm_vocab_size, m.lm_warmup_steps, m.encoder_kwargs = 256, 5, TINY_ENCODER
-    m.visual_tokens, m.lora_rank, m.projection_dim = 3, 4, 8
-    m.freeze_encoder = True  # a small update: the adapters, heads and projector
-    cfg.train.local_steps, cfg.train.warmup_steps = 2, 1
-    cfg.federation.strategy, cfg.federation.rounds = "ffa_lora", 3
+    cfg = tiny_client_config("ffa_lora", root, lm_cache, rounds=3)
+    cfg.model.freeze_encoder = True  # a small update: the adapters, heads and projector
     cfg.eval.max_new_tokens, cfg.eval.samples = 6, 0
     return cfg
 

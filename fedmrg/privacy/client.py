@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmrg.choices import PrivacyMode
 from fedmrg.config import PrivacyConfig
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.privacy import PrivacyError
@@ -27,7 +28,8 @@ KEYS, SHARES, UNMASK = "keys", "shares", "unmask"  # the stages besides the mask
 def client_clips(privacy: PrivacyConfig) -> bool:
     """Whether the client clips its own update (local DP, or central DP the coordinator
     cannot apply because it only sees the masked sum)."""
-    return privacy.mode == "local" or (privacy.mode == "central" and privacy.secure_aggregation)
+    return privacy.mode == PrivacyMode.LOCAL or (privacy.mode == PrivacyMode.CENTRAL
+                                                 and privacy.secure_aggregation)
 
 
 def privatize_update(privacy: PrivacyConfig, center: str, start: Mapping[str, Tensor],
@@ -39,7 +41,7 @@ def privatize_update(privacy: PrivacyConfig, center: str, start: Mapping[str, Te
     coordinate of the change, before any compression (which is then post-processing)."""
     update = ClientUpdate(round_id=0, center=center, num_samples=1, lora=lora, dense=deltas)
     clipped, _ = clip_update(update, start, privacy.clip_norm)
-    if privacy.mode != "local":
+    if privacy.mode != PrivacyMode.LOCAL:
         return clipped.lora, clipped.dense
     if generator is None:
         raise PrivacyError(f"client {center!r}: local DP needs a noise generator")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmrg.choices import PrivacyMode
 from fedmrg.config import ConfigError, ExperimentConfig
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.privacy import PrivacyError
@@ -59,16 +60,16 @@ class ServerPrivacy:
     def for_run(cls, cfg: ExperimentConfig, strategy: Strategy) -> ServerPrivacy | None:
         """None when privacy is off (the default)."""
         p = cfg.privacy
-        return cls(cfg, strategy) if p.mode != "none" or p.secure_aggregation else None
+        return cls(cfg, strategy) if p.mode != PrivacyMode.NONE or p.secure_aggregation else None
 
     @staticmethod
     def check(cfg: ExperimentConfig, strategy: Strategy) -> None:
         """A `ConfigError` naming the key when the privacy settings cannot hold for the
         (configured, initialized) strategy."""
         p = cfg.privacy
-        if p.mode == "none" and not p.secure_aggregation:
+        if p.mode == PrivacyMode.NONE and not p.secure_aggregation:
             return
-        what = (f"privacy.mode={p.mode!r}" if p.mode != "none" else
+        what = (f"privacy.mode={p.mode!r}" if p.mode != PrivacyMode.NONE else
                 "privacy.secure_aggregation")
         if strategy.pools_data or strategy.name == "local":
             raise ConfigError(f"{what}: strategy {strategy.name!r} sends no update to "
@@ -78,12 +79,13 @@ class ServerPrivacy:
             raise ConfigError(f"{what}: strategy {strategy.name!r} sends statistics "
                               f"{statistics} that are neither clipped nor noised nor masked; "
                               f"switch them off or use fedavg, ffa_lora, fedsa_lora, fedprox")
-        if p.mode == "central" or p.secure_aggregation:
+        if p.mode == PrivacyMode.CENTRAL or p.secure_aggregation:
             problem = strategy.linear_problem()
             if problem:
                 raise ConfigError(f"{what} needs an aggregate linear in what clients send: "
                                   f"{problem}")
-        if (p.mode == "central" or p.secure_aggregation) and cfg.federation.download_rank > 0:
+        linear = p.mode == PrivacyMode.CENTRAL or p.secure_aggregation
+        if linear and cfg.federation.download_rank > 0:
             raise ConfigError(f"{what}: the aggregate is measured against the server's global "
                               f"state, which clients must hold exactly; set "
                               f"federation.download_rank to 0")
@@ -101,7 +103,7 @@ class ServerPrivacy:
     def norm_bound(self) -> tuple[float, str]:
         """(max_norm, action) for `bound_update_norm`: the DP clip under central DP (the
         coordinator sees the updates), else the federation's own bound."""
-        if self.privacy.mode == "central" and not self.secure:
+        if self.privacy.mode == PrivacyMode.CENTRAL and not self.secure:
             return self.privacy.clip_norm, "clip"
         return self.fed.max_update_norm, self.fed.update_norm_action
 
@@ -113,7 +115,7 @@ class ServerPrivacy:
         """The updates the strategy aggregates: under central DP (without secure aggregation,
         which does the same in `secure_attempt`) one update of the noised mean change (module
         docstring), else `accepted` as they are."""
-        if self.privacy.mode != "central" or self.secure:
+        if self.privacy.mode != PrivacyMode.CENTRAL or self.secure:
             return accepted
         total = sum_changes(accepted, reference, [1.0] * len(accepted))
         return [self._noised_mean(round_id, total, sampled, reference, list(accepted[0].lora),
@@ -122,7 +124,7 @@ class ServerPrivacy:
     def _noised_mean(self, round_id: int, total: dict[str, Tensor], denominator: float,
                      reference: Mapping[str, Tensor], lora_names: list[str],
                      num_samples: int) -> ClientUpdate:
-        if self.privacy.mode == "central":
+        if self.privacy.mode == PrivacyMode.CENTRAL:
             generator = noise_generator(self.privacy.noise_seed, "central", str(round_id))
             total = add_gaussian_noise(total, self.noise_std(), generator)
         mean = {n: t / denominator for n, t in total.items()}
@@ -133,7 +135,7 @@ class ServerPrivacy:
 
     def _step(self, available: int) -> tuple[float, float]:
         """(noise multiplier, sample rate) of one step."""
-        rate = (1.0 if self.privacy.mode == "local" else
+        rate = (1.0 if self.privacy.mode == PrivacyMode.LOCAL else
                 round_sample_rate(self.fed.fraction, self.fed.min_clients, available))
         return self.privacy.noise_multiplier, rate
 
@@ -143,7 +145,7 @@ class ServerPrivacy:
     def budget_problem(self, available: int) -> str | None:
         """Why the next round may not run (it would take epsilon past
         `privacy.target_epsilon`), or None."""
-        if self.privacy.mode == "none" or self.privacy.target_epsilon <= 0:
+        if self.privacy.mode == PrivacyMode.NONE or self.privacy.target_epsilon <= 0:
             return None
         noise, rate = self._step(available)
         after = self.accountant.epsilon_after(noise, rate, self.privacy.delta)
@@ -158,17 +160,17 @@ class ServerPrivacy:
     def account(self, attempts: int, available: int) -> dict[str, float]:
         """Compose a finished round and return its metrics. Central: one step (a failed
         attempt released nothing); local: every attempt clients sent in."""
-        if self.privacy.mode == "none":
+        if self.privacy.mode == PrivacyMode.NONE:
             return {}
         noise, rate = self._step(available)
-        self.accountant.step(noise, rate, attempts if self.privacy.mode == "local" else 1)
+        self.accountant.step(noise, rate, attempts if self.privacy.mode == PrivacyMode.LOCAL else 1)
         return {"privacy_epsilon": self.epsilon(), "privacy_sample_rate": rate}
 
     def report(self) -> dict[str, Any]:
         """The run summary's `privacy` section."""
         p = self.privacy
         out: dict[str, Any] = {"mode": p.mode, "secure_aggregation": p.secure_aggregation}
-        if p.mode != "none":
+        if p.mode != PrivacyMode.NONE:
             out.update(epsilon=self.epsilon(), delta=p.delta, clip_norm=p.clip_norm,
                        noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
                        accountant="opacus RDP", stopped=self.stopped)
@@ -222,7 +224,7 @@ class ServerPrivacy:
             plans = {c: coordinator._downlink(c, self.strategy.plan(round_id, c))
                      for c in routed}
             plans = coordinator._wire_plans(plans)
-            weighted = self.privacy.mode != "central"  # central DP counts clients
+            weighted = self.privacy.mode != PrivacyMode.CENTRAL  # central DP counts clients
             plans = {c: dataclasses.replace(p, secure_aggregation=SecAggPlan(
                 server.active, routed[c], layout, self.privacy.secagg_fraction_bits,
                 weight_by_samples=weighted, clients=len(server.active)))
@@ -264,7 +266,7 @@ class ServerPrivacy:
 def check_privacy(cfg: ExperimentConfig) -> None:
     """`ServerPrivacy.check` on the strategy `cfg` names, before anything starts (nothing to
     check, and nothing imported, when privacy is off)."""
-    if cfg.privacy.mode == "none" and not cfg.privacy.secure_aggregation:
+    if cfg.privacy.mode == PrivacyMode.NONE and not cfg.privacy.secure_aggregation:
         return
     from fedmrg.fl.strategies import make_strategy
 

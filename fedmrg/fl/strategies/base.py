@@ -149,11 +149,12 @@ class ClientStrategy:
                 if is_lora_factor(n) and n not in owned and self.sends_factor(n)}
         deltas = {n: t - start[n] for n, t in trained.items()
                   if not is_lora_factor(n) and n not in owned}
+        from fedmrg.choices import PrivacyMode
         from fedmrg.privacy.client import client_clips, privatize_update  # (import cycle)
         from fedmrg.privacy.dp import noise_generator
 
         if client_clips(self.cfg.privacy):  # before compression (docs/privacy.md)
-            if self._noise is None and self.cfg.privacy.mode == "local":
+            if self._noise is None and self.cfg.privacy.mode == PrivacyMode.LOCAL:
                 self._noise = noise_generator(self.cfg.privacy.noise_seed, client.center)
             lora, deltas = privatize_update(self.cfg.privacy, client.center, start, lora,
                                             deltas, self._noise)
