@@ -463,6 +463,7 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     from fedmrg.data.shards import read_manifest
     from fedmrg.data.stream import CenterStream
     from fedmrg.eval.evaluator import evaluate_model, generation_kwargs, mean_over_centers
+    from fedmrg.fl.coordinator import evaluating_client
     from fedmrg.model.io import load_model
 
     outside = [o for o in overrides if not o.strip().startswith("eval.")]
@@ -508,7 +509,7 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     for view in View:
         per_center = {}
         for center in centers:
-            client = center if view == View.PERSONALIZATION and center in clients else clients[0]
+            client = evaluating_client(center, clients)  # as the run's own evaluation did
             model = model_of(client)
             personalized = view == View.PERSONALIZATION and model.cfg.specialized_adapter
             stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,

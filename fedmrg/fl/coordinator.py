@@ -625,16 +625,14 @@ class Coordinator:
         heldout = self.heldout_centers if split == self.eval_split else []
         state = self.strategy.global_state()
 
-        def owner(dataset: str) -> str:
-            return dataset if dataset in clients else clients[0]
-
         jobs: list[tuple[str, str, str, bool]] = []  # (view, dataset, client, personalized)
         for dataset in [*datasets, *heldout]:
             if state is None and dataset not in datasets:  # local: every model on held-out
                 jobs += [(View.GENERALIZATION, dataset, c, False) for c in clients]
             else:
-                jobs.append((View.GENERALIZATION, dataset, owner(dataset), False))
-        jobs += [(View.PERSONALIZATION, d, owner(d), True) for d in datasets]
+                owner = evaluating_client(dataset, clients)
+                jobs.append((View.GENERALIZATION, dataset, owner, False))
+        jobs += [(View.PERSONALIZATION, d, evaluating_client(d, clients), True) for d in datasets]
 
         def submit(job: tuple[str, str, str, bool]) -> Any:
             _, dataset, client, personalized = job
@@ -715,6 +713,13 @@ class Coordinator:
         self.client_versions = {}  # clients are rebuilt on resume: each gets the full state
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])  # the epsilon spent so far
+
+
+def evaluating_client(dataset: str, clients: Sequence[str]) -> str:
+    """The client that evaluates `dataset` (both views): its own client, else (a held-out
+    center) the first client. The generic model is the global state with that client's
+    private tensors (e.g. its encoder's normalization), so `evaluate_run` uses the same rule."""
+    return dataset if dataset in clients else sorted(clients)[0]
 
 
 def _plan_version(plan: RoundPlan) -> int | None:
