@@ -221,9 +221,9 @@ class EvalConfig:
     max_new_tokens: int = _f(160, "longest generated report in tokens", min=1)
     min_new_tokens: int = _f(0, "shortest generated report in tokens", min=0)
     repetition_penalty: float = _f(1.0, "HF generate repetition penalty (1.0: none)", min=1.0)
-    # benchmarks/decoding.py on one default run's models: 4 removed repeated 4-grams (rep-4
-    # 0.037 -> 0.000 generic, 0.069 -> 0.001 personalized) with CE-F1 macro +0.030 / +0.005
-    # and BLEU-4 -0.003 / +0.002, within the spread over centers; 3 cost personalized CE-F1.
+    # benchmarks/decoding.py on one default run's models: 4 removes repeated 4-grams (rep-4
+    # 0.050 -> 0.000 generic, 0.075 -> 0.000 personalized) for CE-F1 macro -0.008 / -0.027
+    # and BLEU-4 -0.008 / -0.006; 3 costs more (personalized CE-F1 -0.064).
     no_repeat_ngram_size: int = _f(4, "a generated report never repeats an n-gram of this many "
                                       "tokens (0: off)", min=0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
