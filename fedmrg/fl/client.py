@@ -60,6 +60,8 @@ tagged with its `center` (the client-aware contrastive loss reads it).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -90,6 +92,7 @@ from fedmrg.fl.checkpoint import (
 )
 from fedmrg.fl.lowrank import ErrorFeedback
 from fedmrg.fl.messages import ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.placement import train_workers
 from fedmrg.fl.strategies import make_client_strategy
 from fedmrg.fl.wire import from_wire, to_wire
 from fedmrg.model.base_lm import load_base_lm
@@ -164,6 +167,8 @@ class FederatedClient:
         self.strategy = make_client_strategy(cfg)
         self.strategy.prepare_model(self.model)
         self.trainer = LocalTrainer(self.model, cfg.train, seed=derive_seed(seed, center, "train"))
+        # > 1: each round's local steps run data parallel on Ray Train workers (fl/ddp.py)
+        self.train_workers = train_workers(cfg.resources)
         self.error_feedback = ErrorFeedback()
         self.train_stream = self._stream(self.data_centers, "train")
         self.num_samples = int(self.train_stream.manifest_rows)
@@ -386,8 +391,8 @@ class FederatedClient:
                 yield batch
 
         try:
-            metrics = self.trainer.fit(batches(), plan.local_steps,
-                                       **self.strategy.training_terms(self, plan, start))
+            metrics = self._train(batches(), plan, self.strategy.training_terms(self, plan,
+                                                                                start))
         except BaseException:
             # an error raised inside the stream finishes its generator: without a new pass
             # every retry of this client would find no batch at all
@@ -415,6 +420,33 @@ class FederatedClient:
         if self.checkpoint_dir is not None:
             self._write_checkpoint(plan.round_id, previous_round)
         return to_wire(update, self.cfg.federation.wire_dtype)
+
+    def _train(self, batches: Iterator[dict], plan: RoundPlan, terms: dict[str, Any]
+               ) -> dict[str, float]:
+        """The round's local steps: in this process, or (`resources.gpus_per_center` or
+        `workers_per_center` > 1) data parallel on a Ray Train run (`fedmrg.fl.ddp`) over the
+        same global batches, its trained tensors and optimizer state loaded back here."""
+        if not self.train_workers.distributed:
+            return self.trainer.fit(batches, plan.local_steps, **terms)
+        from fedmrg.fl.ddp import RoundInputs, run_round_on_workers
+
+        start = time.perf_counter()
+        inputs = RoundInputs(
+            cfg=self.cfg, center=self.center, seed=self.seed,
+            batches=list(itertools.islice(batches, plan.local_steps)),
+            shared=get_shared_state(self.model), private=get_private_state(self.model),
+            trainer_state=self.trainer.state_dict(), terms=terms)
+        if not inputs.batches:
+            raise TrainerError(f"client {self.center!r}: the train stream yielded no batch")
+        storage = (self.checkpoint_dir.parent / "ray_train" if self.checkpoint_dir is not None
+                   else Path(tempfile.gettempdir()) / "fedmrg-ray-train" / self.center)
+        result = run_round_on_workers(inputs, self.train_workers, storage,
+                                      f"round-{plan.round_id}")
+        load_shared_state(self.model, result.shared)
+        load_private_state(self.model, result.private)
+        self.trainer.load_state_dict(result.trainer_state)
+        return {**result.metrics, "wall_s": time.perf_counter() - start,
+                "train_workers": float(self.train_workers.count)}
 
     # ----------------------------------------------------------------- secure aggregation
 

@@ -30,6 +30,9 @@ Choices, and why:
   the trainer never turns it on by itself). `w_ref` is `prox_reference` (e.g. the round's
   global state, name -> tensor); with no reference, the shared weights at the start of `fit`
   are used, which is FedProx's w^t when the client has just loaded the global model.
+- Data parallel (`grad_sync`, used by fedmrg/fl/ddp.py): each worker runs the steps on its
+  rows of the global batch and a hook averages the gradients before clipping, so clipping,
+  AdamW and the schedule see the global batch's gradient on every worker.
 - Determinism: the prompt teacher-forcing draws come from the trainer's own
   `torch.Generator(seed)`, and every step runs under a forked global RNG seeded by
   (seed, step) (LoRA dropout, anything else drawing from torch's global RNG), so the same
@@ -138,7 +141,8 @@ class LocalTrainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, seed: int = 0, *,
                  schedule: str = "constant", total_steps: int | None = None,
                  min_lr_ratio: float = 0.0,
-                 teacher_forcing: Callable[[int], float] | None = None):
+                 teacher_forcing: Callable[[int], float] | None = None,
+                 grad_sync: Callable[[list[nn.Parameter], int], None] | None = None):
         if schedule not in SCHEDULES:
             raise TrainerError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
         if schedule == "cosine" and (total_steps is None or total_steps < 1):
@@ -148,6 +152,9 @@ class LocalTrainer:
         self.model, self.cfg, self.seed = model, cfg, seed
         self.schedule, self.total_steps, self.min_lr_ratio = schedule, total_steps, min_lr_ratio
         self.teacher_forcing = teacher_forcing  # step -> probability; None: model.cfg's value
+        # (trainable parameters, this step's batch rows) -> None, after backward: averages the
+        # gradients over data-parallel workers (fedmrg.fl.ddp); None: one process
+        self.grad_sync = grad_sync
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0  # optimizer steps done over the trainer's life
 
@@ -282,6 +289,8 @@ class LocalTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = list(self.trainable.values())
+            if self.grad_sync is not None:
+                self.grad_sync(params, _batch_size(batch))
             if self.cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             else:
