@@ -419,6 +419,57 @@ def runs_rm(ctx: click.Context, names: tuple[str, ...], config: str,
     click.echo(runs_json(chosen) if as_json else f"removed {len(chosen)} run(s), {total}")
 
 
+# --------------------------------------------------------------------------- generate
+
+
+@main.command("generate")
+@click.argument("studies", nargs=-1, required=True, metavar="IMAGE[,IMAGE]...")
+@click.option("--run", "run", help="a finished run: its name under tracking.storage_path, or "
+                                   "its folder")
+@click.option("--model", "model_uri", help="an MLflow model URI instead of --run: "
+                                           "models:/NAME/VERSION, models:/<model id>, "
+                                           "runs:/<run id>/generic")
+@click.option("--center", help="the center's personalized model (default: the generic model)")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "json"]))
+@_storage_options
+def generate_cmd(studies: tuple[str, ...], run: str | None, model_uri: str | None,
+                 center: str | None, fmt: str, config: str, overrides: tuple[str, ...]) -> None:
+    """Write a report for each study: the 14 findings with their probabilities, then the
+    generated report. A study is one image, or two views of it joined by a comma
+    (FRONTAL,LATERAL); PNG or JPEG. --config/--set give tracking.storage_path (where --run
+    looks) and tracking.tracking_uri (where --model looks)."""
+    from fedmrg.serving.predictor import ServingError, format_prediction
+    from fedmrg.serving.sources import run_folder, run_predictor, uri_predictor
+
+    if (run is None) == (model_uri is None):
+        _fail("fedmrg generate: give the model with --run RUN or --model URI (one of them)")
+    if model_uri is not None and center is not None:
+        _fail("--center picks a model of a --run; a --model URI names one model already")
+    views = [[v for v in study.split(",") if v] for study in studies]
+    encoded = []
+    for study in views:
+        encoded.append([])
+        for path in study:
+            try:
+                encoded[-1].append(Path(path).read_bytes())
+            except OSError as e:
+                _fail(f"{path}: cannot read the image ({e.strerror or e})")
+    cfg = load_config(config, overrides)
+    try:
+        if run is not None:
+            predictor = run_predictor(run_folder(run, cfg.tracking.storage_path), center)
+        else:
+            predictor = uri_predictor(model_uri, cfg.tracking.tracking_uri)
+        predictions = predictor.predict(encoded, names=[",".join(s) for s in views])
+    except ServingError as e:
+        _fail(str(e))
+    if fmt == "json":
+        click.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
+    else:
+        click.echo("\n\n".join(format_prediction(p) for p in predictions))
+
+
 def _print_counts(manifest: dict) -> None:
     for center, info in sorted(manifest["centers"].items()):
         rows = info["rows"]

@@ -269,6 +269,10 @@ class TrackingConfig:
     experiment: str = _f("fedmrg", "MLflow experiment name")
     run_name: str = _f("", "run name (empty: generated); reusing one resumes it")
     storage_path: str = _f("runs", "checkpoints and outputs (shared storage on a cluster)")
+    log_models: bool = _f(True, "at the end of a run, log the generic model and each center's "
+                                "personalized model as MLflow pyfunc models (docs/models.md)")
+    register_model: str = _f("", "register the generic model in the MLflow Model Registry under "
+                                 "this name, a new version per run (empty: not registered)")
     # 2: the newest and one to fall back to when it is corrupt (--checkpoint-fallback); each
     # client keeps its state of those rounds (68 MB a center at the default scale), plus
     # the round in progress while it runs

@@ -316,7 +316,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
     from fedmrg.fl.checkpoint import load_checkpoint, run_fingerprint
     from fedmrg.fl.coordinator import Coordinator
     from fedmrg.fl.strategies import make_strategy
-    from fedmrg.tracking import RunTracker
+    from fedmrg.tracking import RunTracker, run_description
 
     pool = RayClientPool(actors, record=record,
                          watchdog=ProgressWatchdog.for_run(cfg.resources))
@@ -353,6 +353,10 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
                       split: str = "test") -> None:
         if step is None:
             step = tracker.last_logged_round() or 0
+        if not tracker.has_evaluation(view, step, split):  # a resumed run logs it once
+            # Coordinator.evaluate reports its latest Evaluation, whose replies hold the samples
+            rows = evaluation_sample_rows(view, coordinator.evaluations[-1].replies)
+            tracker.log_samples(rows, artifact_file=f"samples/{split}-round-{step:03d}.json")
         tracker.log_evaluation(step, view, per_center, mean, split=split)
         emit({"type": "evaluation", "view": view, "mean": dict(mean), "split": split,
               "round": step})
@@ -371,6 +375,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             tracker.tag({"fedmrg.resumed_from_round": str(resumed_from),
                          "fedmrg.resumed_from_checkpoint": str(resume_from)})
             log_missing_rounds(tracker, [s.to_dict() for s in coordinator.history])
+        tracker.describe(run_description(cfg, centers, heldout_centers))
         emit({"type": "start", "run_name": run_name, "run_id": tracker.run_id,
               "rounds": cfg.federation.rounds, "clients": pool.centers(),
               "resumed_from": resumed_from})
@@ -396,6 +401,8 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
             for center, path in saved.items():
                 if path and Path(path, "adapter_config.json").is_file():
                     tracker.log_adapter(path, center=center)
+        if cfg.tracking.log_models:  # MLflow pyfunc models, from the saved ones (docs/models.md)
+            tracker.log_models(run_dir, registered_name=cfg.tracking.register_model)
         samples = _sample_rows(federated)
         if samples:
             tracker.log_samples(samples)
@@ -420,6 +427,7 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
                            "wall_s": sum(e.wall_s for e in validations)},
         }
         tracker.log_plots()
+        tracker.describe(run_description(cfg, centers, heldout_centers, outcome))
         summary = {k: v for k, v in outcome.items()
                    if k not in ("global_state", "messages", "global_state_puts")}
         tracker.log_summary(summary)
@@ -431,14 +439,20 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
 
 def _sample_rows(federated: Any) -> list[dict[str, Any]]:
     """Rows for the MLflow samples table from the final evaluation replies."""
-    rows = []
-    for view in View:
-        for reply in getattr(federated, f"{view}_replies", None) or []:
-            for sample in reply.samples:
-                rows.append({"center": reply.center, "study_id": sample.get("study_id", ""),
-                             "view": view, "reference": str(sample.get("reference", "")),
-                             "generated": str(sample.get("generated", ""))})
-    return rows
+    return [row for view in View for row in evaluation_sample_rows(
+        view, getattr(federated, f"{view}_replies", None) or [])]
+
+
+def evaluation_sample_rows(view: str, replies: Sequence[Any]) -> list[dict[str, Any]]:
+    """One evaluation view's sample studies as rows of an MLflow table: center, study_id,
+    view, reference (empty unless eval.share_references), generated, the findings the
+    diagnosis head predicted and, when references are shared, the true ones."""
+    return [{"center": reply.center, "study_id": sample.get("study_id", ""), "view": view,
+             "reference": str(sample.get("reference", "")),
+             "generated": str(sample.get("generated", "")),
+             "findings": str(sample.get("findings", "")),
+             "true_findings": str(sample.get("true_findings", ""))}
+            for reply in replies for sample in reply.samples]
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -191,6 +191,36 @@ def jsonable(value: Any, where: str = "summary") -> Any:
     raise TrackingError(f"{where}: {type(value).__name__} is not JSON-serializable")
 
 
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+DESCRIPTION_METRICS = ("ce_f1_macro", "bleu4")
+
+
+def run_description(cfg: ExperimentConfig, centers: Sequence[str],
+                    heldout: Sequence[str] = (), results: Mapping[str, Any] | None = None
+                    ) -> str:
+    """What ran, in markdown, for the run's description in the MLflow UI; with `results`
+    ({view: {"mean": metrics}}, the final evaluation) the headline numbers and where the
+    models are."""
+    m, f = cfg.model, cfg.federation
+    lines = [f"**fedmrg {f.strategy}**: {len(centers)} centers ({', '.join(centers)})"
+             + (f", held out: {', '.join(heldout)}" if heldout else "")
+             + f"; {f.rounds} rounds x {cfg.train.local_steps} local steps; seed {cfg.seed}.",
+             f"Model: {m.encoder} encoder, base LM `{m.lm}`, LoRA rank {m.lora_rank} on "
+             f"{', '.join(m.lora_targets)}; data `{cfg.data.root}`."]
+    if results:
+        for view in VIEWS:
+            mean = (results.get(view) or {}).get("mean") or {}
+            shown = ", ".join(f"{k} {mean[k]:.3f}" for k in DESCRIPTION_METRICS if k in mean)
+            if shown:
+                lines.append(f"Final {view} (mean over centers): {shown}.")
+        if cfg.tracking.log_models:
+            registered = (f", registered as `{cfg.tracking.register_model}`"
+                          if cfg.tracking.register_model else "")
+            lines.append(f"Models: `generic` on this run{registered}; each center's "
+                         f"`personalized` model on its nested run (docs/models.md).")
+    return "\n\n".join(lines)
+
+
 # --------------------------------------------------------------------------- plots
 
 History = Mapping[str, Sequence[tuple[int, float]]]
@@ -610,6 +640,10 @@ class RunTracker:
         return any(s == step for key, points in self.history.items() if key.startswith(prefix)
                    for s, _ in points)
 
+    def describe(self, text: str) -> None:
+        """The parent run's description (markdown, shown on its page in the MLflow UI)."""
+        self.tag({DESCRIPTION_TAG: text})
+
     def tag(self, tags: Mapping[str, str]) -> None:
         """Set tags on the parent run (e.g. where a resumed run continued from)."""
         with self._lock:
@@ -670,6 +704,18 @@ class RunTracker:
                 artifact_path = "specialized_adapter"
             self.client.log_artifacts(run_id, str(directory), artifact_path)
         return artifact_path
+
+    def log_models(self, run_dir: str | Path, registered_name: str = "") -> dict[str, str]:
+        """The run's generic model (on the parent, registered as `registered_name` when given)
+        and each center's personalized model (on its nested run) as MLflow pyfunc models, from
+        the models the run saved under `run_dir` (`fedmrg.serving.pyfunc.log_run_models`).
+        Returns {"generic" or center: model URI}."""
+        from fedmrg.serving.pyfunc import log_run_models
+
+        with self._lock:
+            self._check_open()
+            return log_run_models(Path(run_dir), self.client.tracking_uri, self.run_id,
+                                  self.center_run_ids, registered_name=registered_name)
 
     def log_samples(self, rows: Sequence[Mapping[str, Any]], artifact_file: str = "samples.json"
                     ) -> None:

@@ -59,6 +59,8 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "resources.num_cpus_per_client=0.5", "resources.num_gpus_per_client=0",
         f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
         f"tracking.artifact_location={tmp}/mlartifacts", f"tracking.storage_path={tmp}/runs",
+        # logging the MLflow models costs a run seconds; test_federation_ray's run turns it on
+        "tracking.log_models=false",
     ]
 
 

@@ -129,6 +129,8 @@ def test_fedmrg_run_completes_and_evaluates_both_views(fedmrg_run):
     # (eval.share_references is off by default)
     samples = [x for r in result.personalization_replies for x in r.samples]
     assert all("generated" in x and "reference" not in x and "study_id" not in x for x in samples)
+    # the true findings come from the reference report: they stay too; the predicted ones go
+    assert all("true_findings" not in x and x["findings"] for x in samples)
 
 
 def test_aggregated_state_equals_the_direct_aggregation_of_the_clients_messages(fedmrg_run):

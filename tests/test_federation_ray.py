@@ -33,6 +33,7 @@ from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROUNDS = TINY_ROUNDS
+REGISTERED = "ray-fedmrg-generic"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def run(ray_cluster, tmp_path_factory):
     from fedmrg.experiment import Experiment
 
     tmp = tmp_path_factory.mktemp("federation")
-    cfg = load_config("default", tiny_overrides(tmp))
+    cfg = load_config("default", [*tiny_overrides(tmp), "tracking.log_models=true",
+                                  f"tracking.register_model={REGISTERED}"])
     out = io.StringIO()
     result = Experiment(cfg, run_name="ray-fedmrg", record_messages=True, out=out).fit()
     return {"cfg": cfg, "result": result, "out": out.getvalue(), "tmp": tmp}
@@ -155,6 +157,53 @@ def test_mlflow_store_has_params_metrics_and_a_loadable_peft_adapter(run, tmp_pa
         # base_model.model.<m>.lora_A.default.weight is decoder.base_model.model.<m>...generic...
         key = "decoder." + name.replace(".default.", ".generic.")
         torch.testing.assert_close(param.detach(), result.global_state[key], rtol=0, atol=0)
+
+
+def test_the_run_logs_its_models_per_evaluation_samples_and_a_description(run, tmp_path):
+    """MLflow models (generic on the parent, registered; personalized on each center's run),
+    a samples table per evaluation, and the run's description."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from fedmrg.serving.pyfunc import example_study
+    from fedmrg.serving.sources import run_predictor
+
+    result = run["result"]
+    uri, parent_id = result.mlflow["tracking_uri"], result.mlflow["run_id"]
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    nested = {r.info.run_id: r.data.tags["fedmrg.center"] for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    models = {m.source_run_id: m for m in client.search_logged_models(
+        [parent.info.experiment_id])}
+    assert sorted(models) == sorted([parent_id, *nested])
+    assert models[parent_id].name == "generic"
+    assert {models[r].name for r in nested} == {"personalized"}
+    version = client.get_model_version(REGISTERED, "1")
+    assert version.source == models[parent_id].model_uri
+    # the registered model, loaded from its files, writes the report the run's folder does
+    local = models[parent_id].artifact_location  # a folder: the store is local
+    study = example_study(32)
+    frame = pd.DataFrame({"image_1": [study[0]], "image_2": [study[1]]})
+    out = mlflow.pyfunc.load_model(local).predict(frame)
+    [expected] = run_predictor(Path(result.storage_dir)).predict([study])
+    assert out["report"][0] == expected.report
+    # a samples table per evaluation: the validation point and the final test evaluation
+    tables = {a.path for a in client.list_artifacts(parent_id, "samples")}
+    assert tables == {f"samples/val-round-{ROUNDS:03d}.json",
+                      f"samples/test-round-{ROUNDS:03d}.json"}
+    table = json.loads(Path(client.download_artifacts(
+        parent_id, f"samples/test-round-{ROUNDS:03d}.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert {r["view"] for r in rows} == {"generalization", "personalization"}
+    assert all(r["findings"] and r["generated"] is not None for r in rows)
+    # references, and the true findings read from them, stay at the centers by default
+    assert all(r["reference"] == "" and r["true_findings"] == "" for r in rows)
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("**fedmrg fedmrg**: 2 centers (a, b)")
+    assert "Final generalization (mean over centers): ce_f1_macro" in description
+    assert f"registered as `{REGISTERED}`" in description
 
 
 def test_a_client_that_cannot_start_is_a_clear_cli_error(run):

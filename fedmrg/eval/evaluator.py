@@ -23,6 +23,9 @@ Metrics of one evaluation (`EvalResult.metrics`):
 - `oracle_prompt=True` shows the ground-truth labels as the prompt instead (an analysis of the
   decoder alone: how well it follows a correct prompt); never a reported result.
 - num_studies.
+`EvalResult.samples`: the first studies' study_id, reference, generated report, the states the
+prompt showed ("states", digits) and, as text, the findings the head predicted ("findings")
+and the true ones ("true_findings", from the labels).
 
 Across centers (`evaluate_centers`) the "mean" row is the unweighted mean over centers of each
 metric (every center counts the same, whatever its test size; NaN entries, e.g. the F1 of an
@@ -48,6 +51,7 @@ from fedmrg.eval.clinical import (
 )
 from fedmrg.eval.nlg import compute_nlg_metrics
 from fedmrg.eval.repetition import compute_repetition_metrics
+from fedmrg.model.prompts import findings_text
 
 # The metrics a benchmark table shows, in order.
 HEADLINE = ("ce_f1_macro", "ce_f1_micro", "ce_precision_micro", "ce_recall_micro", "bleu1",
@@ -181,7 +185,8 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     metrics["diag_f1_macro"] = head_ce["ce_f1_macro"]
     metrics["diag_f1_micro"] = head_ce["ce_f1_micro"]
     samples = [{"study_id": study_ids[i], "reference": references[i],
-                "generated": reports[i], "states": " ".join(map(str, predicted[i]))}
+                "generated": reports[i], "states": " ".join(map(str, predicted[i])),
+                "findings": findings_text(predicted[i]), "true_findings": findings_text(true[i])}
                for i in range(min(num_samples, len(reports)))]
     return EvalResult(reports, references, study_ids, metrics, samples, predicted,
                       time.perf_counter() - start)

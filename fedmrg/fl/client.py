@@ -487,8 +487,9 @@ class FederatedClient:
         metrics = {**result.metrics, "eval_s": result.wall_s}
         samples = result.samples
         if not self.cfg.eval.share_references:  # a center's own reports never leave it
-            samples = [{k: v for k, v in x.items() if k not in ("reference", "study_id")}
-                       for x in samples]
+            # the true findings are read from the reference report: they stay too
+            samples = [{k: v for k, v in x.items()
+                        if k not in ("reference", "study_id", "true_findings")} for x in samples]
         view = View.PERSONALIZATION if personalized else View.GENERALIZATION
         return EvalReply(center=target, view=view,
                          metrics=metrics, samples=samples)

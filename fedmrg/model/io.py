@@ -1,6 +1,7 @@
 """Save and load a whole `MRGModel` as a self-describing folder.
 
     <dir>/fedmrg_model.json      format version, ModelConfig, seed, adapters, where the base LM is
+                                 and its shape (`BASE_LM_KEYS`: another LM there is an error)
     <dir>/adapters/<name>/       each decoder adapter in PEFT format (PeftModel.from_pretrained)
     <dir>/modules.safetensors    encoder, projector and heads (state_dict names)
     <dir>/tokenizer/             the tokenizer (save_pretrained)
@@ -30,6 +31,9 @@ from fedmrg.model.mrg import MRGModel
 FORMAT_VERSION = 1
 MANIFEST = "fedmrg_model.json"
 MODULES = ("encoder", "projector", "diagnosis_head", "global_head", "local_head")
+# What identifies a base LM's shape: a folder's adapters and projector only fit an LM that
+# agrees on these (a hub id or path may name another LM where the model is loaded).
+BASE_LM_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 
 
 class ModelIOError(ValueError):
@@ -44,6 +48,12 @@ def base_lm_state(model: MRGModel) -> dict[str, torch.Tensor]:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
     return state
+
+
+def base_lm_config(lm: torch.nn.Module) -> dict:
+    """The `BASE_LM_KEYS` of an HF model's config (None where it has no such key)."""
+    config = lm.config.to_dict()
+    return {k: config.get(k) for k in BASE_LM_KEYS}
 
 
 def save_adapter(model: MRGModel, adapter: str, directory: str | Path) -> Path:
@@ -76,6 +86,7 @@ def save_model(model: MRGModel, directory: str | Path, *,
             "seed": model.seed, "max_report_tokens": model.max_report_tokens,
             "adapters": model.adapter_names,
             "base_lm": "base_lm" if include_base_lm else model.cfg.lm,
+            "base_lm_config": base_lm_config(model.decoder.get_base_model()),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if directory.exists():
@@ -115,6 +126,13 @@ def load_model(directory: str | Path) -> MRGModel:
         base_lm = load_causal_lm(directory / "base_lm")
     else:
         base_lm, _ = load_base_lm(cfg)
+    saved, found = manifest.get("base_lm_config"), base_lm_config(base_lm)
+    if saved is not None and saved != found:
+        differ = ", ".join(f"{k} {saved.get(k)!r} here {found.get(k)!r}" for k in BASE_LM_KEYS
+                           if saved.get(k) != found.get(k))
+        raise ModelIOError(f"{directory}: trained with another base LM than the one available "
+                           f"as {manifest['base_lm']!r} ({differ}); load it where model.lm "
+                           f"names the LM the run used")
     model = MRGModel.from_config(cfg, base_lm, tokenizer, seed=manifest["seed"],
                                  max_report_tokens=manifest["max_report_tokens"])
     if sorted(manifest["adapters"]) != sorted(model.adapter_names):

@@ -22,11 +22,15 @@ def diagnosis_prompt(states: Sequence[int]) -> str:
     if bad:
         raise ValueError(f"diagnosis_prompt: state {bad[0]!r} is not a label code 0..3 "
                          f"({', '.join(LABEL_NAMES)})")
-    items = [f"{obs}: {LABEL_NAMES[s]}"
-             for obs, s in zip(OBSERVATIONS, states, strict=True) if s != BLANK]
-    if not items:
-        return f"{PROMPT_HEAD} none."
-    return f"{PROMPT_HEAD} {'; '.join(items)}."
+    return f"{PROMPT_HEAD} {findings_text(states)}."
+
+
+def findings_text(states: Sequence[int]) -> str:
+    """"cardiomegaly: positive; pleural effusion: negative": the non-blank observations of 14
+    label codes in OBSERVATIONS order ("none" when every one is blank)."""
+    items = [f"{obs}: {LABEL_NAMES[int(s)]}"
+             for obs, s in zip(OBSERVATIONS, states, strict=True) if int(s) != BLANK]
+    return "; ".join(items) or "none"
 
 
 def prompt_vocabulary() -> list[str]:
