@@ -156,6 +156,7 @@ class Result:
     messages: list = field(default_factory=list)  # every client reply, when recorded
     resumed_from: int | None = None  # the checkpoint round this run continued from
     already_finished: bool = False  # nothing was done: read back from the run's summary.json
+    privacy: dict[str, Any] = field(default_factory=dict)  # docs/privacy.md; {}: off
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON: everything but the tensors and recorded messages."""
@@ -167,6 +168,7 @@ class Result:
             "personalization": self.personalization, "communication": self.communication,
             "rounds": self.rounds, "storage_dir": self.storage_dir, "mlflow": self.mlflow,
             "placement": self.placement, "resumed_from": self.resumed_from,
+            "privacy": self.privacy,
         })
 
     @classmethod
@@ -177,7 +179,8 @@ class Result:
                 "personalization", "communication", "storage_dir", "mlflow")
         return cls(**{k: summary[k] for k in keys}, wall_s=summary.get("wall_s", 0.0),
                    placement=summary.get("placement", {}),
-                   resumed_from=summary.get("resumed_from"), already_finished=True)
+                   resumed_from=summary.get("resumed_from"), already_finished=True,
+                   privacy=summary.get("privacy", {}))
 
     def table(self, keys: Sequence[str] = TABLE_KEYS) -> str:
         """The final table: per center and mean for both views, then communication."""
@@ -670,7 +673,7 @@ class Experiment:
             storage_dir=outcome["storage_dir"], mlflow=outcome["mlflow"],
             placement=placement, global_state_puts=outcome["global_state_puts"],
             global_state=outcome["global_state"], messages=outcome["messages"],
-            resumed_from=outcome["resumed_from"])
+            resumed_from=outcome["resumed_from"], privacy=outcome["privacy"])
 
 
 def saved_run_config(storage_path: str | Path, run_name: str, overrides: Sequence[str] = ()
