@@ -217,7 +217,8 @@ class RunSpec:
 
 def parse_rows(text: str) -> list[str]:
     """`"fedmrg,fedavg,fedmrg-no_mutual"` -> the rows, in the table's order; `all` is every
-    row, `ablations` every fedmrg ablation. An unknown name is a BenchmarkError."""
+    row, `ablations` every fedmrg ablation, `privacy` the privacy rows. An unknown name is a
+    BenchmarkError."""
     wanted: list[str] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -226,11 +227,13 @@ def parse_rows(text: str) -> list[str]:
             wanted += ROWS
         elif item == "ablations":
             wanted += [r for r in ROWS if r.startswith("fedmrg-")]
+        elif item == "privacy":
+            wanted += [f"ffa_lora-{p}" for p in PRIVACY]
         elif item in ROWS:
             wanted.append(item)
         else:
             raise BenchmarkError(f"--strategies: unknown row {item!r}; choose from "
-                                 f"{list(ROWS)} (or 'all', 'ablations')")
+                                 f"{list(ROWS)} (or 'all', 'ablations', 'privacy')")
     if not wanted:
         raise BenchmarkError(f"--strategies: no row in {text!r}")
     return [r for r in ROWS if r in wanted]

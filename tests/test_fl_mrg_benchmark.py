@@ -91,7 +91,8 @@ def test_extra_overrides_come_last_and_the_tracking_uri_only_when_given():
 
 def test_bad_rows_seeds_and_budgets_are_named():
     assert fl_mrg.parse_rows("fedmrg, local,centralized") == ["centralized", "local", "fedmrg"]
-    assert fl_mrg.parse_rows("ablations") == [r for r in fl_mrg.ROWS if "-" in r]
+    assert fl_mrg.parse_rows("ablations") == [r for r in fl_mrg.ROWS if r.startswith("fedmrg-")]
+    assert fl_mrg.parse_rows("privacy") == ["ffa_lora-dp8", "ffa_lora-dp2", "ffa_lora-secagg"]
     assert fl_mrg.parse_rows("all") == list(fl_mrg.ROWS)
     with pytest.raises(BenchmarkError, match="'fedsgd'"):
         fl_mrg.parse_rows("fedmrg,fedsgd")
