@@ -107,6 +107,7 @@ def test_secure_aggregation_round_with_a_lost_client(clients, monkeypatch):
     summary = coordinator.step()
     assert summary.participants == ["a", "b"] and set(summary.rejected) == {"c"}
     assert summary.metrics["clients"] == 2.0
+    assert "a/loss" in summary.metrics and "c/loss" not in summary.metrics  # clients' scalars
 
     # the coordinator's view: keys, share ciphertexts, masked vectors, unmasking shares
     kinds = [type(m).__name__ for m in pool.received]

@@ -319,6 +319,8 @@ class RoundAttempt:
     # the centers whose updates `accepted` stands for, when it is their aggregate (secure
     # aggregation: one update of their sum); None: the centers of `accepted`
     participants: list[str] | None = None
+    # the replies whose scalar metrics the round reports, when `accepted` is their aggregate
+    reports: list[ClientUpdate] | None = None
 
     @property
     def usable(self) -> list[str]:
@@ -436,7 +438,8 @@ class Coordinator:
         if self.broadcast is not None:  # the next round's delta, computed once for everyone
             self.broadcast.advance(self.strategy.global_state())
         aggregation_time = time.perf_counter() - aggregation_started
-        metrics.update(client_metrics(final.accepted))
+        metrics.update(client_metrics(final.accepted if final.reports is None
+                                      else final.reports))
         metrics.update(round_fault_metrics(attempts, rejoined))
         if self.privacy is not None:
             metrics.update(clients=float(len(final.usable)),

@@ -205,6 +205,11 @@ class ServerPrivacy:
         length = sum(int(np.prod(s, dtype=np.int64)) for _, s in layout)
         server = SecAggServer(round_id, length)
 
+        def count(reply: Any) -> None:
+            size = message_bytes(reply)
+            attempt.bytes_up += size.bytes
+            attempt.dense_up += size.dense_equivalent_bytes
+
         def exchange(stage: str, messages: Mapping[str, Any]) -> dict[str, Any]:
             handles = {pool.submit_secagg(c, stage, round_id, m): c for c, m in messages.items()}
             attempt.bytes_down += sum(message_bytes(m).bytes for m in messages.values())
@@ -213,7 +218,7 @@ class ServerPrivacy:
             for center, (kind, reason) in collected.failed.items():
                 attempt.reject(center, kind, f"secure aggregation {stage}: {reason}")
             for reply in collected.replies.values():
-                attempt.bytes_up += message_bytes(reply).bytes
+                count(reply)
             return collected.replies
 
         try:
@@ -234,15 +239,16 @@ class ServerPrivacy:
             collected = coordinator.collect_replies(handles, fed.min_clients,
                                                     fed.round_deadline_s)
             coordinator.note_fits(round_id, plans, collected, attempt)
-            masked, weights = {}, {}
+            masked, weights, reports = {}, {}, []
             for center, reply in sorted(collected.replies.items()):
-                attempt.bytes_up += message_bytes(reply).bytes
+                count(reply)
                 reason = masked_update_problem(reply, center, round_id, length)
                 if reason:
                     attempt.reject(center, "invalid", reason)
                     continue
                 masked[center] = reply.masked.numpy().view(np.uint64)
                 weights[center] = int(reply.num_samples)
+                reports.append(dataclasses.replace(reply, masked=None))  # its metrics only
             survivors, dropped = server.unmask_request(masked)
             unmasking = exchange(UNMASK, {c: (survivors, dropped) for c in survivors})
             total = dequantize(server.aggregate(masked, unmasking),
@@ -260,6 +266,7 @@ class ServerPrivacy:
         attempt.accepted = [self._noised_mean(round_id, changes, denominator, reference,
                                               lora_names, num_samples=len(survivors))]
         attempt.participants = list(survivors)
+        attempt.reports = [r for r in reports if r.center in survivors]
         return attempt
 
 
