@@ -206,7 +206,8 @@ def run_description(cfg: ExperimentConfig, centers: Sequence[str],
              + (f", held out: {', '.join(heldout)}" if heldout else "")
              + f"; {f.rounds} rounds x {cfg.train.local_steps} local steps; seed {cfg.seed}.",
              f"Model: {m.encoder} encoder, base LM `{m.lm}`, LoRA rank {m.lora_rank} on "
-             f"{', '.join(m.lora_targets)}; data `{cfg.data.root}`."]
+             f"{', '.join(m.lora_targets) or 'the LM architecture default modules'}; data "
+             f"`{cfg.data.root}`."]
     if results:
         for view in VIEWS:
             mean = (results.get(view) or {}).get("mean") or {}

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import TINY_MODEL
 
 from fedmrg.cli import main
 from fedmrg.config import load_config
@@ -38,12 +39,8 @@ from fedmrg.serving.predictor import (
 )
 
 REGISTERED = "fedmrg-serving-test"
-TINY = [
-    "data.image_size=32", "model.lm_hidden_size=32", "model.lm_layers=1", "model.lm_heads=2",
-    "model.lm_vocab_size=256", "model.lm_warmup_steps=5",
-    "model.encoder_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "model.visual_tokens=3",
-    "model.lora_rank=4", "model.projection_dim=8", "eval.max_new_tokens=12",
-]
+TINY = ["data.image_size=32", "eval.max_new_tokens=12",
+        *(f"model.{key}={json.dumps(value)}" for key, value in TINY_MODEL.items())]
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

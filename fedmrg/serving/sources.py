@@ -50,7 +50,7 @@ def run_model(run_dir: Path, center: str | None = None) -> tuple[Path, Predictor
 
     clients = run_clients(run_dir)
     cfg = load_config(str(run_dir / RUN_CONFIG))
-    if center is None:
+    if center is None:  # as a run evaluates a held-out center (coordinator.evaluating_client)
         return run_dir / MODELS / clients[0], PredictorSettings.from_config(cfg)
     if center not in clients:
         raise ServingError(f"run {run_dir.name!r} has no model of center {center!r}; its "
