@@ -55,6 +55,22 @@ class NormAction(Choice):
     CLIP = "clip"
 
 
+class LMDtype(Choice):
+    """The dtype of the frozen base LM's weights (`model.lm_dtype`)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Quantization(Choice):
+    """How the frozen base LM is quantized with bitsandbytes (`model.lm_quantization`)."""
+
+    NONE = "none"
+    FOUR_BIT = "4bit"
+    EIGHT_BIT = "8bit"
+
+
 class WireDtype(Choice):
     """The dtype floating tensors travel in (`fedmrg.fl.wire`)."""
 

@@ -8,14 +8,26 @@ out-of-range value raises `ConfigError` naming the key and what is allowed.
 Field metadata: `help` (shown by `fedmrg config --help-keys`), `choices`, `min`, `max`. A key
 whose type is a `StrEnum` of `fedmrg.choices` accepts exactly that enum's values and holds the
 member (which equals its value); `to_dict`/`flat` give plain values.
+
+Rules (docs/operations.md, "Configuration"):
+- Every section is a frozen `Section` dataclass that validates itself in `__post_init__`: a bad
+  value raises `ConfigError` when the object is built (`ModelConfig(lm_heads=0)` included), and
+  `ExperimentConfig` adds the constraints between sections (`_validate_cross`).
+- Nothing changes a config after it is built: a key cannot be assigned (FrozenInstanceError),
+  and lists/dicts in it are never changed in place. A changed copy is `dataclasses.replace`
+  (validated again) or `replace_keys(cfg, {"section.key": value})`.
+- A run's config is resolved once, before anything starts (`Experiment.fit`: absolute paths,
+  then the strategy's implied keys, then the run name); everything after reads that object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -27,9 +39,11 @@ from fedmrg.choices import (
     AggregationMethod,
     DataSource,
     Device,
+    LMDtype,
     NormAction,
     OnBadRow,
     PrivacyMode,
+    Quantization,
     ServerOptimizer,
     WireDtype,
     choice_values,
@@ -53,11 +67,39 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
+class Section:
+    """Base of every config section (a `@dataclass(frozen=True)`): `__post_init__` checks each
+    key against its type and metadata, coerces it where lossless (int -> float, a choice's
+    value -> its member, a mapping -> its section), then `check` the constraints between the
+    section's keys. The key named in an error is its full `section.key`."""
+
+    def __post_init__(self) -> None:
+        prefix = _section_prefixes().get(type(self), "")
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key, value, tp = prefix + f.name, getattr(self, f.name), hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                if isinstance(value, Mapping):  # e.g. a saved section read back from JSON
+                    checked = _build(tp, dict(value), key + ".")
+                elif isinstance(value, tp):
+                    checked = value
+                else:
+                    raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            else:
+                checked = _check_value(key, tp, value, dict(f.metadata))
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)  # frozen: only while being built
+        self.check()
+
+    def check(self) -> None:
+        """Constraints between this section's keys; raise `ConfigError` naming them."""
+
+
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass
-class PhantomConfig:
+@dataclass(frozen=True)
+class PhantomConfig(Section):
     """The embedded phantom multi-center benchmark (generated when missing)."""
 
     centers: int = _f(4, "number of training centers", min=1, max=26)
@@ -68,8 +110,8 @@ class PhantomConfig:
     seed: int = _f(0, "generator seed (same seed, byte-identical shards)", min=0)
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(Section):
     root: str = _f("data/phantom-v1", "dataset root (<root>/center=<id>/, manifest.json)")
     source: DataSource = _f(DataSource.PHANTOM, "where the dataset comes from when `root` is "
                                                 "missing")
@@ -92,9 +134,20 @@ class DataConfig:
                                      min=0)
     stream_max_tasks: int = _f(2, "Ray Data tasks of one stream running at once", min=1)
 
+    def check(self) -> None:
+        if self.source == DataSource.PHANTOM and self.centers:
+            n = self.phantom.centers
+            known = {chr(ord("a") + i) for i in range(n)}
+            if self.phantom.heldout_center:
+                known.add("heldout")
+            bad = [c for c in self.centers if c not in known]
+            if bad:
+                raise ConfigError(f"data.centers: unknown center {bad[0]!r}; the phantom "
+                                  f"benchmark has {sorted(known)}")
 
-@dataclass
-class LossConfig:
+
+@dataclass(frozen=True)
+class LossConfig(Section):
     """Loss weights; 0 switches a term off."""
 
     lm_generic: float = _f(1.0, "LM loss of the generic-adapter path", min=0)
@@ -115,8 +168,8 @@ class LossConfig:
                                        max=1.0)
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelConfig(Section):
     encoder: str = _f("resnet10t", "timm model name of the vision encoder")
     encoder_kwargs: dict = _f({}, "extra kwargs for timm.create_model (e.g. widths)")
     pretrained: bool = _f(False, "load pretrained encoder weights (local cache or hub)")
@@ -129,12 +182,11 @@ class ModelConfig:
     encoder_lora_rank: int = _f(0, "LoRA rank on a frozen encoder (0: none)", min=0)
     visual_tokens: int = _f(4, "visual tokens the projector produces", min=1, max=256)
     lm: str = _f("builtin:tiny-llama", "causal LM: 'builtin:tiny-llama', an HF id or a path")
-    lm_dtype: str = _f("float32", "dtype of the frozen base LM's weights (bfloat16 halves its "
-                                  "memory; the adapters train in float32)",
-                       choices=("float32", "bfloat16", "float16"))
-    lm_quantization: str = _f("none", "load the frozen base LM quantized with bitsandbytes "
-                                      "(QLoRA; CUDA only, `pip install bitsandbytes`)",
-                              choices=("none", "4bit", "8bit"))
+    lm_dtype: LMDtype = _f(LMDtype.FLOAT32, "dtype of the frozen base LM's weights (bfloat16 "
+                                            "halves its memory; the adapters train in float32)")
+    lm_quantization: Quantization = _f(Quantization.NONE, "load the frozen base LM quantized "
+                                                          "with bitsandbytes (QLoRA; CUDA only, "
+                                                          "`pip install bitsandbytes`)")
     gradient_checkpointing: bool = _f(False, "recompute the LM's activations in the backward "
                                              "pass (less memory, ~30% more time)")
     lm_cache: str = _f("~/.cache/fedmrg/lm", "where the builtin base LM is cached")
@@ -159,9 +211,16 @@ class ModelConfig:
     projection_dim: int = _f(64, "contrastive projection head output", min=4)
     losses: LossConfig = field(default_factory=LossConfig)
 
+    def check(self) -> None:
+        if self.lm_hidden_size % self.lm_heads:
+            raise ConfigError(
+                f"model.lm_hidden_size ({self.lm_hidden_size}) must be divisible by "
+                f"model.lm_heads ({self.lm_heads})"
+            )
 
-@dataclass
-class TrainConfig:
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
     """Local training (one client round, or a whole centralized/local baseline)."""
 
     lr: float = _f(2e-3, "AdamW learning rate", min=0)
@@ -178,8 +237,8 @@ class TrainConfig:
                            min=0)
 
 
-@dataclass
-class FederationConfig:
+@dataclass(frozen=True)
+class FederationConfig(Section):
     strategy: str = _f("fedmrg", "federated strategy (the registry, fedmrg.fl.strategies)",
                        choices=strategy_names())
     rounds: int = _f(10, "federated rounds", min=1)
@@ -212,8 +271,8 @@ class FederationConfig:
                                "retried before the run stops with a checkpoint", min=0)
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(Section):
     """Report generation and scoring at evaluation time."""
 
     num_beams: int = _f(1, "beam search width (1: greedy; beams made the small default LM "
@@ -235,8 +294,8 @@ class EvalConfig:
     val_studies: int = _f(8, "val studies per center in a validation evaluation", min=1)
 
 
-@dataclass
-class ResourcesConfig:
+@dataclass(frozen=True)
+class ResourcesConfig(Section):
     num_cpus_per_client: float = _f(0.5, "CPUs reserved per client actor", min=0)
     num_gpus_per_client: float = _f(0.0, "GPUs per client actor (fractional allowed)", min=0)
     clients_per_actor: int = _f(1, "clients one actor hosts and trains in turn (many simulated "
@@ -261,9 +320,21 @@ class ResourcesConfig:
                                           "when a wait for client actors or replies sees "
                                           "nothing for this long (0: wait forever)", min=0)
 
+    def check(self) -> None:
+        if self.clients_per_actor > 1 and self.pin_centers:
+            raise ConfigError(
+                f"resources.clients_per_actor ({self.clients_per_actor}) must be 1 when "
+                f"resources.pin_centers is true: each center's client runs on its own data's "
+                f"node")
+        if self.gpus_per_center > 1 and self.workers_per_center > 1:
+            raise ConfigError(
+                f"resources.workers_per_center={self.workers_per_center} with resources."
+                f"gpus_per_center={self.gpus_per_center}: a center with GPUs has one Ray Train "
+                f"worker per GPU; set workers_per_center only for CPU-only centers")
 
-@dataclass
-class TrackingConfig:
+
+@dataclass(frozen=True)
+class TrackingConfig(Section):
     tracking_uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI")
     artifact_location: str = _f("mlartifacts", "artifact folder for a new experiment")
     experiment: str = _f("fedmrg", "MLflow experiment name")
@@ -281,8 +352,8 @@ class TrackingConfig:
                               min=1)
 
 
-@dataclass
-class PrivacyConfig:
+@dataclass(frozen=True)
+class PrivacyConfig(Section):
     """What the coordinator may learn (docs/privacy.md). Everything off by default."""
 
     mode: PrivacyMode = _f(PrivacyMode.NONE, "client-level differential privacy: 'central' "
@@ -304,8 +375,8 @@ class PrivacyConfig:
                                        "2^64)", min=8, max=40)
 
 
-@dataclass
-class ExperimentConfig:
+@dataclass(frozen=True)
+class ExperimentConfig(Section):
     seed: int = _f(0, "seed for sampling, initialization and aggregation order", min=0)
     device: Device = _f(Device.AUTO, "torch device")
     data: DataConfig = field(default_factory=DataConfig)
@@ -317,6 +388,9 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def check(self) -> None:
+        _validate_cross(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON types (choices as their values)."""
         return plain(dataclasses.asdict(self))
@@ -327,6 +401,26 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- building
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+@functools.cache
+def _section_prefixes() -> dict[type, str]:
+    """Section class -> its `section.` prefix in ExperimentConfig (`data.phantom.`)."""
+    out: dict[type, str] = {ExperimentConfig: ""}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                out[tp] = f"{prefix}{name}."
+                walk(tp, out[tp])
+
+    walk(ExperimentConfig, "")
+    return out
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -354,8 +448,8 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
         try:
             value = tp(value)
         except (ValueError, TypeError):
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {choice_values(tp)}"
-                              ) from None
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
+                              f"{choice_values(tp)}") from None
     elif origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -383,8 +477,10 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
         (item,) = get_args(tp) or (Any,)
         if item is not Any:
             value = [_check_value(f"{key}[{i}]", item, v, {}) for i, v in enumerate(value)]
-    elif (origin is dict or tp is dict) and not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    elif origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        value = dict(value)  # the config's own copy
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
@@ -396,66 +492,67 @@ def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
     return value
 
 
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    return ConfigError(f"unknown key {prefix}{name!s}; allowed keys in "
+                       f"{prefix.rstrip('.') or 'the top level'}: {allowed}")
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A section from a mapping (sub-sections from nested mappings); the section validates
+    the values itself (`Section.__post_init__`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; allowed keys in "
-            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _check_value(key, tp, value, dict(fields[name].metadata))
+        raise _unknown_key(cls, unknown[0], prefix)
+    kwargs = {name: _build(hints[name], value, f"{prefix}{name}.")
+              if dataclasses.is_dataclass(hints[name]) else value
+              for name, value in data.items()}
     return cls(**kwargs)
 
 
+def replace_keys(cfg: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
+    """A copy of `cfg` (a section) with every `section.key` of `changes` set to its value,
+    validated like a loaded config; an unknown key is a `ConfigError` naming it."""
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise _unknown_key(type(cfg), head, prefix)
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub_changes in nested.items():
+        section = getattr(cfg, head)
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(f"{prefix}{head} is a key, not a section: "
+                              f"{prefix}{head}.{next(iter(sub_changes))} does not exist")
+        direct[head] = replace_keys(section, sub_changes, f"{prefix}{head}.")
+    return dataclasses.replace(cfg, **direct) if direct else cfg
+
+
 def _validate_cross(cfg: ExperimentConfig) -> None:
-    """Constraints between keys."""
-    if cfg.model.lm_hidden_size % cfg.model.lm_heads:
-        raise ConfigError(
-            f"model.lm_hidden_size ({cfg.model.lm_hidden_size}) must be divisible by "
-            f"model.lm_heads ({cfg.model.lm_heads})"
-        )
-    if cfg.resources.clients_per_actor > 1 and cfg.resources.pin_centers:
-        raise ConfigError(
-            f"resources.clients_per_actor ({cfg.resources.clients_per_actor}) must be 1 when "
-            f"resources.pin_centers is true: each center's client runs on its own data's node")
+    """Constraints between keys of different sections (those within one section are its
+    `check`)."""
     m, r = cfg.model, cfg.resources
-    if m.lm_quantization != "none" and (
-            cfg.device == "cpu" or (cfg.device == "auto" and r.num_gpus_per_client == 0)):
+    if m.lm_quantization != Quantization.NONE and (
+            cfg.device == Device.CPU
+            or (cfg.device == Device.AUTO and r.num_gpus_per_client == 0)):
         raise ConfigError(
             f"model.lm_quantization={m.lm_quantization!r} needs CUDA (bitsandbytes) but the "
             f"clients run on the CPU (device={cfg.device!r}, resources.num_gpus_per_client="
             f"{r.num_gpus_per_client:g}): give them GPUs, or use model.lm_dtype=bfloat16")
-    if r.gpus_per_center > 1 and r.workers_per_center > 1:
-        raise ConfigError(
-            f"resources.workers_per_center={r.workers_per_center} with resources."
-            f"gpus_per_center={r.gpus_per_center}: a center with GPUs has one Ray Train worker "
-            f"per GPU; set workers_per_center only for CPU-only centers")
-    if cfg.data.source == "phantom" and cfg.data.centers:
-        n = cfg.data.phantom.centers
-        known = {chr(ord("a") + i) for i in range(n)}
-        if cfg.data.phantom.heldout_center:
-            known.add("heldout")
-        bad = [c for c in cfg.data.centers if c not in known]
-        if bad:
-            raise ConfigError(f"data.centers: unknown center {bad[0]!r}; the phantom benchmark "
-                              f"has {sorted(known)}")
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, data, "")
-    _validate_cross(cfg)
-    return cfg
+    """A validated config from nested mappings (unset keys: the defaults)."""
+    return _build(ExperimentConfig, data, "")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -123,6 +123,33 @@ def resolve_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> Exper
     )
 
 
+def resolve_run_config(cfg: ExperimentConfig, run_name: str | None = None,
+                       cwd: str | Path | None = None
+                       ) -> tuple[ExperimentConfig, dict[str, tuple[Any, Any]]]:
+    """The config a run uses, resolved once before anything starts and never changed after
+    (it is frozen): local paths absolute (`resolve_paths`), the keys the strategy's definition
+    implies set (`Strategy.configure`), `tracking.run_name` the run's name (`run_name`, else
+    the config's, else a generated one: each client finds its checkpoint folder through it).
+    Also returns what the strategy changed, {key: (user's value, strategy's value)}."""
+    from fedmrg.fl.strategies import strategy_class
+    from fedmrg.tracking import default_run_name
+
+    user = resolve_paths(cfg, cwd)
+    strategy = strategy_class(user.federation.strategy)
+    implied = strategy.implied_changes(user)
+    resolved = strategy.configure(user)
+    name = run_name or resolved.tracking.run_name or default_run_name(strategy.name)
+    resolved = dataclasses.replace(resolved, tracking=dataclasses.replace(resolved.tracking,
+                                                                          run_name=name))
+    return resolved, implied
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """`a.b=1 (was 2), ...` for {key: (before, after)}."""
+    return ", ".join(f"{key}={after!r} (was {before!r})"
+                     for key, (before, after) in changes.items())
+
+
 def client_layout(strategy: str, centers: Sequence[str]) -> dict[str, list[str] | None]:
     """Client id -> the centers whose data it pools (None: its own center only): one pooled
     client when the strategy says so (`Strategy.pools_data`, e.g. `centralized`)."""
@@ -324,6 +351,9 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
     pool = RayClientPool(actors, record=record,
                          watchdog=ProgressWatchdog.for_run(cfg.resources))
     strategy = make_strategy(cfg)
+    if strategy.cfg is not cfg:  # resolved once, by whoever built the run (`resolve_run_config`)
+        raise ExperimentError(f"run_federation got a config the strategy still changes: "
+                              f"{describe_changes(strategy.implied_changes(cfg))}")
     first = pool.centers()[0]
     initial = pool.call_all("shared_state", centers=[first])[first]
     sizes = pool.call_all("parameter_summary", centers=[first])[first]
@@ -594,22 +624,17 @@ class Experiment:
         from fedmrg.data.shards import read_manifest
         from fedmrg.fl.actors import run_in_coordinator_actor, start_client_actors, stop_actors
         from fedmrg.fl.checkpoint import prune_client_checkpoints, run_fingerprint
-        from fedmrg.fl.strategies import make_strategy
         from fedmrg.model.preflight import check_model_inputs
         from fedmrg.output_paths import check_output_paths
         from fedmrg.privacy.server import check_privacy
         from fedmrg.ray_cluster import check_cluster_fits, connect
-        from fedmrg.tracking import default_run_name
 
         start = time.perf_counter()
-        cfg = resolve_paths(self.cfg)
-        cfg = make_strategy(cfg).cfg  # with the switches the strategy's definition implies
-        run_name = self.run_name or cfg.tracking.run_name or default_run_name(
-            cfg.federation.strategy)
+        cfg, implied = resolve_run_config(self.cfg, self.run_name)
+        run_name = cfg.tracking.run_name
         self._run_name = run_name
-        # the clients find their own checkpoint folder through the run's name
-        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking,
-                                                                    run_name=run_name))
+        if implied:
+            log.info("strategy %s sets %s", cfg.federation.strategy, describe_changes(implied))
         run_dir = Path(cfg.tracking.storage_path) / run_name
         check_output_paths(cfg)  # before Ray and any training: a bad path fails in seconds
         check_model_inputs(cfg.model)  # the LM, its LoRA targets, the encoder's weights file

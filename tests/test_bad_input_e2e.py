@@ -132,14 +132,14 @@ def runs(ray_cluster, tmp_path_factory):
     victim = center_file(clean, "a")
     cfgs = {
         "raise": tiny_run_config(base / "raise", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
-                             "data.on_error=raise"),
+                                 "data.on_error=raise"),
         "skip": tiny_run_config(base / "skip", lm_cache, *CHEAP, f"data.root={base / 'broken'}",
-                            "data.on_error=skip"),
+                                "data.on_error=skip"),
         # streaming, one epoch (one batch of the 7 train rows) per round: round 2 reads
         # center a's file again
         "vanish": tiny_run_config(base / "vanish", lm_cache, *CHEAP, f"data.root={clean}",
-                              "data.on_error=skip", "data.cache_decoded=false",
-                              "data.batch_size=8", "train.local_steps=1"),
+                                  "data.on_error=skip", "data.cache_decoded=false",
+                                  "data.batch_size=8", "train.local_steps=1"),
     }
     build_lm_once(cfgs["raise"])
     run_names = {name: f"bad-{name}" for name in cfgs}
@@ -242,7 +242,7 @@ def test_a_bad_center_in_a_dataset_stops_before_any_client_starts(ray_cluster, t
                                                                   centers, message):
     root = small_phantom(tmp_path / "ds")
     cfg = tiny_run_config(tmp_path, tmp_path / "lm", *CHEAP, "data.source=path",
-                      f"data.root={root}", f"data.centers={centers}")
+                          f"data.root={root}", f"data.centers={centers}")
     with pytest.raises(DatasetError, match=message):
         experiment(cfg, "bad-center")()
     assert not (Path(cfg.tracking.storage_path) / "bad-center").exists()

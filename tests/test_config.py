@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
+import yaml
 from click.testing import CliRunner
 
+from fedmrg.choices import AggregationMethod
 from fedmrg.cli import main
 from fedmrg.config import (
     ConfigError,
     ExperimentConfig,
+    FederationConfig,
+    LossConfig,
+    ModelConfig,
+    PhantomConfig,
+    Section,
+    TrainConfig,
     config_from_dict,
     describe_keys,
     load_config,
     parse_override,
     preset_names,
+    replace_keys,
 )
 
 
@@ -135,3 +147,81 @@ def test_cli_config_prints_and_rejects():
     assert bad.exit_code == 2
     assert "federation.rounds: 0 is below the minimum 1" in bad.output
     assert "Traceback" not in bad.output
+
+
+# --------------------------------------------------------------------------- the config rules
+
+
+def _sections(cls: type = ExperimentConfig) -> list[type]:
+    hints = typing.get_type_hints(cls)
+    found = [cls]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += _sections(hints[f.name])
+    return found
+
+
+def test_every_section_is_a_frozen_self_validating_section():
+    for cls in _sections():
+        assert issubclass(cls, Section) and cls.__dataclass_params__.frozen, cls.__name__
+
+
+def test_constructing_a_bad_section_raises_naming_its_full_key():
+    with pytest.raises(ConfigError, match=r"^data\.phantom\.centers: 0 is below the minimum 1"):
+        PhantomConfig(centers=0)
+    with pytest.raises(ConfigError, match=r"model\.lm_hidden_size \(128\) must be divisible"):
+        ModelConfig(lm_heads=3)
+    with pytest.raises(ConfigError, match=r"^federation\.wire_dtype: 'fp16' is not allowed; "
+                                          r"choose one of \['fp32', 'bf16'\]"):
+        FederationConfig(wire_dtype="fp16")
+    with pytest.raises(ConfigError, match="^train.lr: expected a number"):
+        dataclasses.replace(TrainConfig(), lr="fast")  # a derived copy is validated again
+    with pytest.raises(ConfigError, match="^model: expected a mapping"):
+        ExperimentConfig(model=3)
+    # a section read back from JSON (fedmrg.model.io) is built from its mapping
+    assert ModelConfig(losses={"mutual": 0}).losses == LossConfig(mutual=0.0)
+
+
+def test_a_config_cannot_be_changed_only_copied():
+    cfg = load_config("default")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.federation.rounds = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = ModelConfig()
+    more = replace_keys(cfg, {"federation.rounds": 3, "model.losses.mutual": 0})
+    assert (more.federation.rounds, more.model.losses.mutual) == (3, 0.0)
+    assert cfg.federation.rounds == 10 and more.data is cfg.data  # untouched sections shared
+    with pytest.raises(ConfigError, match="unknown key federation.roundz; allowed keys in "
+                                          "federation"):
+        replace_keys(cfg, {"federation.roundz": 3})
+    with pytest.raises(ConfigError, match="federation.rounds: 0 is below the minimum 1"):
+        replace_keys(cfg, {"federation.rounds": 0})
+    # lists and mappings are the config's own copies, not the caller's
+    encoder = {"stem_width": 8}
+    model = ModelConfig(encoder_kwargs=encoder)
+    encoder["stem_width"] = 16
+    assert model.encoder_kwargs == {"stem_width": 8}
+
+
+def test_choices_are_enum_members_that_read_as_their_values():
+    cfg = load_config("default", ["federation.aggregation=stack", "device=cpu"])
+    assert cfg.federation.aggregation is AggregationMethod.STACK
+    assert cfg.federation.aggregation == "stack" and repr(cfg.device) == "'cpu'"
+    assert cfg.to_dict()["federation"]["aggregation"] == "stack"
+    assert type(cfg.flat()["federation.aggregation"]) is str
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
+    assert load_config(None, []).federation.aggregation is AggregationMethod.EXACT
+
+
+def test_a_run_config_is_resolved_once_with_what_the_strategy_changed(tmp_path):
+    from fedmrg.experiment import resolve_run_config
+    from fedmrg.fl.strategies import make_strategy
+
+    user = load_config("default", ["federation.strategy=fedavg"])
+    cfg, implied = resolve_run_config(user, "r1", cwd=tmp_path)
+    assert cfg.tracking.run_name == "r1" and cfg.data.root.startswith(str(tmp_path))
+    assert implied["federation.aggregation"] == ("exact", "fedavg")
+    assert not cfg.model.specialized_adapter and user.model.specialized_adapter
+    assert make_strategy(cfg).cfg is cfg  # nothing left to resolve
+    named, _ = resolve_run_config(user, cwd=tmp_path)
+    assert named.tracking.run_name.startswith("fedavg-")

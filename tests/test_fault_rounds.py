@@ -31,7 +31,7 @@ import ray
 import torch
 from helpers import tiny_overrides
 
-from fedmrg.config import load_config
+from fedmrg.config import load_config, replace_keys
 from fedmrg.fl.actors import ClientHost, RayClientPool, client_actor_options, stop_actors
 from fedmrg.fl.coordinator import Coordinator, RoundFailedError
 from fedmrg.fl.messages import ClientUpdate
@@ -129,11 +129,8 @@ def inject(fleet, faults: dict[str, dict[int, str]], folder: Path | None = None)
 
 
 def coordinator_over(fleet, pool: RayClientPool, **federation) -> Coordinator:
-    cfg = copy.deepcopy(fleet["cfg"])
-    cfg.federation.rounds = 3
-    cfg.federation.min_clients = 2
-    for key, value in federation.items():
-        setattr(cfg.federation, key, value)
+    cfg = replace_keys(fleet["cfg"], {"federation.rounds": 3, "federation.min_clients": 2,
+                                      **{f"federation.{k}": v for k, v in federation.items()}})
     strategy = make_strategy(cfg)
     return Coordinator(strategy.cfg, strategy, pool, fleet["initial"],
                        np.random.default_rng(cfg.seed))
@@ -190,7 +187,7 @@ def test_an_update_1000x_the_others_is_rejected_then_clipped(fleet, signals):
     norms = [honest.metrics[f"{c}/update_norm"] for c in CENTERS]
     assert all(0 < n < math.inf for n in norms) and honest.metrics["rejected_norm"] == 0
     bound = math.sqrt(1000) * max(norms)  # far from honest rounds and from a 1000x one
-    coordinator.cfg.federation.max_update_norm = bound
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.max_update_norm": bound})
 
     rejected = coordinator.step()
     assert rejected.participants == ["a", "c"] and rejected.metrics["rejected_norm"] == 1
@@ -199,7 +196,7 @@ def test_an_update_1000x_the_others_is_rejected_then_clipped(fleet, signals):
     assert rejected.rejected["b"] == (f"update norm {huge:.6g} exceeds "
                                       f"federation.max_update_norm={bound:g}")
 
-    coordinator.cfg.federation.update_norm_action = "clip"
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.update_norm_action": "clip"})
     clipped = coordinator.step()
     assert clipped.participants == list(CENTERS) and clipped.rejected == {}
     assert list(clipped.clipped) == ["b"] and clipped.metrics["clipped"] == 1
@@ -244,7 +241,7 @@ def test_a_straggler_past_the_deadline_is_dropped_and_its_late_reply_never_appli
     honest = coordinator.step()  # measures a round on this machine, now
     deadline = max(8.0, 4 * honest.round_time_s)  # generous: a loaded machine is bursty
     inject(fleet, {"b": {2: "block"}}, signals)
-    coordinator.cfg.federation.round_deadline_s = deadline
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.round_deadline_s": deadline})
 
     started = time.monotonic()
     straggled = coordinator.step()
@@ -254,7 +251,7 @@ def test_a_straggler_past_the_deadline_is_dropped_and_its_late_reply_never_appli
     assert straggled.metrics["rejected_deadline"] == 1 and len(coordinator.abandoned) == 1
 
     (signals / "release").touch()  # b finishes round 2 late, then its round-3 call runs
-    coordinator.cfg.federation.round_deadline_s = 0.0
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.round_deadline_s": 0.0})
     after = coordinator.step()
     assert after.participants == list(CENTERS)
     assert after.metrics["late_replies_dropped"] == 1 and coordinator.abandoned == {}
@@ -315,7 +312,7 @@ def test_too_few_clients_after_retries_stop_the_run_cleanly(fleet, signals):
     state = copy.deepcopy(coordinator.state_dict())  # the strategy's dict is live
     # round 2, both attempts: b crashes, c never answers; a alone is below min_clients=2
     inject(fleet, {"b": {2: "crash"}, "c": {2: "block"}}, signals)
-    coordinator.cfg.federation.round_deadline_s = deadline
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.round_deadline_s": deadline})
 
     started = time.monotonic()
     with pytest.raises(RoundFailedError) as info:

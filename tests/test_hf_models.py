@@ -15,7 +15,7 @@ import torch
 from helpers import TINY_ENCODER
 from safetensors.torch import save_file
 
-from fedmrg.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+from fedmrg.config import ConfigError, ModelConfig, config_from_dict, load_config
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import Coordinator, InProcessPool
 from fedmrg.fl.lowrank import is_lora_factor
@@ -204,17 +204,16 @@ def dataset(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_one_federated_round_with_each_architecture(ray_cluster, dataset, lm_folders, arch):
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = dataset, 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 24, 1
-    m = cfg.model
-    m.lm, m.lm_dtype, m.encoder_kwargs = lm_folders[arch], "bfloat16", TINY_ENCODER
-    m.visual_tokens, m.lora_rank, m.projection_dim = 2, 2, 8
-    cfg.train.local_steps, cfg.train.warmup_steps = 1, 1
-    cfg.federation.rounds, cfg.federation.dense_update_rank = 1, 2
-    cfg.eval.max_new_tokens, cfg.eval.val_every = 4, 0
-    cfg = make_strategy(cfg).cfg
+    cfg = make_strategy(config_from_dict({
+        "device": "cpu",
+        "data": {"root": dataset, "image_size": 32, "batch_size": 4, "max_report_tokens": 24,
+                 "stream_max_tasks": 1},
+        "model": {"lm": lm_folders[arch], "lm_dtype": "bfloat16", "encoder_kwargs": TINY_ENCODER,
+                  "visual_tokens": 2, "lora_rank": 2, "projection_dim": 8},
+        "train": {"local_steps": 1, "warmup_steps": 1},
+        "federation": {"rounds": 1, "dense_update_rank": 2},
+        "eval": {"max_new_tokens": 4, "val_every": 0},
+    })).cfg
     strategy = make_strategy(cfg)
     clients = {c: FederatedClient(cfg, c, dataset_root=dataset, seed=cfg.seed,
                                   generation={"num_beams": 1, "max_new_tokens": 4},

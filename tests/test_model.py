@@ -184,7 +184,7 @@ def test_prompt_states_teacher_forcing(make_model, batch):
     assert (rows_truth | rows_pred).all() and rows_truth.any() and rows_pred.any()
     model.eval()  # inference: always the diagnosis head's predictions
     assert torch.equal(model.prompt_states(logits, labels), predicted)
-    model.cfg.prompt_teacher_forcing = 1.0
+    model.cfg = dataclasses.replace(model.cfg, prompt_teacher_forcing=1.0)
     model.train()
     assert torch.equal(model.prompt_states(logits, labels), labels)
 

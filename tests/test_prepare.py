@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fedmrg.config import DataConfig, PhantomConfig
@@ -42,8 +44,10 @@ def test_participating_centers(tmp_path):
     cfg = _cfg(tmp_path / "ds")
     manifest = read_manifest(ensure_dataset(cfg))
     assert participating_centers(cfg, manifest) == ["a", "b"]
-    cfg.centers = ["b", "heldout"]
-    assert participating_centers(cfg, manifest) == ["b", "heldout"]
-    cfg.centers = ["z"]
+    chosen = dataclasses.replace(cfg, centers=["b", "heldout"])
+    assert participating_centers(chosen, manifest) == ["b", "heldout"]
+    # a phantom config already refuses 'z' (DataConfig.check); an imported dataset's manifest
+    # is the only place that knows its centers
+    imported = dataclasses.replace(cfg, source="path", centers=["z"])
     with pytest.raises(DatasetError, match="unknown center 'z'"):
-        participating_centers(cfg, manifest)
+        participating_centers(imported, manifest)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmrg.config import ConfigError, ExperimentConfig
+from fedmrg.config import ConfigError, ExperimentConfig, config_from_dict, replace_keys
 from fedmrg.fl.lowrank import ErrorFeedback, LowRankUpdate, aggregate_lora_states
 from fedmrg.fl.messages import ClientUpdate, UpdateSpec
 from fedmrg.fl.server_optim import ServerAdam, ServerSGD, make_server_optimizer
@@ -57,11 +57,7 @@ def make_update(center: str, start: dict[str, torch.Tensor], rank: int = 0,
 
 
 def config(strategy: str = "fedmrg", **federation) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.federation.strategy = strategy
-    for k, v in federation.items():
-        setattr(cfg.federation, k, v)
-    return cfg
+    return config_from_dict({"federation": {"strategy": strategy, **federation}})
 
 
 def weights() -> list[float]:
@@ -220,9 +216,8 @@ def test_fedmrg_merges_prototypes_and_label_counts_into_the_next_plan():
 
 
 def test_fedmrg_ablations_turn_off_what_the_plan_asks_for():
-    cfg = config("fedmrg")
-    cfg.model.losses.contrastive_global = 0.0
-    cfg.model.losses.diagnosis_logit_adjust_tau = 0.0
+    cfg = replace_keys(config("fedmrg"), {"model.losses.contrastive_global": 0.0,
+                                          "model.losses.diagnosis_logit_adjust_tau": 0.0})
     strategy = make_strategy(cfg)
     assert strategy.plan(1, "a").config == {} and strategy.update_spec().statistics == {}
 
@@ -241,11 +236,9 @@ def test_fedprox_plans_carry_mu():
     strategy.initialize(global_state())
     mu = strategy.plan(1, "a").config["fedprox_mu"]
     assert mu == ExperimentConfig().train.fedprox_mu > 0
-    cfg = config("fedprox")
-    cfg.train.fedprox_mu = 0.05
+    cfg = replace_keys(config("fedprox"), {"train.fedprox_mu": 0.05})
     assert make_strategy(cfg).plan(1, "a").config["fedprox_mu"] == 0.05
-    fedmrg = config("fedmrg")
-    fedmrg.train.fedprox_mu = 0.05  # only fedprox sends it
+    fedmrg = replace_keys(config("fedmrg"), {"train.fedprox_mu": 0.05})  # only fedprox sends it
     assert "fedprox_mu" not in make_strategy(fedmrg).plan(1, "a").config
 
 
@@ -253,7 +246,7 @@ def test_the_registry_is_what_config_cli_and_benchmark_offer():
     import dataclasses
 
     from fedmrg.config import FederationConfig
-    from fedmrg.fl.strategies import STRATEGIES, Strategy, strategy_names
+    from fedmrg.fl.strategies import STRATEGIES, Strategy, strategy_class, strategy_names
 
     # the names config and CLI read from the modules' source are the registered classes
     assert strategy_names() == tuple(STRATEGIES)
@@ -262,9 +255,7 @@ def test_the_registry_is_what_config_cli_and_benchmark_offer():
     strategy = {f.name: f for f in dataclasses.fields(FederationConfig)}["strategy"]
     assert tuple(strategy.metadata["choices"]) == tuple(STRATEGIES)
     with pytest.raises(ConfigError, match="federation.strategy: 'fedsgd' is not one of"):
-        cfg = ExperimentConfig()
-        cfg.federation.strategy = "fedsgd"
-        make_strategy(cfg)
+        strategy_class("fedsgd")
 
 
 def test_local_keeps_no_global_state():
@@ -300,9 +291,9 @@ def test_centralized_is_fedavg_over_exactly_one_client():
 
 
 def test_configure_sets_only_the_strategys_definition():
-    user = config("fedavg")
-    user.model.diagnosis_prompts = False  # an explicit ablation outside fedavg's definition
-    user.model.losses.diagnosis = 0.3
+    # an explicit ablation outside fedavg's definition
+    user = replace_keys(config("fedavg"), {"model.diagnosis_prompts": False,
+                                           "model.losses.diagnosis": 0.3})
     strategy = make_strategy(user)
     cfg = strategy.cfg
     assert not cfg.model.specialized_adapter and cfg.model.losses.mutual == 0
@@ -310,25 +301,48 @@ def test_configure_sets_only_the_strategys_definition():
     assert cfg.federation.aggregation == "fedavg" and cfg.federation.dense_update_rank == 0
     assert cfg.model.diagnosis_prompts is False and cfg.model.losses.diagnosis == 0.3
     assert user.model.specialized_adapter  # the caller's config is not mutated
+    assert make_strategy(cfg).cfg is cfg  # resolved once: configuring it again changes nothing
     changes = strategy.implied_changes(user)
     assert changes["federation.aggregation"] == ("exact", "fedavg")
     assert "model.diagnosis_prompts" not in changes
 
 
 def test_fedmrg_never_undoes_a_users_ablation():
-    user = config("fedmrg", aggregation="fedavg", dense_update_rank=0)
-    user.model.specialized_adapter = False
-    user.model.losses.mutual = 0.0
+    user = replace_keys(config("fedmrg", aggregation="fedavg", dense_update_rank=0),
+                        {"model.specialized_adapter": False, "model.losses.mutual": 0.0})
     strategy = make_strategy(user)
     assert strategy.implied_changes(user) == {}
-    assert strategy.cfg.to_dict() == user.to_dict()
+    assert strategy.cfg is user
+
+
+def test_an_implied_key_is_validated_like_a_users():
+    class Misspelt(FedAvg):  # no name: never registered
+        implies = {"federation.roundz": 1}
+
+    class OutOfRange(FedAvg):
+        implies = {"federation.fraction": 2.0}
+
+    with pytest.raises(ConfigError, match="strategy 'fedavg' implies unknown key "
+                                          "federation.roundz"):
+        Misspelt.configure(config("fedavg"))
+    with pytest.raises(ConfigError, match="federation.fraction: 2.0 is above the maximum 1"):
+        OutOfRange.configure(config("fedavg"))
+
+
+def test_a_client_refuses_a_config_its_strategy_would_still_change():
+    from fedmrg.fl.strategies import make_client_strategy
+
+    user = config("fedavg")
+    with pytest.raises(ConfigError, match="not resolved for strategy 'fedavg': it implies "
+                                          "model.specialized_adapter=False"):
+        make_client_strategy(user)
+    resolved = make_strategy(user).cfg
+    assert make_client_strategy(resolved).cfg is resolved
 
 
 def test_unknown_strategy_and_server_optimizer_are_config_errors():
-    cfg = config("fedmrg")
-    cfg.federation.strategy = "fedsgd"
     with pytest.raises(ConfigError, match="federation.strategy: 'fedsgd'"):
-        make_strategy(cfg)
+        config("fedsgd")
     with pytest.raises(ConfigError, match="server_optimizer: 'sgd'"):
         make_server_optimizer("sgd", 1.0)
 

@@ -91,8 +91,8 @@ def run(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("trust")
     cfg = tiny_run_config(tmp, tmp / "lm", f"data.phantom.studies_per_center={STUDIES}",
-                      f"data.batch_size={BATCH}", "eval.samples=0", "eval.num_beams=1",
-                      "eval.max_new_tokens=16", f"federation.rounds={ROUNDS}")
+                          f"data.batch_size={BATCH}", "eval.samples=0", "eval.num_beams=1",
+                          "eval.max_new_tokens=16", f"federation.rounds={ROUNDS}")
     build_lm_once(cfg)
     result = fit_concurrently({"run": experiment(cfg, "trust")})["run"]
     if isinstance(result, BaseException):

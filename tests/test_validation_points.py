@@ -137,7 +137,7 @@ def test_a_tiny_run_logs_validation_points_and_ends_with_the_same_models(ray_clu
     common = ("federation.rounds=2", "data.phantom.centers=2", *CHEAP)
     cfgs = {"plain": tiny_run_config(tmp_path / "plain", lm_cache, *common, "eval.val_every=0"),
             "val": tiny_run_config(tmp_path / "val", lm_cache, *common, "eval.val_every=1",
-                               "eval.val_studies=2")}
+                                   "eval.val_studies=2")}
     build_lm_once(cfgs["plain"])
     outs = {name: io.StringIO() for name in cfgs}
     results = {}

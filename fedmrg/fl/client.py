@@ -4,12 +4,12 @@
     update = client.fit(plan)                     # RoundPlan -> ClientUpdate
     reply = client.evaluate("test", personalized=True, global_state=state)
 
-`cfg` must be the strategy's configured config (`make_strategy(cfg).cfg`): it decides the
-model's switches (specialized adapter, loss terms) and the update's form (dense_update_rank,
-wire_dtype). Everything is built once and stays resident across rounds: the frozen base LM
-(`load_base_lm`) wrapped into an `MRGModel` from `seed` (identical initial weights in every
-client, so the run's initial global state is any client's shared state), the train stream, the
-`LocalTrainer` (its AdamW state survives rounds), the `ErrorFeedback`
+`cfg` must be the strategy's configured config (`make_strategy(cfg).cfg`; another is refused):
+it decides the model's switches (specialized adapter, loss terms) and the update's form
+(dense_update_rank, wire_dtype). Everything is built once and stays resident across rounds: the
+frozen base LM (`load_base_lm`) wrapped into an `MRGModel` from `seed` (identical initial
+weights in every client, so the run's initial global state is any client's shared state), the
+train stream, the `LocalTrainer` (its AdamW state survives rounds), the `ErrorFeedback`
 residuals, and the stream position (epochs continue across rounds). The Ray actor wrapper is
 `fedmrg.fl.actors.ClientHost`; no Ray here except what the Ray Data stream does.
 

@@ -44,6 +44,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedmrg.choices import LMDtype, Quantization, choice_values
 from fedmrg.config import ModelConfig
 from fedmrg.data.transforms import tokenize_reports
 from fedmrg.model.prompts import diagnosis_prompt, prompt_corpus, prompt_vocabulary
@@ -317,30 +318,31 @@ def _load_error(what: str, path: str | Path, e: Exception) -> BaseLMError:
         f"{BUILTIN_TINY_LLAMA!r} or a local path. Cause: {type(e).__name__}: {e}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {LMDtype.FLOAT32: torch.float32, LMDtype.BFLOAT16: torch.bfloat16,
+          LMDtype.FLOAT16: torch.float16}
 
 
 def quantization_config(quantization: str, dtype: str) -> Any:
     """transformers' `BitsAndBytesConfig` for `model.lm_quantization` (None for "none"):
     NF4 with double quantization for 4-bit (QLoRA's recipe), computing in `dtype` (bfloat16
     when the weights' dtype is float32: a 4-bit matmul in float32 only costs time)."""
-    if quantization == "none":
+    if quantization == Quantization.NONE:
         return None
     from transformers import BitsAndBytesConfig
 
-    compute = DTYPES[dtype] if dtype != "float32" else torch.bfloat16
-    if quantization == "4bit":
+    compute = DTYPES[dtype] if dtype != LMDtype.FLOAT32 else torch.bfloat16
+    if quantization == Quantization.FOUR_BIT:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    if quantization == "8bit":
+    if quantization == Quantization.EIGHT_BIT:
         return BitsAndBytesConfig(load_in_8bit=True)
     raise BaseLMError(f"model.lm_quantization: {quantization!r} is not one of "
-                      f"['none', '4bit', '8bit']")
+                      f"{choice_values(Quantization)}")
 
 
 def check_quantization_device(quantization: str, device: str | torch.device | None) -> None:
     """A quantized base LM needs CUDA and bitsandbytes: say which is missing, naming the key."""
-    if quantization == "none":
+    if quantization == Quantization.NONE:
         return
     if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise BaseLMError(
@@ -362,7 +364,7 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", quantization: st
     `device`, which must be CUDA; unquantized models load on the CPU and the caller moves
     them)."""
     if dtype not in DTYPES:
-        raise BaseLMError(f"model.lm_dtype: {dtype!r} is not one of {list(DTYPES)}")
+        raise BaseLMError(f"model.lm_dtype: {dtype!r} is not one of {choice_values(LMDtype)}")
     check_quantization_device(quantization, device)
     quiet_weight_bars()
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fedmrg.choices import LMDtype, Quantization
 from fedmrg.config import ExperimentConfig
 
 PROMPT_TOKENS = 96  # "Findings to report: ..." for 14 observations, Llama tokenizer, at most
 CONTEXT_BYTES = int(0.75 * 2**30)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {LMDtype.FLOAT32: 4, LMDtype.BFLOAT16: 2, LMDtype.FLOAT16: 2}
 NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits + double-quantized constants (QLoRA, Dettmers et al.)
 
 
@@ -59,7 +60,7 @@ class MemoryEstimate:
 def lm_weight_bytes(lm: nn.Module, dtype: str, quantization: str) -> float:
     """The frozen base LM's weights as loaded (module docstring); LoRA tensors left out."""
     compute = DTYPE_BYTES[dtype]
-    if quantization == "none":
+    if quantization == Quantization.NONE:
         return float(sum(p.numel() for n, p in lm.named_parameters() if "lora_" not in n)
                      * compute)
     quantized, rest = 0.0, 0.0
@@ -69,8 +70,9 @@ def lm_weight_bytes(lm: nn.Module, dtype: str, quantization: str) -> float:
         in_block = ".layers." in f".{name}." or ".h." in f".{name}."
         for p in module.parameters(recurse=False):
             if isinstance(module, nn.Linear) and in_block and p.ndim == 2:
-                quantized += p.numel() * (NF4_BYTES if quantization == "4bit" else 1.0)
-                if quantization == "8bit":
+                four_bit = quantization == Quantization.FOUR_BIT
+                quantized += p.numel() * (NF4_BYTES if four_bit else 1.0)
+                if quantization == Quantization.EIGHT_BIT:
                     quantized += p.shape[0] * 4  # one float32 scale per row
             else:
                 rest += p.numel() * compute
@@ -90,7 +92,8 @@ def training_memory(model: nn.Module, cfg: ExperimentConfig) -> MemoryEstimate:
     batch = cfg.data.batch_size
     seq = PROMPT_TOKENS + m.visual_tokens + cfg.data.max_report_tokens
     # activations in the LM's compute dtype: float32, or 2 bytes (bf16/fp16, or quantized)
-    act_scale = 2.0 if m.lm_dtype == "float32" and m.lm_quantization == "none" else 1.0
+    full = m.lm_dtype == LMDtype.FLOAT32 and m.lm_quantization == Quantization.NONE
+    act_scale = 2.0 if full else 1.0
     # Korthikanti et al.: 34 s b h with a 4h MLP; its MLP part (19 s b h) scales with the
     # LM's intermediate width
     per_layer = seq * batch * hidden * (15 + 19 * inter / (4 * hidden)
@@ -114,5 +117,5 @@ def training_memory(model: nn.Module, cfg: ExperimentConfig) -> MemoryEstimate:
 
 def setting_name(cfg: ExperimentConfig) -> str:
     m = cfg.model
-    name = m.lm_dtype if m.lm_quantization == "none" else f"{m.lm_quantization} base"
+    name = m.lm_dtype if m.lm_quantization == Quantization.NONE else f"{m.lm_quantization} base"
     return name + (" + checkpointing" if m.gradient_checkpointing else "")

@@ -29,7 +29,6 @@ what configuring changed, for the run log.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmrg.config import ConfigError, ExperimentConfig
+from fedmrg.config import ConfigError, ExperimentConfig, replace_keys
 from fedmrg.fl.lowrank import is_lora_factor
 from fedmrg.fl.messages import ClientUpdate, RoundPlan, UpdateSpec
 from fedmrg.model.losses import log_prior_from_counts
@@ -75,15 +74,6 @@ def sample_clients(centers: Sequence[str], fraction: float, min_clients: int,
         return pool
     chosen = rng.choice(n, size=k, replace=False)
     return sorted(pool[int(i)] for i in chosen)
-
-
-def _set_key(cfg: Any, key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    for part in path:
-        cfg = getattr(cfg, part)
-    if not hasattr(cfg, last):
-        raise ConfigError(f"strategy implies unknown config key {key!r}")
-    setattr(cfg, last, value)
 
 
 def by_center(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
@@ -203,15 +193,23 @@ class Strategy:
 
     @classmethod
     def configure(cls, cfg: ExperimentConfig) -> ExperimentConfig:
-        """A copy of `cfg` with the keys in `implies` set; every other key as the user set it."""
-        out = copy.deepcopy(cfg)
-        for key, value in cls.implies.items():
-            _set_key(out, key, value)
-        return out
+        """`cfg` with the keys in `implies` set, every other key as the user set it: `cfg`
+        itself when it already has them (a resolved config: configuring is idempotent and
+        costs nothing), else a validated copy."""
+        flat = cfg.flat()
+        changes = {key: value for key, value in cls.implies.items()
+                   if key not in flat or flat[key] != value}
+        if not changes:
+            return cfg
+        try:
+            return replace_keys(cfg, changes)
+        except ConfigError as e:
+            raise ConfigError(f"strategy {cls.name!r} implies {e}") from None
 
-    def implied_changes(self, cfg: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    @classmethod
+    def implied_changes(cls, cfg: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
         """{key: (user's value, strategy's value)} for every key `configure` changes."""
-        before, after = cfg.flat(), self.configure(cfg).flat()
+        before, after = cfg.flat(), cls.configure(cfg).flat()
         return {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
     def client_strategy(self) -> ClientStrategy:

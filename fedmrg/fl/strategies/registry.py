@@ -43,6 +43,13 @@ def make_strategy(cfg: ExperimentConfig) -> Strategy:
 
 
 def make_client_strategy(cfg: ExperimentConfig) -> ClientStrategy:
-    """The client half of the strategy named by `cfg.federation.strategy`, on `cfg` (a client
-    gets the strategy's configured config already)."""
-    return strategy_class(cfg.federation.strategy).client_class(cfg)
+    """The client half of the strategy named by `cfg.federation.strategy`, on `cfg`, which
+    must be resolved already (the strategy's configured config): a client never resolves it
+    again, and one given a config the strategy would still change is a `ConfigError`."""
+    strategy = strategy_class(cfg.federation.strategy)
+    changes = strategy.implied_changes(cfg)
+    if changes:
+        raise ConfigError(f"the client's config is not resolved for strategy {strategy.name!r}: "
+                          f"it implies {', '.join(f'{k}={v!r}' for k, (_, v) in changes.items())}"
+                          f" (build clients with make_strategy(cfg).cfg)")
+    return strategy.client_class(cfg)
