@@ -11,6 +11,7 @@ pool's transport (one `ray.put` per state, failures as ClientFailure) is checked
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -230,7 +231,7 @@ def test_client_options_pin_centers_and_take_fractional_resources():
     assert options == {"num_cpus": 0.5, "num_gpus": 0.25, "max_restarts": 3,
                        "max_task_retries": 0, "resources": {"center_a": 1}}
     assert "resources" not in client_actor_options(res, None)  # pooled client: not pinned
-    res.pin_centers = False
+    res = dataclasses.replace(res, pin_centers=False)
     assert "resources" not in client_actor_options(res, "a")
 
 
