@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ENCODER
 
-from fedmrg.config import ExperimentConfig
+from fedmrg.config import ExperimentConfig, config_from_dict, replace_keys
 from fedmrg.fl.client import derive_seed
 from fedmrg.fl.ddp import (
     RoundInputs,
@@ -92,16 +93,15 @@ def test_more_gpus_per_center_than_a_node_has_is_refused_naming_the_key():
 
 
 def tiny_config(lm: str) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.device = "cpu"
-    m = cfg.model
-    m.lm, m.freeze_encoder = lm, True
-    m.encoder_kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
-    m.visual_tokens, m.lora_rank, m.projection_dim = 2, 2, 8
-    m.losses.contrastive_local = 0.0  # pairs rows within a worker's rows: not a row mean
-    cfg.train.warmup_steps, cfg.train.lr = 1, 1e-3
-    cfg.federation.strategy = "fedavg"
-    return make_strategy(cfg).cfg
+    return make_strategy(config_from_dict({
+        "device": "cpu",
+        "model": {"lm": lm, "freeze_encoder": True, "encoder_kwargs": TINY_ENCODER,
+                  "visual_tokens": 2, "lora_rank": 2, "projection_dim": 8,
+                  # pairs rows within a worker's rows: not a row mean
+                  "losses": {"contrastive_local": 0.0}},
+        "train": {"warmup_steps": 1, "lr": 1e-3},
+        "federation": {"strategy": "fedavg"},
+    })).cfg
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +181,10 @@ def test_a_worker_killed_mid_round_fails_the_client_like_any_failed_client(
     root = tmp_path / "phantom"
     generate_phantom(root, centers=1, studies_per_center=10, image_size=32, seed=0,
                      heldout_center=False)
-    cfg = tiny_config(lm_folder)
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size = str(root), 32, 4
-    cfg.data.max_report_tokens, cfg.data.stream_max_tasks = 24, 1
-    cfg.resources.workers_per_center = 2
+    cfg = replace_keys(tiny_config(lm_folder), {
+        "data.root": str(root), "data.image_size": 32, "data.batch_size": 4,
+        "data.max_report_tokens": 24, "data.stream_max_tasks": 1,
+        "resources.workers_per_center": 2})
     client = FederatedClient(cfg, "a", dataset_root=str(root), seed=0)
     before = {n: t.clone() for n, t in get_shared_state(client.model).items()}
     killed: list[int] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmrg.config import ExperimentConfig
+from fedmrg.config import config_from_dict, replace_keys
 from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.memory import CONTEXT_BYTES, NF4_BYTES, lm_weight_bytes, training_memory
 from fedmrg.model.mrg import MRGModel
@@ -34,11 +34,11 @@ def test_without_cuda_the_gpu_proof_stops_with_one_line_and_builds_nothing(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    cfg = ExperimentConfig()
+    cfg = config_from_dict({"model": {
+        "lm": str(save_tiny_lm("llama", tmp_path_factory.mktemp("mem") / "lm")),
+        "encoder_kwargs": {"channels": [8, 16, 32, 64]}, "visual_tokens": 2, "lora_rank": 2,
+        "freeze_encoder": True}})
     m = cfg.model
-    m.lm = str(save_tiny_lm("llama", tmp_path_factory.mktemp("mem") / "lm"))
-    m.encoder_kwargs, m.visual_tokens, m.lora_rank = {"channels": [8, 16, 32, 64]}, 2, 2
-    m.freeze_encoder = True
     lm, tokenizer = load_base_lm(m)
     return cfg, MRGModel.from_config(m, lm, tokenizer, seed=0)
 
@@ -56,16 +56,16 @@ def test_the_memory_estimate_counts_weights_state_and_activations(tiny_model):
     assert estimate.parts["CUDA context"] == CONTEXT_BYTES
     assert estimate.setting == "float32"
     # bfloat16 halves the weights and the activations; checkpointing cuts the activations
-    cfg.model.lm_dtype = "bfloat16"
-    half = training_memory(model, cfg)
+    half_cfg = replace_keys(cfg, {"model.lm_dtype": "bfloat16"})
+    half = training_memory(model, half_cfg)
     assert half.parts["base LM weights"] == 2 * base
     assert half.parts["LM activations"] == estimate.parts["LM activations"] / 2
-    cfg.model.gradient_checkpointing = True
-    assert training_memory(model, cfg).parts["LM activations"] < half.parts["LM activations"]
+    checkpointed = replace_keys(half_cfg, {"model.gradient_checkpointing": True})
+    less = training_memory(model, checkpointed).parts["LM activations"]
+    assert less < half.parts["LM activations"]
     # 4-bit: the block Linear weights at ~0.52 bytes, embeddings/head/norms in bfloat16
     in_blocks = sum(p.numel() for n, mod in lm.named_modules() if ".layers." in f".{n}."
                     and isinstance(mod, torch.nn.Linear) and "lora_" not in n
                     for p in mod.parameters(recurse=False))
     assert lm_weight_bytes(lm, "bfloat16", "4bit") == pytest.approx(
         in_blocks * NF4_BYTES + (base - in_blocks) * 2)
-    cfg.model.lm_dtype, cfg.model.gradient_checkpointing = "float32", False

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmrg.config import ConfigError, ExperimentConfig, load_config
+from fedmrg.config import ConfigError, config_from_dict, load_config, replace_keys
 from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import make_strategy
@@ -191,8 +191,8 @@ def test_clipping_bounds_the_update_norm_over_everything_sent():
 
 
 def test_local_dp_clips_then_adds_noise_of_the_configured_std():
-    cfg = ExperimentConfig()
-    cfg.privacy.mode, cfg.privacy.clip_norm, cfg.privacy.noise_multiplier = "local", 0.5, 2.0
+    cfg = config_from_dict({"privacy": {"mode": "local", "clip_norm": 0.5,
+                                        "noise_multiplier": 2.0}})
     reference = {"w": torch.zeros(200, 100)}
     deltas = {"w": torch.full((200, 100), 1.0)}
     lora, noisy = privatize_update(cfg.privacy, "a", reference, {}, deltas,
@@ -203,8 +203,8 @@ def test_local_dp_clips_then_adds_noise_of_the_configured_std():
     assert float(sent.std()) == pytest.approx(2.0 * 0.5, rel=0.02)
     again = privatize_update(cfg.privacy, "a", reference, {}, deltas, noise_generator(3, "a"))
     assert torch.equal(again[1]["w"], noisy["w"])  # a noise seed makes it reproducible
-    cfg.privacy.mode = "central"
-    cfg.privacy.secure_aggregation = True  # the coordinator cannot clip: the client does
+    # the coordinator cannot clip: the client does
+    cfg = replace_keys(cfg, {"privacy.mode": "central", "privacy.secure_aggregation": True})
     _, clipped = privatize_update(cfg.privacy, "a", reference, {}, deltas, None)
     assert float(clipped["w"].double().norm()) == pytest.approx(0.5)
 
@@ -274,9 +274,10 @@ def test_other_combinations_are_a_config_error_naming_why(overrides, message):
     cfg, strategy = strategy_for(*overrides)
     # what the strategies imply (fedavg aggregation, rank 0) undone, as a subclass could
     if "aggregation=exact" in " ".join(overrides):
-        cfg.federation.aggregation = strategy.aggregation = "exact"
+        cfg = replace_keys(cfg, {"federation.aggregation": "exact"})
+        strategy.aggregation = "exact"
     if "dense_update_rank=4" in " ".join(overrides):
-        cfg.federation.dense_update_rank = 4
+        cfg = replace_keys(cfg, {"federation.dense_update_rank": 4})
     with pytest.raises(ConfigError, match=message):
         ServerPrivacy.check(cfg, strategy)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import tiny_client_config
 
-from fedmrg.config import ExperimentConfig
+from fedmrg.config import ExperimentConfig, replace_keys
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import Coordinator, InProcessPool, _Call
 from fedmrg.fl.lowrank import is_lora_factor
@@ -41,9 +41,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def tiny_config(root: str, lm_cache: str) -> ExperimentConfig:
     cfg = tiny_client_config("ffa_lora", root, lm_cache, rounds=3)
-    cfg.model.freeze_encoder = True  # a small update: the adapters, heads and projector
-    cfg.eval.max_new_tokens, cfg.eval.samples = 6, 0
-    return cfg
+    # a small update: the adapters, heads and projector
+    return replace_keys(cfg, {"model.freeze_encoder": True, "eval.max_new_tokens": 6,
+                              "eval.samples": 0})
 
 
 class RecordingPool(InProcessPool):
@@ -90,9 +90,7 @@ def coordinator_for(cfg: ExperimentConfig, clients: dict) -> tuple[Coordinator, 
 
 def test_secure_aggregation_round_with_a_lost_client(clients, monkeypatch):
     base, built = clients
-    cfg = copy.deepcopy(base)
-    cfg.privacy.secure_aggregation = True
-    cfg.federation.min_clients = 2
+    cfg = replace_keys(base, {"privacy.secure_aggregation": True, "federation.min_clients": 2})
     coordinator, pool = coordinator_for(cfg, built)
     pool.lose_fit = {"c"}  # "c" shared its keys; "a" and "b" mask with it, then it is gone
     plain: dict[str, tuple[ClientUpdate, dict]] = {}
@@ -141,13 +139,16 @@ def test_secure_aggregation_round_with_a_lost_client(clients, monkeypatch):
 
 def test_central_dp_noised_mean_epsilon_budget_and_resume(clients):
     base, built = clients
-    cfg = copy.deepcopy(base)
-    p = cfg.privacy
-    p.mode, p.clip_norm, p.noise_multiplier, p.noise_seed = "central", 0.05, 1.0, 5
     one, two = (PrivacyAccountant(), PrivacyAccountant())
     one.step(1.0, 1.0)
     two.step(1.0, 1.0, 2)
-    p.target_epsilon = (one.epsilon(p.delta) + two.epsilon(p.delta)) / 2  # room for 1 round
+    delta = base.privacy.delta
+    cfg = replace_keys(base, {
+        "privacy.mode": "central", "privacy.clip_norm": 0.05, "privacy.noise_multiplier": 1.0,
+        "privacy.noise_seed": 5,
+        "privacy.target_epsilon": (one.epsilon(delta) + two.epsilon(delta)) / 2,  # 1 round
+    })
+    p = cfg.privacy
     coordinator, pool = coordinator_for(cfg, built)
     before = dict(coordinator.strategy.global_state())
     saved = []
