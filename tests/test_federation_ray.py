@@ -209,16 +209,28 @@ def test_the_run_logs_its_models_per_evaluation_samples_and_a_description(run, t
 
 def test_a_client_that_cannot_start_is_a_clear_cli_error(run):
     from click.testing import CliRunner
+    from transformers import LlamaConfig
 
     from fedmrg.cli import main
 
-    args = ["run", "--run-name", "broken"]
-    for item in [*tiny_overrides(run["tmp"]), f"model.lm={run['tmp']}/no-such-lm"]:
-        args += ["--set", item]
-    outcome = CliRunner().invoke(main, args)
+    def run_with_lm(lm: str):
+        args = ["run", "--run-name", "broken"]
+        for item in [*tiny_overrides(run["tmp"]), f"model.lm={lm}"]:
+            args += ["--set", item]
+        return CliRunner().invoke(main, args)
+
+    # a folder that is not there: refused by the driver before any actor starts
+    outcome = run_with_lm(f"{run['tmp']}/no-such-lm")
+    assert outcome.exit_code == 2, outcome.output
+    assert outcome.output.strip() == f"error: model.lm='{run['tmp']}/no-such-lm': no such folder"
+    # a config without weights passes that check; the client actors cannot load it
+    weightless = run["tmp"] / "weightless-lm"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2).save_pretrained(weightless)
+    outcome = run_with_lm(str(weightless))
     assert outcome.exit_code == 2, outcome.output
     assert "error: client 'a': could not start: BaseLMError" in outcome.output
-    assert "no-such-lm" in outcome.output
+    assert "weightless-lm" in outcome.output
 
 
 # --------------------------------------------------------------------------- placement options
