@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_ENCODER
+from tiny_hf import save_tiny_lm
 
 from fedmrg.config import ExperimentConfig, config_from_dict, replace_keys
 from fedmrg.fl.client import derive_seed
@@ -37,7 +38,6 @@ from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import get_private_state, get_shared_state
 from fedmrg.model.trainer import LocalTrainer
-from tests.tiny_hf import save_tiny_lm
 
 ROWS, STEPS = 5, 3
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import save_tiny_lm
 
 from fedmrg.config import config_from_dict, replace_keys
 from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.memory import CONTEXT_BYTES, NF4_BYTES, lm_weight_bytes, training_memory
 from fedmrg.model.mrg import MRGModel
-from tests.tiny_hf import save_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,7 @@ import timm
 import torch
 from helpers import TINY_ENCODER
 from safetensors.torch import save_file
+from tiny_hf import ARCHITECTURES, save_tiny_lm
 
 from fedmrg.config import ConfigError, ModelConfig, config_from_dict, load_config
 from fedmrg.fl.client import FederatedClient
@@ -26,7 +27,6 @@ from fedmrg.model.lora_targets import LoraTargetError, resolve_lora_targets
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import get_shared_state
 from fedmrg.model.preflight import check_model_inputs
-from tests.tiny_hf import ARCHITECTURES, save_tiny_lm
 
 # the attention module names each architecture's adapters must land on
 EXPECTED = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj"},
