@@ -281,14 +281,14 @@ def test_bad_arguments_name_the_argument(dataset, kwargs, key):
 
 
 def test_from_config_augments_and_shuffles_train_only(ray_cluster, dataset):
-    cfg = DataConfig(root=str(dataset), image_size=12, max_views=3, batch_size=4,
+    cfg = DataConfig(root=str(dataset), image_size=16, max_views=3, batch_size=4,
                      max_report_tokens=16)
     train = CenterStream.from_config(cfg, "a", "train", in_chans=1, seed=2)
     val = CenterStream.from_config(cfg, "a", "val", in_chans=1, seed=2)
     assert train.augmentation is not None and train.shuffle
     assert val.augmentation is None and not val.shuffle
     batch = next(iter(train.iter_batches()))
-    assert batch["images"].shape == (4, 3, 1, 12, 12)
+    assert batch["images"].shape == (4, 3, 1, 16, 16)
 
 
 def test_client_actors_holding_cpus_each_run_their_own_stream(ray_cluster, dataset):
