@@ -580,12 +580,34 @@ def read_yaml(name_or_path: str) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def check_unique_keys(node: yaml.Node | None, where: str, prefix: str = "") -> None:
+    """Raise `ConfigError` for a key given twice in one YAML mapping (PyYAML keeps the last one
+    silently): names the dotted key, the file and both lines."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            check_unique_keys(item, where, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+        if key is not None and key != "<<":  # "<<" is a merge key, not a setting
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{where}, line {line}: duplicate key {prefix + key!r} (first "
+                                  f"at line {seen[key]}); give each key once")
+            seen[key] = line
+        check_unique_keys(value_node, where, f"{prefix}{key}." if key is not None else prefix)
 
 
 def parse_override(item: str) -> dict[str, Any]:

@@ -110,6 +110,18 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_config(str(bad))
 
 
+def test_a_duplicate_yaml_key_is_an_error_naming_the_key_file_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\nfederation:\n  rounds: 2\n  strategy: fedavg\n  rounds: 7\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == (f"{path}, line 5: duplicate key 'federation.rounds' (first at "
+                                 f"line 3); give each key once")
+    path.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"line 2: duplicate key 'seed' \(first at line 1\)"):
+        load_config(str(path))
+
+
 def test_yaml_file_then_override(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("seed: 7\nfederation:\n  rounds: 2\n  strategy: fedavg\n")
