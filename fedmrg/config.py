@@ -286,8 +286,9 @@ class EvalConfig(Section):
     no_repeat_ngram_size: int = _f(4, "a generated report never repeats an n-gram of this many "
                                       "tokens (0: off)", min=0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
-    share_references: bool = _f(False, "send each sample's reference report and study id with "
-                                "its generated report (report text then leaves the center)")
+    share_references: bool = _f(False, "ask for each sample's reference report and study id "
+                                "with its generated report (report text then leaves the "
+                                "center; a center's disclosure.yaml may refuse)")
     val_every: int = _f(2, "a cheap validation evaluation (greedy, `val_studies` val studies "
                            "per center) every N rounds, logged to MLflow as val/... (0: none)",
                         min=0)

@@ -18,8 +18,8 @@ size or a split's row count (the config makes those differ from every model dime
 
 With `eval.samples` > 0 an `EvalReply` also carries sample generations for the MLflow table,
 and `fedmrg.eval.evaluator.evaluate_model` puts each sample's REFERENCE report (the center's
-own test report) and study id in them too: report text that leaves the center. That setting is
-not exercised here; see the issue note.
+own test report) and study id in them too when `eval.share_references` asks and the center's
+own policy allows: tests/test_disclosure.py.
 
 The coordinator's own guard (pure, milliseconds): `validate_update` rejects statistics that are
 not model-level (per-sample prototypes or labels) and metrics that are not numbers (text).

@@ -105,6 +105,7 @@ from fedmrg.model.params import (
 )
 from fedmrg.model.trainer import LocalTrainer, TrainerError
 from fedmrg.privacy.client import SecAggParticipant
+from fedmrg.privacy.disclosure import disclose_samples, effective_disclosure, read_policy
 
 
 class ClientError(ValueError):
@@ -485,14 +486,15 @@ class FederatedClient:
                                 num_samples=self.eval_samples, meteor=max_studies is None,
                                 **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
-        samples = result.samples
-        if not self.cfg.eval.share_references:  # a center's own reports never leave it
-            # the true findings are read from the reference report: they stay too
-            samples = [{k: v for k, v in x.items()
-                        if k not in ("reference", "study_id", "true_findings")} for x in samples]
+        # What leaves the center: the run asks (eval.samples, eval.share_references), the
+        # dataset center's own policy file may only narrow it (fedmrg.privacy.disclosure).
+        # Without shared references the true findings (read from the reference) stay too.
+        policy = read_policy(self.root, target)
+        asked = dataclasses.replace(self.cfg.eval, samples=self.eval_samples)
+        samples = disclose_samples(result.samples, effective_disclosure(asked, policy))
         view = View.PERSONALIZATION if personalized else View.GENERALIZATION
-        return EvalReply(center=target, view=view,
-                         metrics=metrics, samples=samples)
+        return EvalReply(center=target, view=view, metrics=metrics, samples=samples,
+                         disclosure=policy)
 
 
 def default_checkpoint_dir(cfg: ExperimentConfig, center: str) -> Path | None:

@@ -69,7 +69,10 @@ held-out one, or all of them under `centralized`) by the first client by id. Und
 there is no generic model: each center's model is evaluated on its own test split, and a
 held-out center by every client's model, the metrics averaged over them. Personalization =
 each center's own model (global state + its private state) on its own test split. Means are
-unweighted over the evaluated (not held-out) centers.
+unweighted over the evaluated (not held-out) centers. Every reply is validated
+(`validate_eval_reply`: fields, sizes, numeric metrics, and samples within what the run asked
+and the dataset center's disclosure policy allows); a rejected one is warned, left out of the
+metrics and samples, and named in `Evaluation.rejected`.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ from fedmrg.eval.evaluator import mean_over_centers
 from fedmrg.fl.broadcast import StateBroadcast
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
-from fedmrg.fl.validation import bound_update_norm, validate_update
+from fedmrg.fl.validation import bound_update_norm, validate_eval_reply, validate_update
 from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
 from fedmrg.privacy.server import ServerPrivacy
 
@@ -245,6 +248,8 @@ class Evaluation:
     replies: list[EvalReply] = field(default_factory=list)
     split: str = "test"
     wall_s: float = 0.0  # the whole evaluation, both views (each view holds the same)
+    # dataset center -> why its reply was rejected (`validate_eval_reply`): not in per_center
+    rejected: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -650,6 +655,7 @@ class Coordinator:
                        "total": len(jobs)})
         handles = {submit(job): job for job in jobs}
         replies: dict[tuple, EvalReply] = {}
+        rejected: dict[tuple, str] = {}  # job -> why its reply failed validate_eval_reply
         data_errors: dict[str, str] = {}
         pending = list(handles)
         while pending:
@@ -658,8 +664,17 @@ class Coordinator:
                 job = handles.pop(handle)
                 view, dataset, client, _ = job
                 try:
-                    replies[job] = self.pool.result(handle)
-                    self.on_event({"type": "evaluated", "split": split, "done": len(replies),
+                    reply = self.pool.result(handle)
+                    invalid = validate_eval_reply(reply, center=dataset, view=view,
+                                                  run=self.cfg.eval)
+                    if invalid is None:
+                        replies[job] = reply
+                    else:  # not used, not logged: the reason names the field, not its content
+                        rejected[job] = invalid
+                        log.warning("round %d: %s evaluation of %r from client %r rejected: %s",
+                                    round_id, view, dataset, client, invalid)
+                    self.on_event({"type": "evaluated", "split": split,
+                                   "done": len(replies) + len(rejected),
                                    "total": len(jobs), "view": view, "center": dataset})
                 except ClientDataError as e:  # after every reply: one error names them all
                     data_errors.update(e.errors)
@@ -681,13 +696,16 @@ class Coordinator:
         out = []
         for view in View:
             per_center: dict[str, dict[str, float]] = {}
-            ordered = [(job, replies[job]) for job in jobs if job[0] == view]  # job order
+            ordered = [(job, replies[job]) for job in jobs  # job order
+                       if job[0] == view and job in replies]
             for dataset in dict.fromkeys(job[1] for job, _ in ordered):
                 parts = [r.metrics for job, r in ordered if job[1] == dataset]
                 per_center[dataset] = parts[0] if len(parts) == 1 else mean_over_centers(parts)
             mean = mean_over_centers(per_center[d] for d in datasets if d in per_center)
             evaluation = Evaluation(round_id, view, per_center, mean, [r for _, r in ordered],
-                                    split=split, wall_s=wall)
+                                    split=split, wall_s=wall,
+                                    rejected={job[1]: why for job, why in rejected.items()
+                                              if job[0] == view})
             self.evaluations.append(evaluation)
             if split == self.eval_split:
                 self.on_evaluation(view, per_center, mean, step=round_id)

@@ -15,7 +15,10 @@ leaves in the history.
   strategy's `UpdateSpec` (the payload schema `fl.validation` checks).
 - `EvalReply` (client -> server): metrics of one evaluation and a few sample generations.
   Generated text is the one piece of text that leaves a center, and only on evaluation, for
-  MLflow's table of sample reports; a deployment that forbids it sets `eval.samples: 0`.
+  MLflow's table of sample reports; a deployment that forbids it sets `eval.samples: 0`, and
+  each center can narrow what its replies carry with its own disclosure policy
+  (`fedmrg.privacy.disclosure`); the coordinator validates every reply
+  (`fl.validation.validate_eval_reply`).
 - `RoundSummary`: bookkeeping of one round for the history, MLflow and the progress bar:
   who was aggregated, who was rejected and why, who was clipped or rejoined after a restart,
   how many attempts the round took.
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from fedmrg.fl.broadcast import StateDelta
 from fedmrg.fl.lowrank import LowRankUpdate
+from fedmrg.privacy.disclosure import DisclosurePolicy
 
 STACKED = "stacked."  # prefix of cumulative FLoRA factors in a global state (aggregation stack)
 
@@ -105,7 +109,11 @@ class EvalReply:
     center: str  # the dataset evaluated (the held-out center for an unseen-center evaluation)
     view: str
     metrics: dict[str, float]
-    samples: list[dict[str, Any]] = field(default_factory=list)  # {study_id, reference, generated}
+    # {generated, states, findings} and, when the run and the center allow, {study_id,
+    # reference, true_findings} (`fedmrg.privacy.disclosure`)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    # the dataset center's own disclosure policy the samples were chosen under
+    disclosure: DisclosurePolicy = field(default_factory=DisclosurePolicy)
 
 
 @dataclass

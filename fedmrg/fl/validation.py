@@ -1,8 +1,9 @@
-"""What the coordinator checks in a client's update before aggregating it (pure, no Ray).
+"""What the coordinator checks in a client's reply before using it (pure, no Ray).
 
     reason = validate_update(reply, center=c, round_id=r, spec=strategy.update_spec(),
                              dtype=torch.float32)          # None, or why it is unusable
     check = bound_update_norm(update, global_state, max_norm, "reject" | "clip")
+    reason = validate_eval_reply(reply, center=dataset, view=view, run=cfg.eval)
 
 1. `validate_update`: the reply's form against the payload schema its strategy publishes
    (`UpdateSpec`, `Strategy.update_spec`). A `ClientUpdate` of this round from this center, a
@@ -33,6 +34,17 @@
 The norm is computed in float64 on the update as received (after `from_wire`), against the
 server's float32 global state; with a bf16 wire dtype it includes the bf16 rounding of the
 factors the client loaded (about 2^-8 relative, far below any useful bound).
+
+4. `validate_eval_reply`: an evaluation reply (`EvalReply`, the one message that may carry
+   text) before its metrics and samples are used or logged. Exactly an `EvalReply` with no
+   extra attribute, of the dataset and view asked for; a `DisclosurePolicy`; metrics a
+   mapping of names (at most `MAX_METRIC_NAME` characters, at most `MAX_METRICS` of them) to
+   numbers that are finite or NaN (an undefined metric, e.g. the F1 of an observation absent
+   from the center; the tracker skips it); samples a list of at most `effective_disclosure`'s
+   count, each a mapping of allowed field names to strings of at most `MAX_SAMPLE_CHARS`; the
+   reference fields (study id, reference report, true findings) only when the run asked for
+   them AND the dataset center's policy allows them. The reason names the field, never its
+   content (a refused reference must not reach the logs either).
 """
 
 from __future__ import annotations
@@ -48,12 +60,24 @@ import torch
 from torch import Tensor
 
 from fedmrg.choices import NormAction, choice_values
+from fedmrg.config import EvalConfig
 from fedmrg.fl.lowrank import LowRankUpdate
-from fedmrg.fl.messages import ClientUpdate, UpdateSpec
+from fedmrg.fl.messages import ClientUpdate, EvalReply, UpdateSpec
 from fedmrg.fl.strategies import FederationError
+from fedmrg.privacy.disclosure import (
+    GENERATED_FIELDS,
+    REFERENCE_FIELDS,
+    DisclosureError,
+    DisclosurePolicy,
+    effective_disclosure,
+)
 
 __all__ = ["NormCheck", "bound_update_norm", "scale_update", "update_norm",
-           "validate_update"]
+           "validate_eval_reply", "validate_update"]
+
+MAX_METRICS = 512  # an evaluation reports ~60 (NLG, CE per observation, diagnosis, skips)
+MAX_METRIC_NAME = 64  # the longest is ~40 ("ce_f1/enlarged cardiomediastinum")
+MAX_SAMPLE_CHARS = 8192  # one sample text; a 160-token report is ~1000 characters
 
 _F64 = torch.float64
 
@@ -262,3 +286,79 @@ def bound_update_norm(update: ClientUpdate, reference: Mapping[str, Tensor] | No
         return NormCheck(norm, None, reason=f"update norm {norm:.6g} exceeds "
                                             f"federation.max_update_norm={max_norm:g}")
     return NormCheck(norm, scale_update(update, reference, max_norm / norm), clipped=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def validate_eval_reply(reply: Any, *, center: str, view: str, run: EvalConfig) -> str | None:
+    """Why the evaluation reply `reply` must not be used, or None (module docstring, 4).
+    `center`: the dataset evaluated; `view`: the view asked for; `run`: the run's `eval`
+    section (what it asked the clients to send)."""
+    if type(reply) is not EvalReply:
+        return f"not an EvalReply but a {type(reply).__name__}"
+    extra = sorted(set(vars(reply)) - {f.name for f in dataclasses.fields(EvalReply)})
+    if extra:
+        return f"unexpected field {extra[0]!r} ({len(extra)} unexpected)"
+    if reply.center != center:
+        return f"center: the reply names {_brief(reply.center)}, the evaluation was of {center!r}"
+    if reply.view != view:
+        return f"view: the reply names {_brief(reply.view)}, the evaluation was {view!r}"
+    metrics = reply.metrics
+    if not isinstance(metrics, Mapping):
+        return f"metrics: a {type(metrics).__name__}, not a mapping of names to numbers"
+    if len(metrics) > MAX_METRICS:
+        return f"metrics: {len(metrics)} of them, more than {MAX_METRICS}"
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME:
+            return (f"metrics: a name that is not a string of 1 to {MAX_METRIC_NAME} "
+                    f"characters ({type(name).__name__} of length {_length(name)})")
+        if not _is_number(value):
+            return f"metrics[{name!r}]: a {type(value).__name__}, not a number"
+        if math.isinf(float(value)):
+            return f"metrics[{name!r}]: {float(value)} is not finite"
+    policy = reply.disclosure
+    if type(policy) is not DisclosurePolicy:
+        return f"disclosure: a {type(policy).__name__}, not a DisclosurePolicy"
+    try:
+        DisclosurePolicy(policy.share_references, policy.max_samples)  # revalidate the values
+    except DisclosureError as e:
+        return f"disclosure: {e}"
+    allowed = effective_disclosure(run, policy)
+    samples = reply.samples
+    if not isinstance(samples, list):
+        return f"samples: a {type(samples).__name__}, not a list"
+    if len(samples) > allowed.samples:
+        return (f"samples: {len(samples)} sample(s), more than the {allowed.samples} allowed "
+                f"(eval.samples={run.samples}, the center's max_samples="
+                f"{policy.max_samples})")
+    fields_allowed = set(GENERATED_FIELDS)
+    if allowed.share_references:
+        fields_allowed |= set(REFERENCE_FIELDS)
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, Mapping):
+            return f"samples[{i}]: a {type(sample).__name__}, not a mapping"
+        for key, value in sample.items():
+            if key in REFERENCE_FIELDS and not allowed.share_references:
+                why = ("the run did not ask for references (eval.share_references=false)"
+                       if not run.share_references else
+                       "the center's disclosure policy refuses references")
+                return f"samples[{i}][{key!r}]: not allowed, {why}"
+            if key not in fields_allowed:
+                return (f"samples[{i}]: unexpected field ({type(key).__name__} of length "
+                        f"{_length(key)}); allowed: {sorted(fields_allowed)}")
+            if not isinstance(value, str):
+                return f"samples[{i}][{key!r}]: a {type(value).__name__}, not a string"
+            if len(value) > MAX_SAMPLE_CHARS:
+                return (f"samples[{i}][{key!r}]: {len(value)} characters, more than "
+                        f"{MAX_SAMPLE_CHARS}")
+    return None
+
+
+def _brief(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _length(value: Any) -> Any:
+    return len(value) if isinstance(value, (str, bytes)) else "-"
