@@ -70,6 +70,7 @@ def test_a_policy_file_is_read_from_the_centers_own_folder(tmp_path):
     ("max_samples: 2.5\n", "max_samples: 2.5 is not a count"),
     ("- share_references\n", "top level must be a mapping"),
     ("share_references: [\n", "not valid YAML"),
+    ("share_references: true\nshare_references: false\n", "duplicate key 'share_references'"),
 ])
 def test_a_bad_policy_file_is_a_one_line_error_naming_the_file(tmp_path, text, message):
     write_policy(tmp_path, "a", text)
