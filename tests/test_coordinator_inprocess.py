@@ -344,6 +344,40 @@ def test_a_retried_round_applies_its_delta_after_the_client_went_back_a_round(
     assert first.lora.keys() == again.lora.keys()
 
 
+def own_tensors(client: FederatedClient) -> dict[str, torch.Tensor]:
+    """Every buffer of the model and its private tensors: what a client's own checkpoint must
+    bring back (the shared tensors are the server's, sent with the next plan)."""
+    return {**{n: b.clone() for n, b in client.model.named_buffers()},
+            **get_private_state(client.model)}
+
+
+def test_a_client_rebuilt_from_its_checkpoint_has_every_buffer_of_the_one_that_trained(
+        ray_cluster, dataset, lm_cache, tmp_path):
+    """Issue 19: BatchNorm's integer `num_batches_tracked` is in no parameter group; a
+    resumed client came back with the count of a fresh one (20 vs 30 in a resumed run)."""
+    configured = make_strategy(tiny_config("fedmrg", dataset, lm_cache)).cfg
+    cfg = dataclasses.replace(configured, tracking=dataclasses.replace(
+        configured.tracking, storage_path=str(tmp_path), run_name="counters"))
+    trained = FederatedClient(cfg, "a", dataset_root=dataset, seed=cfg.seed,
+                              generation=GENERATION, eval_samples=2)
+    try:
+        trained.fit(RoundPlan(1, get_shared_state(trained.model), local_steps=2))
+        ours = own_tensors(trained)
+    finally:
+        trained.close()
+    rebuilt = FederatedClient(cfg, "a", dataset_root=dataset, seed=cfg.seed,
+                              generation=GENERATION, eval_samples=2)  # restores round 1
+    try:
+        theirs = own_tensors(rebuilt)
+    finally:
+        rebuilt.close()
+    counts = {n: int(t) for n, t in ours.items() if n.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {2}  # two training batches
+    assert ours.keys() == theirs.keys()
+    different = [n for n in ours if not torch.equal(ours[n], theirs[n])]
+    assert not different, different[:5]
+
+
 # --------------------------------------------------------------------------- pure coordinator
 # Fake clients with synthetic updates: the round logic without a model (milliseconds).
 

@@ -98,6 +98,7 @@ from fedmrg.fl.wire import from_wire, to_wire
 from fedmrg.model.base_lm import load_base_lm
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import (
+    counter_buffers,
     get_private_state,
     get_shared_state,
     load_private_state,
@@ -268,8 +269,11 @@ class FederatedClient:
     def state_dict(self) -> dict[str, Any]:
         """The client's own state for a checkpoint kept with the client: private tensors, the
         shared tensors as they stand, trainer and error-feedback state, stream position."""
+        counters = {n: b.detach().to("cpu", copy=True)
+                    for n, b in counter_buffers(self.model).items()}
         return {"center": self.center, "private": get_private_state(self.model),
-                "shared": get_shared_state(self.model), "trainer": self.trainer.state_dict(),
+                "shared": get_shared_state(self.model), "counters": counters,
+                "trainer": self.trainer.state_dict(),
                 "error_feedback": self.error_feedback.state_dict(),
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
@@ -280,6 +284,11 @@ class FederatedClient:
         load_private_state(self.model, state["private"])
         if "shared" in state:  # only the shared tensors the strategy makes the client's own
             load_shared_state(self.model, {**get_shared_state(self.model), **state["shared"]})
+        counters = counter_buffers(self.model)
+        with torch.no_grad():
+            for name, value in state.get("counters", {}).items():  # absent: an older checkpoint
+                if name in counters:
+                    counters[name].copy_(value)
         self.trainer.load_state_dict(state["trainer"])
         self.error_feedback.load_state_dict(state["error_feedback"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])

@@ -103,6 +103,14 @@ def group_buffers(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def counter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's integer buffers (BatchNorm `num_batches_tracked`): in no group (never sent,
+    never averaged), each client's own count of its training batches, which its checkpoint
+    keeps so that a resumed client's model equals an uninterrupted one's in every buffer."""
+    return {f"encoder.{n}": b for n, b in model.encoder.named_buffers()
+            if not b.dtype.is_floating_point}
+
+
 def _group_tensors(model: nn.Module, group: str) -> dict[str, torch.Tensor]:
     if group not in GROUPS:
         raise ParameterGroupError(f"unknown group {group!r}; groups: {list(GROUPS)}")
