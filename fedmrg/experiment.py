@@ -238,6 +238,8 @@ class Result:
             lines += ["", f"MLflow: run {self.mlflow['run_id']} in experiment "
                           f"{self.mlflow['experiment_id']} at {self.mlflow['tracking_uri']}"]
         lines.append(f"run files: {self.storage_dir}")
+        if self.privacy.get("stopped"):  # the run's last line: why it ended early
+            lines.append(self.privacy["stopped"])
         return "\n".join(lines)
 
 

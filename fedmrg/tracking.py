@@ -219,6 +219,9 @@ def run_description(cfg: ExperimentConfig, centers: Sequence[str],
                           if cfg.tracking.register_model else "")
             lines.append(f"Models: `generic` on this run{registered}; each center's "
                          f"`personalized` model on its nested run (docs/models.md).")
+        stopped = (results.get("privacy") or {}).get("stopped")
+        if stopped:  # the same line `fedmrg run` ends with
+            lines.append(f"{stopped[0].upper()}{stopped[1:]}.")
     return "\n\n".join(lines)
 
 

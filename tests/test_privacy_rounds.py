@@ -160,7 +160,10 @@ def test_central_dp_noised_mean_epsilon_budget_and_resume(clients):
     epsilon = result.history[0].metrics["privacy_epsilon"]
     assert epsilon == pytest.approx(one.epsilon(p.delta)) and epsilon < p.target_epsilon
     assert result.privacy["epsilon"] == pytest.approx(epsilon)
-    assert "target_epsilon" in result.privacy["stopped"]
+    assert result.privacy["stopped"] == (
+        f"stopped by the privacy budget after 1 of 3 rounds: epsilon {epsilon:.3g} spent of "
+        f"privacy.target_epsilon={p.target_epsilon:g} (delta 1e-05); round 2 would have "
+        f"reached epsilon {two.epsilon(delta):.3g}")
     assert result.generalization is not None  # stopped cleanly: evaluated as usual
 
     # the aggregate: (sum of the clipped updates + the seeded noise) / 3 sampled clients
@@ -182,5 +185,5 @@ def test_central_dp_noised_mean_epsilon_budget_and_resume(clients):
     resumed, _ = coordinator_for(cfg, built)
     resumed.load_state_dict(saved[-1])
     assert resumed.privacy.epsilon() == pytest.approx(epsilon)
-    assert resumed.privacy.budget_problem(len(CENTERS)) is not None  # stops there too
+    assert resumed.privacy.budget_problem(len(CENTERS), 1) is not None  # stops there too
     assert math.isfinite(epsilon)

@@ -385,9 +385,10 @@ class Coordinator:
     def run(self) -> FederatedResult:
         """Rounds from the one after `round_id` to `federation.rounds`, evaluations included."""
         while self.round_id < self.cfg.federation.rounds:
-            stop = self.privacy and self.privacy.budget_problem(len(self.pool.centers()))
+            stop = self.privacy and self.privacy.budget_problem(len(self.pool.centers()),
+                                                                self.round_id)
             if stop:  # before the round that would exceed it: evaluated and saved as usual
-                log.warning("round %d not run: %s", self.round_id + 1, stop)
+                log.warning("%s", stop)
                 break
             self.step()
         generalization, personalization = self.evaluate(self.round_id)

@@ -46,6 +46,15 @@ log = logging.getLogger(__name__)
 AGGREGATE = "aggregate"  # the center name of the one update a linear aggregate hands on
 
 
+def budget_stop_line(spent: float, target: float, delta: float, rounds_done: int,
+                     rounds_planned: int, next_epsilon: float) -> str:
+    """The line a run stopped by `privacy.target_epsilon` ends with (console, summary, MLflow
+    description): epsilon spent, the target, the rounds done of those planned."""
+    return (f"stopped by the privacy budget after {rounds_done} of {rounds_planned} rounds: "
+            f"epsilon {spent:.3g} spent of privacy.target_epsilon={target:g} (delta "
+            f"{delta:g}); round {rounds_done + 1} would have reached epsilon {next_epsilon:.3g}")
+
+
 class ServerPrivacy:
     """What the coordinator does for `cfg.privacy` (module docstring)."""
 
@@ -142,18 +151,17 @@ class ServerPrivacy:
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.privacy.delta)
 
-    def budget_problem(self, available: int) -> str | None:
-        """Why the next round may not run (it would take epsilon past
-        `privacy.target_epsilon`), or None."""
+    def budget_problem(self, available: int, rounds_done: int) -> str | None:
+        """Why the round after `rounds_done` may not run (it would take epsilon past
+        `privacy.target_epsilon`), as the one line the run ends with, or None."""
         if self.privacy.mode == PrivacyMode.NONE or self.privacy.target_epsilon <= 0:
             return None
         noise, rate = self._step(available)
         after = self.accountant.epsilon_after(noise, rate, self.privacy.delta)
         if after > self.privacy.target_epsilon:
-            self.stopped = (f"privacy budget: one more round would reach epsilon {after:.4g} "
-                            f"> privacy.target_epsilon={self.privacy.target_epsilon:g} "
-                            f"(delta {self.privacy.delta:g}); stopped at epsilon "
-                            f"{self.epsilon():.4g}")
+            self.stopped = budget_stop_line(self.epsilon(), self.privacy.target_epsilon,
+                                            self.privacy.delta, rounds_done, self.fed.rounds,
+                                            after)
             return self.stopped
         return None
 
