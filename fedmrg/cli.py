@@ -13,24 +13,40 @@ import click
 # a spinning pool made training steps several times slower on 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fedmrg.config import ConfigError, describe_keys, load_config  # noqa: E402
-from fedmrg.data.shards import DatasetError
-from fedmrg.fl.strategies import strategy_names
+from fedmrg.config import describe_keys, load_config  # noqa: E402
+from fedmrg.exit_codes import ExitCode, classify  # noqa: E402
+from fedmrg.fl.strategies import strategy_names  # noqa: E402
+
+WRITES_TO = "fedmrg.writes_to"  # ctx.meta: the folder a command writes (for a full disk)
+
+EXIT_CODES_HELP = """\b
+Exit codes (docs/operations.md, "Exit codes"):
+  0 done   2 bad option, config, path or run name (nothing ran)   3 bad data
+  4 bad checkpoint   5 the run failed (clients, rounds)   6 disk full
+  7 a path became unusable (read-only, permission)   130/143 stopped by SIGINT/SIGTERM
+  1 a bug: the traceback is printed"""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(int(code))
 
 
 class _Group(click.Group):
-    """Turns the library's user-facing errors into one clear line and exit code 2."""
+    """Turns the library's user-facing errors into one clear line and the exit code of their
+    kind (`fedmrg.exit_codes`); anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):  # noqa: D401
         try:
             return super().invoke(ctx)
-        except (ConfigError, DatasetError) as e:
-            _fail(str(e))
+        except (click.exceptions.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort):
+            raise
+        except Exception as e:
+            known = classify(e, ctx.meta.get(WRITES_TO))
+            if known is None:
+                raise
+            _fail(known[1], known[0])
 
 
 @click.group(cls=_Group)
@@ -178,7 +194,7 @@ def data_check(config: str, overrides: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------- run
 
 
-@main.command("run")
+@main.command("run", epilog=EXIT_CODES_HELP)
 @click.option("--config", "config", default="default", show_default=True,
               help="preset name or YAML path")
 @click.option("--strategy", type=click.Choice(strategy_names()),
@@ -218,9 +234,7 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
     Output paths (--summary-json, tracking.storage_path, the MLflow store, data.root when the
     phantom benchmark is generated) are checked before anything starts: a bad one is an error
     (exit 2) before any training."""
-    from fedmrg.experiment import Experiment, ExperimentError, resolve_paths, saved_run_config
-    from fedmrg.fl.checkpoint import CheckpointError
-    from fedmrg.fl.messages import ClientFailure
+    from fedmrg.experiment import Experiment, resolve_paths, saved_run_config
     from fedmrg.output_paths import check_output_paths
     from fedmrg.signals import RunInterrupted
 
@@ -237,12 +251,12 @@ def run_cmd(config: str, strategy: str | None, overrides: tuple[str, ...],
     if resume is not None and source == click.core.ParameterSource.DEFAULT:
         # no --config: the run's own config.yaml, with this command's --set on top
         cfg = saved_run_config(cfg.tracking.storage_path, run_name, overrides) or cfg
+    resolved = resolve_paths(cfg)
+    click.get_current_context().meta[WRITES_TO] = resolved.tracking.storage_path
     try:
-        check_output_paths(resolve_paths(cfg), {"--summary-json": summary_json})
+        check_output_paths(resolved, {"--summary-json": summary_json})
         result = Experiment(cfg, run_name=run_name, resume=resume is not None,
                             checkpoint_fallback=checkpoint_fallback).fit()
-    except (CheckpointError, ClientFailure, ExperimentError) as e:
-        _fail(str(e))
     except RunInterrupted as e:
         # caught here: click would turn a KeyboardInterrupt into "Aborted!" and exit 1
         name = e.run_name or "RUN"

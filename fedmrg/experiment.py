@@ -160,6 +160,47 @@ def client_layout(strategy: str, centers: Sequence[str]) -> dict[str, list[str] 
     return {c: None for c in centers}
 
 
+def check_min_clients(cfg: ExperimentConfig, layout: Mapping[str, Sequence[str] | None]
+                      ) -> None:
+    """`federation.min_clients` must not exceed the clients the run has (`client_layout`):
+    no round could ever close. A `ConfigError` naming the key and the count, before Ray."""
+    from fedmrg.config import ConfigError
+
+    wanted, clients = cfg.federation.min_clients, sorted(layout)
+    if wanted <= len(clients):
+        return
+    if len(clients) == 1 and layout[clients[0]]:
+        has = (f"1 client ({cfg.federation.strategy} pools the data of centers "
+               f"{', '.join(layout[clients[0]])})")
+    else:
+        has = f"{len(clients)} client(s), one per center: {', '.join(clients)}"
+    raise ConfigError(f"federation.min_clients={wanted} but the run has {has}; no round could "
+                      f"close: set federation.min_clients to at most {len(clients)}")
+
+
+def check_checkpoint_space(cfg: ExperimentConfig, clients: int) -> None:
+    """Before Ray: `tracking.storage_path` must hold one round's checkpoints of this run, from
+    the model's parameter count (`fedmrg.output_paths.check_free_space`: a `DiskSpaceError`
+    otherwise); too little for what the whole run keeps is a warning line on stderr. Checked
+    on this node: clients elsewhere write their own checkpoints where they run."""
+    from fedmrg.choices import ServerOptimizer
+    from fedmrg.model.preflight import model_parameter_summary
+    from fedmrg.output_paths import check_free_space, checkpoint_bytes
+
+    try:
+        summary = model_parameter_summary(cfg.model)
+    except Exception as e:  # noqa: BLE001 - an LM this estimate cannot build on meta
+        log.warning("free space for checkpoints not checked: the model could not be sized "
+                    "before the run (%s: %s)", type(e).__name__, e)
+        return
+    moments = 0 if cfg.federation.server_optimizer == ServerOptimizer.NONE else 2
+    need = checkpoint_bytes(summary, clients, server_moments=moments)
+    warning = check_free_space(cfg.tracking.storage_path, need,
+                               keep=cfg.tracking.checkpoint_keep)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- the result
 
 
@@ -647,11 +688,16 @@ class Experiment:
                                   f"{RUN_CONFIG}; tracking.storage_path/<run name>)")
         finished = finished_summary(run_dir, cfg.federation.rounds)
         if finished is not None:
+            # the fingerprint check of any resume: a changed setting is refused here too,
+            # not answered with the old results
+            done = max((r["round_id"] for r in finished["rounds"]), default=0)
+            resume_checkpoint(run_dir, finished_run_fingerprint(cfg, run_dir),
+                              rounds=max(done, cfg.federation.rounds),
+                              fallback=self.checkpoint_fallback)
             log.warning("run %r already finished its %d rounds (%s); nothing to do", run_name,
                         cfg.federation.rounds, run_dir / RUN_SUMMARY)
             return Result.from_summary(finished)
-        cluster_resources = connect(cfg.resources)
-        self._stop.install()  # again: ray.init replaced the SIGTERM handler
+        # the data, the clients and the checkpoint to continue from: all before Ray starts
         root = ensure_dataset(cfg.data)
         manifest = read_manifest(root)
         centers = participating_centers(cfg.data, manifest)
@@ -660,6 +706,10 @@ class Experiment:
                                        rounds=cfg.federation.rounds,
                                        fallback=self.checkpoint_fallback)
         layout = client_layout(cfg.federation.strategy, centers)
+        check_min_clients(cfg, layout)
+        check_checkpoint_space(cfg, len(layout))
+        cluster_resources = connect(cfg.resources)
+        self._stop.install()  # again: ray.init replaced the SIGTERM handler
         # before anything starts: do the client actors and their streams fit the cluster?
         check_cluster_fits(cfg, layout, cluster_resources)
         if cfg.model.lm.startswith("builtin:"):
@@ -725,6 +775,26 @@ def finished_summary(run_dir: str | Path, rounds: int) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExperimentError(f"{path}: unreadable summary of a finished run ({e})") from None
     return summary if done >= rounds else None
+
+
+def finished_run_fingerprint(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
+    """`run_fingerprint` of `cfg` for a finished run: with the dataset's manifest hash when the
+    dataset is still there, else the one the run's newest checkpoint recorded (only the
+    config is compared then: its results can be shown without its data)."""
+    from fedmrg.data.shards import MANIFEST
+    from fedmrg.fl.checkpoint import (
+        fingerprint_values,
+        latest_checkpoint,
+        run_checkpoint_dir,
+        run_fingerprint,
+    )
+
+    root = Path(cfg.data.root)
+    if (root / MANIFEST).is_file():
+        return run_fingerprint(cfg, root)
+    newest = latest_checkpoint(run_checkpoint_dir(run_dir), fallback=True)
+    saved = (newest.manifest.get("fingerprint_values") or {}) if newest is not None else {}
+    return fingerprint_values(cfg, {"data.manifest_hash": saved.get("data.manifest_hash")})
 
 
 def resume_checkpoint(run_dir: str | Path, fingerprint: Mapping[str, Any], *, rounds: int,

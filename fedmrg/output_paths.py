@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,27 @@ def _deepest_existing(path: Path) -> Path:
         if os.path.lexists(candidate):
             return candidate
     return Path(path.anchor or ".")
+
+
+# Below this much free space a failed torch write is taken for a full disk (torch's writer
+# reports `unexpected pos` without the errno; `fedmrg.fl.checkpoint.save_state`).
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for an unprivileged user) on the file system that holds `path` (or would:
+    its nearest existing ancestor)."""
+    existing = _deepest_existing(Path(path).expanduser().absolute())
+    return shutil.disk_usage(existing if existing.is_dir() else existing.parent).free
+
+
+def disk_full_line(path: str | Path) -> str:
+    """`disk full: <path> (N MiB free)`, the free space measured now."""
+    try:
+        free = f"{free_bytes(path) / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return f"disk full: {path} ({free})"
 
 
 def folder_problem(folder: str | Path) -> str | None:
@@ -143,3 +165,47 @@ def check_output_paths(cfg: ExperimentConfig,
     if problems:
         raise ExperimentError("; ".join(problems) + " (checked before the run started; "
                               "nothing was trained)")
+
+
+# --------------------------------------------------------------------------- free space
+
+
+class DiskSpaceError(ValueError):
+    """Too little free space where the run writes; the message names the path, the free
+    space and what the run needs (`fedmrg.exit_codes`: the exit code of a full disk)."""
+
+
+def checkpoint_bytes(summary: Mapping[str, Mapping[str, int]], clients: int, *,
+                     server_moments: int = 0) -> dict[str, int]:
+    """What one completed round writes, estimated from the model's parameter groups
+    (`fedmrg.model.params.parameter_group_summary`): the coordinator's checkpoint (the global
+    shared state and `server_moments` optimizer moments of it) and each client's (its
+    trainable tensors and AdamW's two moments of them); and a finished run's saved models
+    (each client's model with its frozen part, e.g. the builtin LM). Bytes."""
+    shared, private = summary["shared"]["bytes"], summary["private"]["bytes"]
+    coordinator = shared * (1 + server_moments)
+    client = 3 * (shared + private)
+    return {"round": coordinator + clients * client, "coordinator": coordinator,
+            "client": client, "models": clients * (shared + private + summary["frozen"]["bytes"])}
+
+
+def check_free_space(storage_path: str | Path, need: Mapping[str, int], *, keep: int
+                     ) -> str | None:
+    """Raise `DiskSpaceError` when `storage_path` cannot hold one round's checkpoints
+    (`checkpoint_bytes`): the first round would fail. Returns a warning line when it cannot
+    hold what the whole run keeps (`keep` coordinator rounds, clients one more, the final
+    models), else None."""
+    free = free_bytes(storage_path)
+    whole = keep * need["coordinator"] + (keep + 1) * (need["round"] - need["coordinator"]) + (
+        need["models"])
+    mib = 2**20
+    if free < need["round"]:
+        raise DiskSpaceError(f"disk full: tracking.storage_path {storage_path} has "
+                             f"{free / mib:.1f} MiB free; one round's checkpoints of this run "
+                             f"need about {need['round'] / mib:.1f} MiB (checked before the run "
+                             f"started; nothing was trained)")
+    if free < whole:
+        return (f"tracking.storage_path {storage_path} has {free / mib:.1f} MiB free; this run "
+                f"keeps about {whole / mib:.1f} MiB of checkpoints and models there: it may "
+                f"fail with a full disk")
+    return None

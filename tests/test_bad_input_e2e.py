@@ -31,11 +31,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import CHEAP, build_lm_once, experiment, fit_concurrently, tiny_run_config
+from click.testing import CliRunner
+from helpers import (
+    CHEAP,
+    build_lm_once,
+    experiment,
+    fit_concurrently,
+    tiny_overrides,
+    tiny_run_config,
+)
 
+from fedmrg.cli import main
 from fedmrg.config import ConfigError
 from fedmrg.data.phantom import generate_phantom
-from fedmrg.data.shards import MANIFEST, DatasetError
+from fedmrg.data.shards import MANIFEST, DatasetError, sha256_file
+from fedmrg.exit_codes import ExitCode
 from fedmrg.fl.checkpoint import client_checkpoint_dir, round_dir_name, run_checkpoint_dir
 from fedmrg.fl.coordinator import ClientDataError
 
@@ -69,7 +79,10 @@ def first_study(path: Path, split: str) -> str:
 
 
 def edit_rows(path: Path, edits: dict[str, dict[str, object]]) -> None:
-    """Rewrite columns of the rows named by study id: {study_id: {column: value}}."""
+    """Rewrite columns of the rows named by study id: {study_id: {column: value}}, and the
+    file's sha256 in the manifest: the data is bad at its source (as imported), not changed
+    after the manifest was written (each client would refuse that file before its first
+    round: `test_a_shard_that_differs_from_its_manifest_stops_the_run_naming_it`)."""
     table = pq.read_table(path)
     ids = table["study_id"].to_pylist()
     for study_id, values in edits.items():
@@ -81,6 +94,12 @@ def edit_rows(path: Path, edits: dict[str, dict[str, object]]) -> None:
             table = table.set_column(index, table.schema.field(column),
                                      pa.array(cells, table.schema.field(column).type))
     pq.write_table(table, path)
+    root = path.parents[1]
+    manifest = json.loads((root / MANIFEST).read_text())
+    for entry in manifest["centers"][path.parent.name.removeprefix("center=")]["files"]:
+        if root / entry["path"] == path:
+            entry["sha256"] = sha256_file(path)
+    (root / MANIFEST).write_text(json.dumps(manifest))
 
 
 def broken_rows(root: Path) -> dict[str, object]:
@@ -223,6 +242,29 @@ def test_a_shard_that_disappears_between_rounds_stops_the_run_even_when_skipping
     client, run = parent_run(cfg, name)
     assert run.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "bytes_up")][0] == 1
+
+
+def test_a_shard_that_differs_from_its_manifest_stops_the_run_naming_it(ray_cluster, tmp_path,
+                                                                          monkeypatch):
+    """Issue 19: one shard's sha256 edited in manifest.json; `fedmrg data validate` failed but
+    `fedmrg run` trained and evaluated with rc 0. Each client now verifies its own files
+    before its first round: one line naming the shard, the exit code of a data error."""
+    monkeypatch.chdir(tmp_path)
+    root = small_phantom(tmp_path / "ds")
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["centers"]["b"]["files"][0]["sha256"] = "0" * 64
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    items = [*tiny_overrides(tmp_path), *CHEAP, "data.source=path", f"data.root={root}"]
+    outcome = CliRunner().invoke(main, ["run", "--run-name", "tampered",
+                                        *[a for item in items for a in ("--set", item)]])
+    assert outcome.exit_code == ExitCode.DATA, outcome.output
+    (line,) = [x for x in outcome.output.splitlines() if x.startswith("error:")]
+    assert line == (f"error: bad data at client 'b': could not start: center 'b': its files "
+                    f"differ from {root / MANIFEST} (`fedmrg data validate {root}` checks every "
+                    f"center): {center_file(root, 'b')}: sha256 differs from the manifest (file "
+                    f"changed)")
+    assert "Traceback" not in outcome.output
+    assert not list(run_checkpoint_dir(tmp_path / "runs" / "tampered").glob("round-*"))
 
 
 # --------------------------------------------------------------------------- before any client

@@ -319,7 +319,7 @@ def test_cli_import_prints_counts_and_skips(tmp_path):
 
     result = CliRunner().invoke(main, ["data", "import", "--format", "csv", "--input",
                                        str(path), "--out", str(tmp_path / "out2")])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # a data error (fedmrg.exit_codes)
     assert "error:" in result.output and "line 5" in result.output and "'s4'" in result.output
 
 

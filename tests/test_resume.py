@@ -11,8 +11,9 @@ On the shared Ray cluster with the tiny config of test_federation_ray.py (2 cent
     an error naming the file and does nothing; with `--checkpoint-fallback` it continues from
     round 1 (the clients go back to their own round-1 state; round 2 runs again) into the same
     MLflow run, which then holds each round once (the re-run round 2 is skipped, its values
-    equal), the same losses as (a), and the final global state equals (a)'s bit for bit;
-    resuming the finished run does nothing.
+    equal), the same losses as (a), and the final global state and each client's saved model
+    (every tensor and buffer) equal (a)'s bit for bit; resuming the finished run does nothing,
+    and resuming it (or the unfinished run) with a changed setting is refused, naming it.
 A resume into a tracking store that lacks the checkpoint's rounds logs them from its history.
 (b) and (c) share one killed run: a resume from the newest checkpoint is the same path as the
 fallback's (which only picks an older folder), and a second killed run would cost another
@@ -34,6 +35,7 @@ import ray
 import torch
 from click.testing import CliRunner
 from helpers import tiny_overrides
+from safetensors.torch import load_file
 
 from fedmrg.cli import main
 from fedmrg.config import load_config
@@ -50,6 +52,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.slow]
 ROUNDS = 3
 KILL_AFTER = 2
 START_TIMEOUT_S = 240  # the killed run reaching its round-2 checkpoint, on a loaded machine
+CHANGED_STEPS = ("incompatible: the config differs from the checkpoint's in "
+                 "train.local_steps: checkpoint 2, now 3")
 
 
 def overrides(tmp: Path) -> list[str]:
@@ -203,13 +207,19 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
     assert metric_steps(client, run_id, "round") == [1, 2]
     storage = cli_args([f"tracking.storage_path={tmp}/runs"])
 
+    # a setting that changes what a round computes: refused, naming it (before Ray starts)
+    changed = CliRunner().invoke(main, ["run", "--resume", "killed", *storage,
+                                        *cli_args(["train.local_steps=3"])])
+    assert changed.exit_code == 4, changed.output
+    assert CHANGED_STEPS in changed.output and len(changed.output.splitlines()) == 1
+
     # the newest checkpoint corrupted: a clear error naming the file, and nothing done
     newest = run_dir / "checkpoints" / f"round-{KILL_AFTER:06d}" / "state.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     refused = CliRunner().invoke(main, ["run", "--resume", "killed", *storage])
-    assert refused.exit_code == 2, refused.output
+    assert refused.exit_code == 4, refused.output  # a checkpoint error (fedmrg.exit_codes)
     assert f"error: {newest}: corrupt: sha256" in refused.output
     assert "--checkpoint-fallback" in refused.output
     assert [r for r, _ in list_checkpoints(run_dir / "checkpoints")] == [1, 2]
@@ -224,6 +234,15 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
     assert "round 2/3 | 2 clients" in resumed.output and "round 3/3 | 2 clients" in (
         resumed.output)
     assert_bit_identical(global_state(run_dir), full.global_state)
+    for center in ("a", "b"):  # each client's final model: every tensor, buffers included
+        # (BatchNorm's num_batches_tracked came back as a fresh model's count: issue 19)
+        ours, theirs = (load_file(Path(d) / "models" / center / "modules.safetensors")
+                        for d in (run_dir, full.storage_dir))
+        assert any(n.endswith("num_batches_tracked") for n in ours)
+        assert_bit_identical(ours, theirs)
+        for adapter in (run_dir / "models" / center / "adapters").rglob("*.safetensors"):
+            twin = Path(full.storage_dir) / adapter.relative_to(run_dir)
+            assert_bit_identical(load_file(adapter), load_file(twin))
     load_checkpoint(newest.parent)  # round 2 written again, valid
     coordinator_rounds = [r for r, _ in list_checkpoints(run_dir / "checkpoints")]
     for center in ("a", "b"):
@@ -256,6 +275,12 @@ def test_killed_run_corrupt_checkpoint_named_then_resumed_to_the_same_final_stat
     assert again.exit_code == 0, again.output
     assert "run killed already finished its 3 rounds; nothing to do" in again.output
     assert metric_steps(client, run_id, "round") == [1, 2, 3]
+    # ... but with a changed setting it is refused like the unfinished run was (issue 19: it
+    # reprinted the old results with rc 0)
+    changed = CliRunner().invoke(main, ["run", "--resume", "killed", *storage,
+                                        *cli_args(["train.local_steps=3"])])
+    assert changed.exit_code == 4, changed.output
+    assert CHANGED_STEPS in changed.output and "already finished" not in changed.output
 
 
 def test_resume_arguments_that_name_no_run_are_clear_errors(tmp_path):

@@ -17,6 +17,7 @@ from fedmrg.cli import main
 from fedmrg.data.schema import ARROW_SCHEMA, NUM_OBSERVATIONS, OBSERVATIONS
 from fedmrg.data.shards import (
     MANIFEST,
+    VERIFIED_CACHE,
     DatasetError,
     SkipLog,
     Study,
@@ -25,6 +26,7 @@ from fedmrg.data.shards import (
     read_center_table,
     read_manifest,
     validate_dataset,
+    verify_center_files,
     write_dataset,
 )
 
@@ -257,6 +259,51 @@ def test_validate_lists_every_problem(tmp_path):
     assert "problem(s)" in message
 
 
+def test_a_center_is_verified_against_the_manifest_once_until_a_file_changes(tmp_path):
+    root = tmp_path / "ds"
+    small_dataset(root)
+    files = center_files(root, "a")
+    assert verify_center_files(root, "a") == len(files) == 3  # hashed, then cached
+    cache = root / "center=a" / VERIFIED_CACHE
+    assert sorted(json.loads(cache.read_text())) == [f"center=a/part-0000{i}.parquet"
+                                                     for i in range(3)]
+    assert verify_center_files(root, "a") == 0  # same size, mtime, manifest sha256: no read
+    assert verify_center_files(root, "b") == 1
+    # a file changed in place (same size, new mtime) is hashed again and named
+    part = Path(files[0])
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a data page: the footer still parses
+    part.write_bytes(bytes(data))
+    with pytest.raises(DatasetError) as caught:
+        verify_center_files(root, "a")
+    assert str(caught.value).startswith(f"center 'a': its files differ from {root / MANIFEST}")
+    assert f"{part}: sha256 differs from the manifest (file changed)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_edited_manifest_sha256_fails_verification_even_with_a_cache(tmp_path):
+    """Issue 19: `fedmrg data validate` rejected the edited manifest, but the run trained."""
+    root = tmp_path / "ds"
+    small_dataset(root)
+    assert verify_center_files(root, "b") == 1
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["centers"]["b"]["files"][0]["sha256"] = "0" * 64
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"center=b/part-00000\.parquet: sha256 differs"):
+        verify_center_files(root, "b")
+    _schema(root)  # rewritten with a column missing (and its sha256 in the manifest)
+    with pytest.raises(DatasetError, match=r"center=b/part-00000\.parquet: schema differs"):
+        verify_center_files(root, "b")
+
+
+def test_a_read_only_dataset_is_verified_without_a_cache(tmp_path):
+    root = tmp_path / "ds"
+    small_dataset(root)
+    (root / "center=a" / VERIFIED_CACHE).mkdir()  # not writable as a file, even for root
+    assert verify_center_files(root, "a") == 3
+    assert verify_center_files(root, "a") == 3  # verified again: nothing cached
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -317,5 +364,5 @@ def test_cli_validate_fails_naming_the_file(imported, tamper):
         (imported / MANIFEST).unlink()
         named = str(imported / MANIFEST)
     result = CliRunner().invoke(main, ["data", "validate", str(imported)])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # a data error (fedmrg.exit_codes)
     assert result.output.startswith("error: ") and named in result.output

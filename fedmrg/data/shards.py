@@ -7,8 +7,10 @@ against its manifest (schema, counts, hashes). Nothing here knows about Ray.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -248,6 +250,89 @@ def read_center_table(root: str | Path, center: str, split: str | None = None) -
     return table
 
 
+def shard_file_problems(root: str | Path, entry: dict[str, Any]) -> tuple[list[str], bool]:
+    """The cheap checks of one manifest file entry ({path, rows, sha256}): it exists, its sha256
+    and its row count are the manifest's, its schema is the record schema (parquet metadata
+    only, no row is read). Returns (problems naming the file, whether its rows can be read
+    with the record schema)."""
+    path = Path(root) / entry["path"]
+    if not path.exists():
+        return [f"{path}: listed in the manifest but missing"], False
+    problems = []
+    if sha256_file(path) != entry["sha256"]:
+        problems.append(f"{path}: sha256 differs from the manifest (file changed)")
+    try:
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
+    except Exception as e:  # noqa: BLE001 - any read failure is a finding to report
+        return [*problems, f"{path}: unreadable parquet: {' '.join(str(e).split())}"], False
+    if not schema.equals(ARROW_SCHEMA, check_metadata=False):
+        return [*problems, f"{path}: schema differs from the record schema: {schema} != "
+                           f"{ARROW_SCHEMA}"], False
+    if metadata.num_rows != entry["rows"]:
+        problems.append(f"{path}: {metadata.num_rows} rows, manifest says {entry['rows']}")
+    return problems, True
+
+
+VERIFIED_CACHE = ".fedmrg-verified.json"  # in <root>/center=<id>/ (`verify_center_files`)
+
+
+def verify_center_files(root: str | Path, center: str,
+                        manifest: dict[str, Any] | None = None) -> int:
+    """Before a client trains on `center`: every file the manifest lists for it passes
+    `shard_file_problems` (sha256, rows, schema), else a `DatasetError` naming each bad file.
+    Returns how many files were hashed (0: every one was in the cache).
+
+    The result is cached in `<root>/center=<id>/.fedmrg-verified.json`, next to the files it
+    describes, so that every later run and resume on that data (any run folder) skips the
+    hashing: a file verified before with the same path, size, mtime and manifest sha256 is not
+    read again. Each center's client writes only its own folder's cache (atomically); a
+    read-only dataset is verified every time instead (the cache is only a speed-up)."""
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    center_files(root, center, manifest)  # an unknown center is named
+    entries = manifest["centers"][center]["files"]
+    folders = {(root / f["path"]).parent for f in entries}
+    cache_path = (folders.pop() if len(folders) == 1 else root / f"center={center}") / (
+        VERIFIED_CACHE)
+    try:
+        cached = json.loads(cache_path.read_text())
+        if not isinstance(cached, dict):
+            cached = {}
+    except (OSError, ValueError):
+        cached = {}
+    verified, problems, hashed = {}, [], 0
+    for entry in entries:
+        path = root / entry["path"]
+        try:
+            stat = path.stat()
+            key = [stat.st_size, stat.st_mtime_ns, entry["sha256"], entry["rows"]]
+        except OSError:
+            key = None
+        if key is not None and cached.get(entry["path"]) == key:
+            verified[entry["path"]] = key
+            continue
+        hashed += 1
+        found, _ = shard_file_problems(root, entry)
+        if found:
+            problems += found
+        elif key is not None:
+            verified[entry["path"]] = key
+    if problems:
+        raise DatasetError(f"center {center!r}: its files differ from {root / MANIFEST} "
+                           f"(`fedmrg data validate {root}` checks every center): "
+                           + "; ".join(problems))
+    if hashed and verified != cached:
+        tmp = cache_path.with_name(f"{VERIFIED_CACHE}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(verified, sort_keys=True))
+            os.replace(tmp, cache_path)
+        except OSError:  # a read-only dataset: verified again next time
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return hashed
+
+
 def validate_dataset(root: str | Path) -> dict[str, Any]:
     """Check every file against the manifest; return per-center counts and label frequencies.
 
@@ -262,22 +347,15 @@ def validate_dataset(root: str | Path) -> dict[str, Any]:
         label_counts = np.zeros((NUM_OBSERVATIONS, len(LABEL_NAMES)), dtype=np.int64)
         for f in info["files"]:
             path = root / f["path"]
-            if not path.exists():
-                problems.append(f"{path}: listed in the manifest but missing")
+            found, usable = shard_file_problems(root, f)
+            problems += found
+            if not usable:
                 continue
-            if sha256_file(path) != f["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (file changed)")
             try:
                 table = pq.read_table(path)
             except Exception as e:  # noqa: BLE001 - any read failure is a finding to report
                 problems.append(f"{path}: unreadable parquet: {e}")
                 continue
-            if not table.schema.equals(ARROW_SCHEMA, check_metadata=False):
-                problems.append(f"{path}: schema differs from the record schema: "
-                                f"{table.schema} != {ARROW_SCHEMA}")
-                continue
-            if table.num_rows != f["rows"]:
-                problems.append(f"{path}: {table.num_rows} rows, manifest says {f['rows']}")
             bad_center = pc.sum(pc.not_equal(table["center"], center)).as_py()
             if bad_center:
                 problems.append(f"{path}: {bad_center} rows belong to another center")

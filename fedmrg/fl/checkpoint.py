@@ -59,6 +59,7 @@ dicts only, so a checkpoint cannot run code when it is loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -199,6 +200,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_state(state: Any, path: str | Path) -> None:
+    """`torch.save(state, path)`; a write that fails on a nearly full disk is an `OSError`
+    ENOSPC naming `path` (torch reports it as `[enforce fail at inline_container.cc:...]
+    unexpected pos ...`, without a file or an errno: `fedmrg.exit_codes`)."""
+    from fedmrg.exit_codes import is_torch_write_failure
+    from fedmrg.output_paths import NEARLY_FULL_BYTES, free_bytes
+
+    try:
+        torch.save(state, path)
+    except RuntimeError as e:
+        if not is_torch_write_failure(e):
+            raise
+        try:
+            nearly_full = free_bytes(path) < NEARLY_FULL_BYTES
+        except OSError:
+            raise e from None
+        if not nearly_full:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -236,7 +258,7 @@ def write_checkpoint(directory: str | Path, round_id: int, state: Mapping[str, A
     tmp.mkdir()
     try:
         state_path = tmp / STATE_FILE
-        torch.save(dict(state), state_path)
+        save_state(dict(state), state_path)
         _fsync_file(state_path)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,

@@ -76,7 +76,7 @@ from torch import Tensor
 from fedmrg.choices import Device, View
 from fedmrg.config import ExperimentConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
-from fedmrg.data.shards import DatasetError, center_files, read_manifest
+from fedmrg.data.shards import DatasetError, center_files, read_manifest, verify_center_files
 from fedmrg.data.stream import CenterStream
 from fedmrg.eval.evaluator import evaluate_model, first_studies, generation_kwargs
 from fedmrg.fl.broadcast import StateDelta, apply_delta
@@ -159,6 +159,10 @@ class FederatedClient:
         self.generation = generation_kwargs(ev, **(generation or {}))
         self.eval_samples = ev.samples if eval_samples is None else eval_samples
         self.data_cfg = dataclasses.replace(cfg.data, root=self.root)
+        # before anything is built: this client's files are the manifest's (sha256, rows,
+        # schema; cached by size and mtime next to the data), else a DatasetError naming them
+        self._verified: set[str] = set()
+        self.verify_data(self.data_centers)
 
         device = _device(cfg.device)
         lm, tokenizer = load_base_lm(cfg.model, device=device)  # a quantized LM loads there
@@ -196,6 +200,18 @@ class FederatedClient:
             self.restore_latest_checkpoint()
 
     # ----------------------------------------------------------------- data
+
+    def verify_data(self, centers: Sequence[str]) -> None:
+        """Check each of `centers`' files against the dataset's manifest once
+        (`fedmrg.data.shards.verify_center_files`); a mismatch is a `DatasetError` naming the
+        file."""
+        todo = [c for c in centers if c not in self._verified]
+        if not todo:
+            return
+        manifest = read_manifest(self.root)
+        for center in todo:
+            verify_center_files(self.root, center, manifest)
+            self._verified.add(center)
 
     def _stream(self, centers: Sequence[str], split: str) -> CenterStream:
         """One center's stream, or (centralized) one stream over several centers' files with
@@ -240,6 +256,7 @@ class FederatedClient:
         key = (dataset_center, split)
         if key not in self._eval_streams:
             centers = self.data_centers if dataset_center == self.center else [dataset_center]
+            self.verify_data(centers)  # e.g. the held-out center this client evaluates
             self._eval_streams[key] = self._stream(centers, split)
         return self._eval_streams[key]
 

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmrg.config import ExperimentConfig
+from fedmrg.fl.checkpoint import save_state
 from fedmrg.fl.placement import TrainWorkers
 
 STATE_FILE = "round_state.pt"
@@ -239,7 +240,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     result = train_rows(inputs, rank, world, device)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(result, Path(tmp) / STATE_FILE)
+            save_state(result, Path(tmp) / STATE_FILE)  # a full disk says so
             ray.train.report(result.metrics,
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:

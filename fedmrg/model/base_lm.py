@@ -288,6 +288,12 @@ def _builtin_path(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None,
     return entry
 
 
+def builtin_lm_path(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None = None,
+                    recipe: WarmupRecipe = WarmupRecipe()) -> Path:
+    """The cached builtin LM's folder (a Hugging Face model folder); builds it if missing."""
+    return _builtin_path(cfg, corpus, recipe)
+
+
 def builtin_build_info(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None = None,
                        recipe: WarmupRecipe = WarmupRecipe()) -> dict:
     """What the cached builtin LM's build recorded (time, losses, size); builds it if missing."""

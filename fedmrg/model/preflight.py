@@ -28,3 +28,23 @@ def check_model_inputs(cfg: ModelConfig) -> str:
         return check_base_lm(cfg)
     except (BaseLMError, EncoderError, LoraTargetError) as e:
         raise ConfigError(str(e)) from e
+
+
+def model_parameter_summary(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+    """`parameter_group_summary` (shared, private, frozen: tensors, elements, bytes) of the
+    model the clients will build, built on the meta device (no weights, milliseconds) from the
+    LM's config and tokenizer; the builtin LM is built first when missing (the driver builds it
+    before the clients start anyway)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedmrg.model.base_lm import BUILTIN_TINY_LLAMA, builtin_lm_path, load_tokenizer
+    from fedmrg.model.mrg import MRGModel
+    from fedmrg.model.params import parameter_group_summary
+
+    source = builtin_lm_path(cfg) if cfg.lm == BUILTIN_TINY_LLAMA else cfg.lm
+    tokenizer = load_tokenizer(source)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)))
+        model = MRGModel.from_config(cfg, lm, tokenizer)
+    return parameter_group_summary(model)
