@@ -1,4 +1,5 @@
-"""The README's and docs/results.md's numbers, generated from the recorded runs.
+"""The README's, docs/results.md's and docs/privacy.md's numbers, generated from the recorded
+runs.
 
 Usage (from the repository root):
 
@@ -14,7 +15,10 @@ here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tabl
 - README.md `status`: how many quality targets fedmrg meets, and which it misses; and, when
   the runs decoded otherwise than today's default `eval.*` settings, which and how;
 - README.md `table`: one compact table (every strategy row, the main metrics, bytes per run);
-- docs/results.md `fl_mrg`: the full tables, target checks and ablations, as `--report` prints.
+- docs/results.md `fl_mrg`: the full tables, target checks and ablations, as `--report` prints;
+- README.md and docs/privacy.md `privacy`: the privacy rows (`PRIVACY_TABLE`, DP and secure
+  aggregation on ffa_lora) against the non-private `ffa_lora` row of `CURRENT_TABLE`: epsilon,
+  quality and its cost (the difference in generic CE-F1 macro), bytes, wall time.
 
 `tests/test_readme.py` regenerates every block in memory and fails when a file differs. After a
 new `--report` into `CURRENT_TABLE` (or after pointing it at another table), run this script.
@@ -37,6 +41,10 @@ from _common import ROOT, markdown_table
 CURRENT_TABLE = Path("benchmarks/results/fl_mrg/lora_strategies/full.json")
 README = Path("README.md")
 RESULTS_DOC = Path("docs/results.md")
+# The privacy rows (benchmarks/fl_mrg.py PRIVACY), compared with CURRENT_TABLE's ffa_lora.
+PRIVACY_TABLE = Path("benchmarks/results/fl_mrg/privacy/full.json")
+PRIVACY_DOC = Path("docs/privacy.md")
+PRIVACY_REFERENCE = "ffa_lora"
 
 # The compact table's columns: (final metric key, header).
 COMPACT_COLUMNS = (
@@ -146,6 +154,39 @@ def compact_table(agg: Mapping[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def privacy_table(reference: Mapping[str, Any], privacy_records: Sequence[Mapping[str, Any]]
+                  ) -> str:
+    """The non-private `PRIVACY_REFERENCE` row of `reference` (an `aggregate`) and each
+    privacy row: seeds, epsilon at the run's delta, generic and held-out CE-F1 macro, the
+    difference in generic CE-F1 macro to the reference (the cost in quality), generic BLEU-4,
+    bytes up and in all, wall time; mean ± std over seeds."""
+    agg = {PRIVACY_REFERENCE: reference[PRIVACY_REFERENCE],
+           **{row: a for row, a in fl_mrg.aggregate(privacy_records).items()
+              if row != PRIVACY_REFERENCE}}
+    base = agg[PRIVACY_REFERENCE]["stats"]["generalization/ce_f1_macro"][0]
+    header = ["row", "seeds", "epsilon", "generic CE-F1", "vs ffa_lora", "held-out CE-F1",
+              "generic BLEU-4", "bytes up", "bytes per run", "wall (min)"]
+    rows = []
+    for row, a in agg.items():
+        s = a["stats"]
+        spent = [r["privacy"].get("epsilon") for r in privacy_records
+                 if r["row"] == row and (r.get("privacy") or {}).get("mode") not in (None, "none")]
+        # the accountant's: the same for every seed of a row
+        epsilon = fl_mrg.format_mean_std(fl_mrg.mean_std(spent)[0], None, 2) if spent else "none"
+        ce = s.get("generalization/ce_f1_macro", (None, None, 0))
+        cost = "" if row == PRIVACY_REFERENCE or ce[0] is None else f"{ce[0] - base:+.3f}"
+        wall = s.get("wall_s", (None, None, 0))
+        rows.append([fl_mrg.row_label(row), len(a["seeds"]), epsilon,
+                     fl_mrg.format_mean_std(*ce[:2]), cost,
+                     fl_mrg.format_mean_std(*s.get("heldout/ce_f1_macro", (None, None))[:2]),
+                     fl_mrg.format_mean_std(*s.get("generalization/bleu4", (None, None))[:2]),
+                     fl_mrg.format_bytes(s["bytes_up"][0]),
+                     fl_mrg.format_bytes(s["bytes_total"][0]),
+                     fl_mrg.format_mean_std(*(None if v is None else v / 60
+                                              for v in wall[:2]), 1)])
+    return markdown_table(header, rows)
+
+
 def full_block(agg: Mapping[str, Any], targets: Mapping[str, Any],
                records: Sequence[Mapping[str, Any]]) -> str:
     """What `fl_mrg.py --report` prints: the tables, target checks, ablations, warnings."""
@@ -156,16 +197,18 @@ def full_block(agg: Mapping[str, Any], targets: Mapping[str, Any],
     return "\n".join(parts)
 
 
-def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE) -> dict[Path, dict[str, str]]:
-    """file -> block name -> generated markdown, from the records in `table`."""
+def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
+           privacy: Path = PRIVACY_TABLE) -> dict[Path, dict[str, str]]:
+    """file -> block name -> generated markdown, from the records in `table` and `privacy`."""
     records = load_table(root, table)["runs"]
     agg = fl_mrg.aggregate(records)
     targets = fl_mrg.check_targets(agg)
     note = decoding_note(records)
     status = status_block(agg, targets, table) + (f" {note}" if note else "")
     full = full_block(agg, targets, records) + (f"\n\n{note}" if note else "")
-    return {README: {"status": status, "table": compact_table(agg)},
-            RESULTS_DOC: {"fl_mrg": full}}
+    private = privacy_table(agg, load_table(root, privacy)["runs"])
+    return {README: {"status": status, "table": compact_table(agg), "privacy": private},
+            RESULTS_DOC: {"fl_mrg": full}, PRIVACY_DOC: {"privacy": private}}
 
 
 def _pattern(name: str) -> re.Pattern[str]:

@@ -14,7 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import readme_results  # noqa: E402
-from readme_results import CURRENT_TABLE, README, RESULTS_DOC, ResultsDocError  # noqa: E402
+from readme_results import (  # noqa: E402
+    CURRENT_TABLE,
+    PRIVACY_DOC,
+    PRIVACY_TABLE,
+    README,
+    RESULTS_DOC,
+    ResultsDocError,
+)
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -52,7 +59,7 @@ def test_the_status_line_and_table_come_from_the_records_not_a_stale_copy():
 
 
 def test_a_changed_record_makes_the_check_fail_naming_the_block(tmp_path):
-    for path in (CURRENT_TABLE, README, RESULTS_DOC):
+    for path in (CURRENT_TABLE, PRIVACY_TABLE, README, RESULTS_DOC, PRIVACY_DOC):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, tmp_path / path)
     assert readme_results.stale(tmp_path) == []
@@ -62,6 +69,13 @@ def test_a_changed_record_makes_the_check_fail_naming_the_block(tmp_path):
             record["final"]["generalization/ce_f1_macro"] += 0.05
     (tmp_path / CURRENT_TABLE).write_text(json.dumps(document))
     assert readme_results.stale(tmp_path) == ["README.md: table", "docs/results.md: fl_mrg"]
+    # a privacy record: its row in the README and docs/privacy.md
+    private = json.loads((tmp_path / PRIVACY_TABLE).read_text())
+    private["runs"][0]["privacy"]["epsilon"] = 99.0
+    (tmp_path / PRIVACY_TABLE).write_text(json.dumps(private))
+    assert readme_results.stale(tmp_path) == [
+        "README.md: table", "README.md: privacy", "docs/results.md: fl_mrg",
+        "docs/privacy.md: privacy"]
     # regenerating makes the files agree again
     for path, generated in readme_results.blocks(tmp_path).items():
         (tmp_path / path).write_text(readme_results.fill((tmp_path / path).read_text(),
@@ -141,3 +155,21 @@ def test_runs_decoded_otherwise_than_the_default_are_said_so():
                                          {"generation": {**now, "num_beams": 3}}])
     assert "`eval.no_repeat_ngram_size` off (before the setting existed)" in note
     assert f"`eval.num_beams` 3, the default now {now['num_beams']!r}" in note
+
+
+def test_the_privacy_table_gives_epsilon_and_the_cost_against_ffa_lora():
+    def record(row, seed, ce, epsilon=None):
+        final = {"generalization/ce_f1_macro": ce, "bytes_up": 2e6, "bytes_down": 1e6,
+                 "bytes_total": 3e6, "wall_s": 120.0 + seed * 60}
+        privacy = {"mode": "central", "epsilon": epsilon} if epsilon else {"mode": "none"}
+        return {"row": row, "seed": seed, "final": final, "privacy": privacy}
+
+    reference = readme_results.fl_mrg.aggregate([record("ffa_lora", s, 0.3) for s in (0, 1)])
+    table = readme_results.privacy_table(reference, [
+        record("ffa_lora-dp8", 0, 0.2, 7.98), record("ffa_lora-dp8", 1, 0.1, 7.98),
+        record("ffa_lora-secagg", 0, 0.35)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()}
+    assert rows["ffa_lora"][2:5] == ["none", "0.300 ± 0.000", ""]
+    assert rows["ffa_lora, central DP epsilon 8"][1:5] == ["2", "7.98", "0.150 ± 0.071", "-0.150"]
+    assert rows["ffa_lora, secure aggregation"][2:5] == ["none", "0.350", "+0.050"]
+    assert rows["ffa_lora, central DP epsilon 8"][-2:] == ["3.0 MB", "2.5 ± 0.7 |"]
