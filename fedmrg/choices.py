@@ -63,6 +63,13 @@ class LMDtype(Choice):
     FLOAT16 = "float16"
 
 
+class LMVocabulary(Choice):
+    """The builtin LM's vocabulary and warm-up text (`model.lm_vocabulary`)."""
+
+    PHANTOM = "phantom"  # the phantom's words and reports (the CPU default)
+    RADIOLOGY = "radiology"  # + a public radiology word list, word pieces and a phrasebook
+
+
 class Quantization(Choice):
     """How the frozen base LM is quantized with bitsandbytes (`model.lm_quantization`)."""
 

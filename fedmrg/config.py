@@ -40,6 +40,7 @@ from fedmrg.choices import (
     DataSource,
     Device,
     LMDtype,
+    LMVocabulary,
     NormAction,
     OnBadRow,
     PrivacyMode,
@@ -194,6 +195,11 @@ class ModelConfig(Section):
     lm_layers: int = _f(2, "builtin LM layers", min=1)
     lm_heads: int = _f(4, "builtin LM attention heads", min=1)
     lm_vocab_size: int = _f(1024, "builtin LM tokenizer vocabulary", min=64)
+    lm_vocabulary: LMVocabulary = _f(LMVocabulary.PHANTOM, "builtin LM words and warm-up text: "
+                                     "'phantom' (the phantom benchmark's), or 'radiology' for "
+                                     "real reports (a public radiology word list, word pieces, "
+                                     "a phrasebook; needs lm_vocab_size >= 1700, 4096 "
+                                     "also holds all its word pieces)")
     lm_warmup_steps: int = _f(1000, "builtin LM warm-up steps on the neutral corpus", min=0)
     lora_rank: int = _f(8, "rank of the generic and specialized decoder adapters", min=1)
     lora_alpha: float = _f(16.0, "LoRA alpha", min=0)

@@ -133,6 +133,20 @@ def test_fedmrg_run_completes_and_evaluates_both_views(fedmrg_run):
     assert all("true_findings" not in x and x["findings"] for x in samples)
 
 
+def test_truncated_train_reports_are_counted_per_center_and_summed(fedmrg_run, dataset):
+    from fedmrg.fl.client import train_report_truncation
+
+    result, _, clients = fedmrg_run
+    limit = clients["a"].cfg.data.max_report_tokens
+    counts = {c: train_report_truncation(dataset, [c], clients[c].model.tokenizer, limit)
+              for c in CENTERS}
+    assert all(0 < n["truncated"] <= n["reports"] for n in counts.values())  # 32 tokens cut
+    for summary in result.history:
+        m = summary.metrics
+        assert all(m[f"{c}/truncated_reports"] == counts[c]["truncated"] for c in CENTERS)
+        assert m["truncated_reports"] == sum(n["truncated"] for n in counts.values())
+
+
 def test_aggregated_state_equals_the_direct_aggregation_of_the_clients_messages(fedmrg_run):
     result, pool, _ = fedmrg_run
     updates = [from_wire(pool.updates[2][c]) for c in CENTERS]

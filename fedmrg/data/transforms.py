@@ -209,6 +209,14 @@ def transform_study(images: list[bytes], study_id: str, image_size: int, max_vie
 # --------------------------------------------------------------------------- report tokens
 
 
+def report_lengths(tokenizer, reports: list[str]) -> list[int]:
+    """The tokens each report takes in `tokenize_reports` before it is cut to `max_tokens`
+    (BOS and EOS included when the tokenizer has them): longer reports are truncated."""
+    specials = (tokenizer.bos_token_id is not None) + (tokenizer.eos_token_id is not None)
+    encoded = tokenizer(list(reports), add_special_tokens=False)["input_ids"]
+    return [len(ids) + specials for ids in encoded]
+
+
 def tokenize_reports(tokenizer, reports: list[str], max_tokens: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Reports -> (input_ids (B, T) int64, attention_mask (B, T) int64), T = max_tokens.

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import tempfile
 import time
 import zlib
@@ -78,6 +79,7 @@ from fedmrg.config import ExperimentConfig
 from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
 from fedmrg.data.shards import DatasetError, center_files, read_manifest, verify_center_files
 from fedmrg.data.stream import CenterStream
+from fedmrg.data.transforms import report_lengths
 from fedmrg.eval.evaluator import evaluate_model, first_studies, generation_kwargs
 from fedmrg.fl.broadcast import StateDelta, apply_delta
 from fedmrg.fl.checkpoint import (
@@ -107,6 +109,8 @@ from fedmrg.model.params import (
 from fedmrg.model.trainer import LocalTrainer, TrainerError
 from fedmrg.privacy.client import SecAggParticipant
 from fedmrg.privacy.disclosure import disclose_samples, effective_disclosure, read_policy
+
+log = logging.getLogger(__name__)
 
 
 class ClientError(ValueError):
@@ -141,6 +145,30 @@ def train_label_counts(root: str, centers: Sequence[str]) -> Tensor:
                                            f"observation {obs} is not in [0, {NUM_STATES})")
                     counts[obs, code] += 1
     return torch.from_numpy(counts)
+
+
+def train_report_truncation(root: str, centers: Sequence[str], tokenizer: Any,
+                            max_tokens: int, *, client: str | None = None) -> dict[str, int]:
+    """How the train reports of `centers` fit `data.max_report_tokens` (`max_tokens`) with
+    `tokenizer`: {"truncated": reports longer (cut in training), "reports", "longest": the
+    longest in tokens}, read from the parquet `split` and `report` columns only. With
+    `client`, truncated reports are also warned in one line naming it, the count and limit."""
+    manifest = read_manifest(root)
+    lengths: list[int] = []
+    for center in centers:
+        for path in center_files(root, center, manifest):
+            table = pq.read_table(path, columns=["split", "report"])
+            reports = [r for sp, r in zip(table.column("split").to_pylist(),
+                                          table.column("report").to_pylist(), strict=True)
+                       if sp == "train" and isinstance(r, str)]
+            lengths += report_lengths(tokenizer, reports) if reports else []
+    out = {"truncated": sum(n > max_tokens for n in lengths), "reports": len(lengths),
+           "longest": max(lengths, default=0)}
+    if client is not None and out["truncated"]:
+        log.warning("center %r: %d of %d train reports are longer than data.max_report_tokens="
+                    "%d tokens (the longest has %d) and are truncated in training", client,
+                    out["truncated"], out["reports"], max_tokens, out["longest"])
+    return out
 
 
 class FederatedClient:
@@ -178,6 +206,11 @@ class FederatedClient:
         self.error_feedback = ErrorFeedback()
         self.train_stream = self._stream(self.data_centers, "train")
         self.num_samples = int(self.train_stream.manifest_rows)
+        # reports longer than data.max_report_tokens are cut in training: counted, warned
+        # where the center runs, and reported with every update ("truncated_reports")
+        self.truncation = train_report_truncation(self.root, self.data_centers,
+                                                  self.model.tokenizer,
+                                                  cfg.data.max_report_tokens, client=center)
         self._eval_streams: dict[tuple[str, str], CenterStream] = {}
         self._label_counts: Tensor | None = None
         self._secagg: SecAggParticipant | None = None  # secure aggregation, per round keys
@@ -439,7 +472,8 @@ class FederatedClient:
         statistics = self.strategy.statistics(self, plan, round_batches)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(epoch=float(self.epoch), residual_norm=self.error_feedback.residual_norm(),
-                       fit_s=time.perf_counter() - start_time)
+                       fit_s=time.perf_counter() - start_time,
+                       truncated_reports=float(self.truncation["truncated"]))
         update = ClientUpdate(round_id=plan.round_id, center=self.center,
                               num_samples=self.num_samples, lora=lora, dense=dense,
                               statistics=statistics, metrics=metrics, masked=masked)

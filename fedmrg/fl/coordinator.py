@@ -43,8 +43,8 @@ A round (`run_round`) is one or more attempts; an attempt:
 7. a `RoundSummary` goes to `on_round`: bytes up/down (every attempt's), dense equivalent,
    times, who was rejected and why (last attempt; earlier attempts in `failed_attempts`), who
    was clipped and who rejoined after an actor restart, and metrics: the strategy's, the
-   clients' (their mean, the sum for the "skipped_*" row counts of `data.on_error=skip`, and
-   "<center>/<metric>"), "<center>/update_norm" of every update
+   clients' (their mean, the sum for the "skipped_*" row counts of `data.on_error=skip` and
+   for "truncated_reports", and "<center>/<metric>"), "<center>/update_norm" of every update
    measured, `update_norm_max`, and counts over all the round's attempts: `rejected_failed`
    (the call raised or the actor died), `rejected_deadline`, `rejected_invalid`,
    `rejected_norm`, `clipped` (last attempt), `late_replies_dropped`,
@@ -753,14 +753,16 @@ def _plan_version(plan: RoundPlan) -> int | None:
 
 def client_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
     """The clients' own metrics: "<center>/<metric>" each, and over clients the mean, or the
-    sum for counts of skipped rows ("skipped_*": rows the round's clients left out)."""
+    sum for counts of skipped rows ("skipped_*": rows the round's clients left out) and of
+    truncated reports ("truncated_*": train reports longer than data.max_report_tokens)."""
     out: dict[str, float] = {}
     for u in updates:
         out.update({f"{u.center}/{k}": float(v) for k, v in u.metrics.items()})
     keys = dict.fromkeys(k for u in updates for k in u.metrics)
     for k in keys:
         values = [float(u.metrics[k]) for u in updates if k in u.metrics]
-        out[k] = float(np.sum(values) if k.startswith(f"{SKIPPED}_") else np.mean(values))
+        summed = k.startswith((f"{SKIPPED}_", "truncated_"))
+        out[k] = float(np.sum(values) if summed else np.mean(values))
     return out
 
 

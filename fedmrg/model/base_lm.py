@@ -4,7 +4,11 @@
 CPU default). No pretrained LM can be downloaded offline, so the builtin one is built here: a
 WordPiece tokenizer fitted to a public corpus (phantom reports in a neutral style no center
 uses, plus the prompt vocabulary and the words of radiology English), a small Llama built from
-config, and a short causal-LM warm-up on that corpus ("pretraining on a public corpus"). Each
+config, and a short causal-LM warm-up on that corpus ("pretraining on a public corpus").
+`model.lm_vocabulary: radiology` (for real reports) adds a public radiology word list and word
+pieces derived from it to the tokenizer and a phrasebook of report sentences to the warm-up
+corpus (`fedmrg.model.radiology_words`, `fedmrg.model.radiology_phrasebook`); the default
+`phantom` builds exactly what it always built. Each
 warm-up sequence is laid out as the report generator lays out its own, [diagnosis prompt][<s>
 report </s>] (the prompt left out now and then), so the base LM already writes a report that
 follows its prompt and the federated adapters only have to learn the centers' styles and the
@@ -33,7 +37,7 @@ from typing import Any
 import tokenizers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -44,7 +48,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedmrg.choices import LMDtype, Quantization, choice_values
+from fedmrg.choices import LMDtype, LMVocabulary, Quantization, choice_values
 from fedmrg.config import ModelConfig
 from fedmrg.data.transforms import tokenize_reports
 from fedmrg.model.prompts import diagnosis_prompt, prompt_corpus, prompt_vocabulary
@@ -79,16 +83,28 @@ class WarmupRecipe:
 # --------------------------------------------------------------------------- tokenizer
 
 
+# Decoded without the spaces the pre-tokenizer puts around these (`rejoin_punctuation`):
+# "dual-lead", "left/right", "(pa)", "50%", "1.5 cm" come back as written.
+REJOINED = ((" - ", "-"), (" / ", "/"), ("( ", "("), (" )", ")"), (" %", "%"),
+            (Regex(r"(?<=\d)\. (?=\d)"), "."))
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int,
-                    lexicon: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+                    lexicon: Sequence[str] = (), *, pieces: Sequence[str] = (),
+                    rejoin_punctuation: bool = False, keep_every_word: bool = False,
+                    ) -> PreTrainedTokenizerFast:
     """A lower-casing WordPiece tokenizer with <pad>/<s>/</s>/<unk>, fitted to `texts`.
 
     The vocabulary is every character seen (a-z, 0-9 and ASCII punctuation always), each also
     as a `##` continuation, then the words of `texts` by frequency (ties broken alphabetically),
-    then the `lexicon` words the texts lack, up to `vocab_size`; any ASCII word tokenizes.
+    then the `lexicon` words the texts lack, then the word `pieces` (prefixes and `##`
+    suffixes) not already in, up to `vocab_size`; any ASCII word tokenizes.
     Chosen by hand rather than with `tokenizers`' WordPieceTrainer because that trainer is not
     deterministic (token ids and even the token set change from run to run),
     and every center must get the same base LM.
+    `rejoin_punctuation`: decode "-", "/", "(", ")", "%" and decimal points without spaces
+    (`REJOINED`), so text written that way round-trips. `keep_every_word`: a `vocab_size` too
+    small for every word of `texts` and `lexicon` is an error instead of a cut.
     """
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # words and single punctuation marks
@@ -107,14 +123,24 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int,
     ranked += [w for w in dict.fromkeys(  # lexicon words the texts lack, in the given order
         w for entry in lexicon for w, _ in pre_tokenizer.pre_tokenize_str(
             normalizer.normalize_str(entry)) if len(w) > 1) if w not in known]
+    if keep_every_word and len(base) + len(ranked) > vocab_size:
+        raise BaseLMError(f"model.lm_vocab_size={vocab_size} is too small: the characters and "
+                          f"the words of the corpus and the lexicon need "
+                          f"{len(base) + len(ranked)} tokens; set it at least that large "
+                          f"(the word pieces fill what is left)")
+    taken = set(base) | set(ranked)
+    ranked += [p for p in dict.fromkeys(pieces) if p not in taken]
     vocab = {tok: i for i, tok in enumerate(base + ranked[: vocab_size - len(base)])}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.Sequence([  # "normal ." -> "normal.", "findings :" -> "findings:"
+    steps = [  # "normal ." -> "normal.", "findings :" -> "findings:"
         decoders.WordPiece(prefix="##", cleanup=True),
         decoders.Replace(" :", ":"), decoders.Replace(" ;", ";"),
-    ])
+    ]
+    if rejoin_punctuation:  # on the whole text (Fuse): a rule may span two tokens
+        steps += [decoders.Fuse(), *(decoders.Replace(a, b) for a, b in REJOINED)]
+    tok.decoder = decoders.Sequence(steps)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
         padding_side="right", clean_up_tokenization_spaces=False,
@@ -128,11 +154,22 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int,
 CorpusEntry = str | tuple[Sequence[int], str]
 
 
-def default_corpus(recipe: WarmupRecipe) -> list[CorpusEntry]:
-    """The public warm-up corpus: neutral-style phantom studies (imported lazily)."""
+def default_corpus(recipe: WarmupRecipe, vocabulary: str = LMVocabulary.PHANTOM
+                   ) -> list[CorpusEntry]:
+    """The public warm-up corpus: neutral-style phantom studies (imported lazily); for the
+    `radiology` vocabulary as many phrasebook reports after them, each with the labels the
+    rule-based labeler reads from it (so it gets its diagnosis prompt)."""
     from fedmrg.data.phantom import neutral_studies
 
-    return list(neutral_studies(recipe.corpus_size, recipe.corpus_seed))
+    corpus: list[CorpusEntry] = list(neutral_studies(recipe.corpus_size, recipe.corpus_seed))
+    if vocabulary == LMVocabulary.RADIOLOGY:
+        from fedmrg.data.labeler import label_reports
+        from fedmrg.model.radiology_phrasebook import phrasebook_reports
+
+        reports = phrasebook_reports(recipe.corpus_size, recipe.corpus_seed)
+        labels = label_reports(reports)
+        corpus += [([int(x) for x in row], r) for row, r in zip(labels, reports, strict=True)]
+    return corpus
 
 
 def _split_entry(entry: CorpusEntry) -> tuple[list[int] | None, str]:
@@ -156,6 +193,10 @@ def builtin_lm_key(cfg: ModelConfig, corpus: Sequence[CorpusEntry], recipe: Warm
         "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
+    if cfg.lm_vocabulary != LMVocabulary.PHANTOM:  # absent for phantom: its keys stay as built
+        words, pieces, rejoin = _vocabulary(cfg.lm_vocabulary)
+        inputs["vocabulary"] = {"name": cfg.lm_vocabulary, "words": words, "pieces": pieces,
+                                "rejoin_punctuation": rejoin}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -219,15 +260,37 @@ def warm_up(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     return losses
 
 
+def _vocabulary(vocabulary: str) -> tuple[list[str], list[str], bool]:
+    """(lexicon words beyond the phantom's, word pieces, rejoin_punctuation) of a vocabulary."""
+    if vocabulary == LMVocabulary.PHANTOM:
+        return [], [], False
+    if vocabulary == LMVocabulary.RADIOLOGY:
+        from fedmrg.model.radiology_words import radiology_words, word_pieces
+
+        words = radiology_words()
+        return words, word_pieces(words), True
+    raise BaseLMError(f"model.lm_vocabulary: {vocabulary!r} is not one of "
+                      f"{choice_values(LMVocabulary)}")
+
+
+def build_tokenizer(cfg: ModelConfig, corpus: Sequence[CorpusEntry]) -> PreTrainedTokenizerFast:
+    """The builtin LM's tokenizer for `cfg.lm_vocabulary` and the warm-up `corpus`."""
+    from fedmrg.data.phantom import radiology_lexicon
+
+    reports = [_split_entry(e)[1] for e in corpus]
+    texts = reports + prompt_corpus() * 20 + [" ".join(prompt_vocabulary())]
+    words, pieces, rejoin = _vocabulary(cfg.lm_vocabulary)
+    if cfg.lm_vocabulary == LMVocabulary.PHANTOM:  # exactly as it was always built
+        return train_tokenizer(texts, cfg.lm_vocab_size, lexicon=radiology_lexicon())
+    return train_tokenizer(texts, cfg.lm_vocab_size, lexicon=radiology_lexicon() + words,
+                           pieces=pieces, rejoin_punctuation=rejoin, keep_every_word=True)
+
+
 def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[CorpusEntry], recipe: WarmupRecipe
                      ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
     """Tokenizer + Llama from config + warm-up. Returns (model, tokenizer, build info)."""
-    from fedmrg.data.phantom import radiology_lexicon
-
     t0 = time.perf_counter()
-    reports = [_split_entry(e)[1] for e in corpus]
-    texts = reports + prompt_corpus() * 20 + [" ".join(prompt_vocabulary())]
-    tokenizer = train_tokenizer(texts, cfg.lm_vocab_size, lexicon=radiology_lexicon())
+    tokenizer = build_tokenizer(cfg, corpus)
     lm_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.lm_hidden_size,
         intermediate_size=cfg.lm_hidden_size * recipe.intermediate_ratio,
@@ -256,7 +319,7 @@ def build_builtin_lm(cfg: ModelConfig, corpus: Sequence[CorpusEntry], recipe: Wa
 def _builtin_path(cfg: ModelConfig, corpus: Sequence[CorpusEntry] | None,
                   recipe: WarmupRecipe) -> Path:
     """The cache entry for the builtin LM, building it first if missing."""
-    corpus = default_corpus(recipe) if corpus is None else list(corpus)
+    corpus = default_corpus(recipe, cfg.lm_vocabulary) if corpus is None else list(corpus)
     if not corpus:
         raise BaseLMError("the builtin LM needs a non-empty warm-up corpus")
     cache = Path(os.path.expanduser(cfg.lm_cache))
@@ -413,7 +476,8 @@ def load_base_lm(cfg: ModelConfig, *, corpus: Sequence[CorpusEntry] | None = Non
     (`cfg.gradient_checkpointing` is turned on by `MRGModel`, which knows the adapters.)
 
     `corpus` overrides the builtin's warm-up corpus (default: the phantom neutral studies,
-    each with its diagnosis prompt; plain report strings warm up without prompts).
+    each with its diagnosis prompt, and for `model.lm_vocabulary: radiology` the phrasebook's
+    reports too; plain report strings warm up without prompts).
     """
     path: str | Path = cfg.lm
     if cfg.lm.startswith("builtin:"):
@@ -464,6 +528,22 @@ def _module_names(config: Any) -> tuple[str, list[str]]:
     return config.model_type, adaptable_modules(model)
 
 
+def check_vocabulary_size(cfg: ModelConfig) -> None:
+    """Before any build: `model.lm_vocab_size` holds the characters and the word list of
+    `model.lm_vocabulary` (a lower bound of what the build needs; the build checks exactly)."""
+    if cfg.lm_vocabulary == LMVocabulary.PHANTOM:  # cuts its lexicon to fit, as it always did
+        return
+    from fedmrg.data.phantom import radiology_lexicon
+
+    words, _, _ = _vocabulary(cfg.lm_vocabulary)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    need = 4 + 2 * len(chars) + len({w for w in radiology_lexicon() + words if len(w) > 1})
+    if cfg.lm_vocab_size < need:
+        raise BaseLMError(f"model.lm_vocab_size={cfg.lm_vocab_size} is too small for "
+                          f"model.lm_vocabulary={cfg.lm_vocabulary!r}: its characters and word "
+                          f"list alone need {need} tokens (4096 holds its word pieces too)")
+
+
 def check_base_lm(cfg: ModelConfig) -> str:
     """Before any actor starts: `model.lm` resolves (a folder with a config, or a cached id)
     and every LoRA target matches a module of it. Returns the LM's model_type. The builtin LM
@@ -474,6 +554,7 @@ def check_base_lm(cfg: ModelConfig) -> str:
         if cfg.lm != BUILTIN_TINY_LLAMA:
             raise BaseLMError(f"model.lm: unknown builtin LM {cfg.lm!r}; the builtin one is "
                               f"{BUILTIN_TINY_LLAMA!r}")
+        check_vocabulary_size(cfg)
         config = LlamaConfig(vocab_size=64, hidden_size=cfg.lm_hidden_size,
                              intermediate_size=cfg.lm_hidden_size, num_hidden_layers=1,
                              num_attention_heads=cfg.lm_heads)
