@@ -179,10 +179,11 @@ def check_min_clients(cfg: ExperimentConfig, layout: Mapping[str, Sequence[str] 
 
 
 def check_checkpoint_space(cfg: ExperimentConfig, clients: int) -> None:
-    """Before Ray: `tracking.storage_path` must hold one round's checkpoints of this run, from
-    the model's parameter count (`fedmrg.output_paths.check_free_space`: a `DiskSpaceError`
-    otherwise); too little for what the whole run keeps is a warning line on stderr. Checked
-    on this node: clients elsewhere write their own checkpoints where they run."""
+    """Before the clients start: `tracking.storage_path` must hold one round's checkpoints of
+    this run, from the model's parameter count (`fedmrg.output_paths.check_free_space`: a
+    `DiskSpaceError` otherwise); too little for what the whole run keeps is a warning line on
+    stderr. Checked on this node: clients elsewhere write their own checkpoints where they
+    run."""
     from fedmrg.choices import ServerOptimizer
     from fedmrg.model.preflight import model_parameter_summary
     from fedmrg.output_paths import check_free_space, checkpoint_bytes
@@ -707,7 +708,6 @@ class Experiment:
                                        fallback=self.checkpoint_fallback)
         layout = client_layout(cfg.federation.strategy, centers)
         check_min_clients(cfg, layout)
-        check_checkpoint_space(cfg, len(layout))
         cluster_resources = connect(cfg.resources)
         self._stop.install()  # again: ray.init replaced the SIGTERM handler
         # before anything starts: do the client actors and their streams fit the cluster?
@@ -716,6 +716,9 @@ class Experiment:
             from fedmrg.model.base_lm import builtin_build_info
 
             builtin_build_info(cfg.model)  # build once here; every actor reads the cache
+        # sized from the model (the builtin LM built just above: a run the cluster cannot
+        # hold is refused before anything is built), before any actor starts
+        check_checkpoint_space(cfg, len(layout))
         progress = _Progress(cfg.federation.rounds, self.progress, self.out)
         per_actor = cfg.resources.clients_per_actor
         progress.note(f"starting {math.ceil(len(layout) / per_actor)} client actors for "
