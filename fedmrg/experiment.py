@@ -727,6 +727,12 @@ class Experiment:
         actors, placement = start_client_actors(cfg, layout, dataset_root=str(root),
                                                 seed=cfg.seed)
         progress.note(f"clients ready in {time.perf_counter() - started_at:.0f} s")
+        from fedmrg.fl.client import truncation_warning
+
+        for client_id, info in sorted(placement.items()):  # the clients' own warnings, here
+            if info.get("truncation", {}).get("truncated"):
+                log.warning(truncation_warning(client_id, info["truncation"],
+                                               cfg.data.max_report_tokens))
         try:
             run_fn = functools.partial(
                 run_federation, cfg, actors, centers=centers, dataset_root=str(root),

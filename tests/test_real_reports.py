@@ -149,8 +149,10 @@ def test_the_radiology_vocabulary_leaves_the_phantom_default_as_it_was():
     corpus = default_corpus(WarmupRecipe())
     radiology = ModelConfig(lm_vocabulary="radiology", lm_vocab_size=4096)
     assert default_corpus(WarmupRecipe(), "phantom") == corpus
-    # the default's cache key and tokenizer as before this vocabulary existed
-    assert builtin_lm_key(default, corpus, WarmupRecipe()) == "43032f5c7380d5b3edf8"
+    # the default's cache key and tokenizer as before this vocabulary existed (the key also
+    # hashes the pinned torch / transformers / tokenizers versions of constraints.txt)
+    assert builtin_lm_key(default, corpus, WarmupRecipe()) == "43032f5c7380d5b3edf8", (
+        "the default builtin LM changed: the phantom default must build what it always built")
     assert len(phantom_tokenizer()) == 346
     assert builtin_lm_key(radiology, corpus, WarmupRecipe()) != builtin_lm_key(
         default, corpus, WarmupRecipe())

@@ -167,14 +167,15 @@ class ClientHost:
 
     def ready(self, center: str) -> dict[str, Any]:
         """Where this client runs and what Ray gave it (placement checks, logs), its process
-        id, the clients its actor hosts, and whether Ray restarted this actor after a crash
-        (`restarted`)."""
+        id, the clients its actor hosts, whether Ray restarted this actor after a crash
+        (`restarted`), and how its train reports fit data.max_report_tokens (`truncation`)."""
         ctx = ray.get_runtime_context()
         return {"center": center, "node_id": ctx.get_node_id(),
                 "assigned": ctx.get_assigned_resources(),
                 "device": str(self._client(center).model.device), "pid": os.getpid(),
                 "hosts": sorted(self.clients),
-                "restarted": bool(ctx.was_current_actor_reconstructed)}
+                "restarted": bool(ctx.was_current_actor_reconstructed),
+                "truncation": dict(self._client(center).truncation)}
 
     def close(self) -> None:
         """End every client's train stream's suspended pass before the actor is killed."""

@@ -165,10 +165,15 @@ def train_report_truncation(root: str, centers: Sequence[str], tokenizer: Any,
     out = {"truncated": sum(n > max_tokens for n in lengths), "reports": len(lengths),
            "longest": max(lengths, default=0)}
     if client is not None and out["truncated"]:
-        log.warning("center %r: %d of %d train reports are longer than data.max_report_tokens="
-                    "%d tokens (the longest has %d) and are truncated in training", client,
-                    out["truncated"], out["reports"], max_tokens, out["longest"])
+        log.warning(truncation_warning(client, out, max_tokens))
     return out
+
+
+def truncation_warning(client: str, truncation: Mapping[str, int], max_tokens: int) -> str:
+    """The one line that says a client's train reports are cut (`train_report_truncation`)."""
+    return (f"center {client!r}: {truncation['truncated']} of {truncation['reports']} train "
+            f"reports are longer than data.max_report_tokens={max_tokens} tokens (the longest "
+            f"has {truncation['longest']}) and are truncated in training")
 
 
 class FederatedClient:
