@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,16 @@ def run(ray_cluster, tmp_path_factory):
     cfg = load_config("default", [*tiny_overrides(tmp), "tracking.log_models=true",
                                   f"tracking.register_model={REGISTERED}"])
     out = io.StringIO()
-    result = Experiment(cfg, run_name="ray-fedmrg", record_messages=True, out=out).fit()
-    return {"cfg": cfg, "result": result, "out": out.getvalue(), "tmp": tmp}
+    warnings: list[str] = []  # the driver's warnings (a module fixture cannot use caplog)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("fedmrg").addHandler(handler)
+    try:
+        result = Experiment(cfg, run_name="ray-fedmrg", record_messages=True, out=out).fit()
+    finally:
+        logging.getLogger("fedmrg").removeHandler(handler)
+    return {"cfg": cfg, "result": result, "out": out.getvalue(), "tmp": tmp,
+            "warnings": warnings}
 
 
 def _tensor_names(message) -> list[str]:
@@ -75,6 +84,20 @@ def test_two_center_run_completes_with_both_views_and_byte_counts(run):
     assert "generalization" in table and "personalization" in table and "| mean |" in table
     summary = json.loads((Path(result.storage_dir) / "summary.json").read_text())
     assert summary["communication"]["bytes_up_total"] == comm["bytes_up_total"]
+
+
+def test_truncated_train_reports_are_warned_on_the_driver_and_logged_per_center(run):
+    """data.max_report_tokens=24 (tiny_overrides) cuts phantom reports: each client counts
+    its own when it starts; the driver warns one line per center, every round logs them."""
+    result, limit = run["result"], run["cfg"].data.max_report_tokens
+    for center, info in sorted(result.placement.items()):
+        truncation = info["truncation"]
+        assert 0 < truncation["truncated"] <= truncation["reports"]
+        assert (f"center {center!r}: {truncation['truncated']} of {truncation['reports']} "
+                f"train reports are longer than data.max_report_tokens={limit} tokens") in (
+                    "\n".join(run["warnings"]))
+        for row in result.rounds:
+            assert row["metrics"][f"{center}/truncated_reports"] == truncation["truncated"]
 
 
 def test_generic_adapter_is_the_aggregation_of_the_returned_factors(run):
