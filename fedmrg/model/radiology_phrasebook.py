@@ -84,7 +84,7 @@ def _cap(text: str) -> str:
 
 def _finding(rng: np.random.Generator) -> tuple[str, str, str]:
     """(structure it replaces the normal statement of, findings sentence, impression phrase)."""
-    side, other = (SIDES if rng.random() < 0.5 else SIDES[::-1])
+    side = SIDES[0] if rng.random() < 0.5 else SIDES[1]
     sides = _pick(rng, (side, side, "bilateral"))
     region = _pick(rng, LUNG_REGIONS)
     degree, adverb = _pick(rng, DEGREES), _pick(rng, DEGREE_ADVERBS)
