@@ -83,6 +83,8 @@ class WireDtype(Choice):
 
     FP32 = "fp32"
     BF16 = "bf16"
+    INT8 = "int8"  # model updates blockwise int8 (fedmrg.fl.quantize), the rest fp32
+    NF4 = "nf4"  # model updates blockwise 4-bit NormalFloat, the rest fp32
 
 
 class ServerOptimizer(Choice):

@@ -264,7 +264,9 @@ class FederationConfig(Section):
                                   "name prefixes of dense shared tensors that travel whole, up "
                                   "and down, whatever the two ranks ([]: none)")
     wire_dtype: WireDtype = _f(WireDtype.FP32, "dtype of floating tensors in messages (bf16 "
-                                               "halves the bytes)")
+                                               "halves the bytes; int8/nf4 quantize the "
+                                               "clients' model updates blockwise, the rest "
+                                               "fp32)")
     server_optimizer: ServerOptimizer = _f(ServerOptimizer.NONE, "server optimizer on the "
                                                                  "aggregated update")
     server_lr: float = _f(1.0, "server learning rate (1.0 with 'none' applies the mean update; "

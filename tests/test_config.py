@@ -184,7 +184,7 @@ def test_constructing_a_bad_section_raises_naming_its_full_key():
     with pytest.raises(ConfigError, match=r"model\.lm_hidden_size \(128\) must be divisible"):
         ModelConfig(lm_heads=3)
     with pytest.raises(ConfigError, match=r"^federation\.wire_dtype: 'fp16' is not allowed; "
-                                          r"choose one of \['fp32', 'bf16'\]"):
+                                          r"choose one of \['fp32', 'bf16', 'int8', 'nf4'\]"):
         FederationConfig(wire_dtype="fp16")
     with pytest.raises(ConfigError, match="^train.lr: expected a number"):
         dataclasses.replace(TrainConfig(), lr="fast")  # a derived copy is validated again

@@ -95,7 +95,7 @@ from fedmrg.fl.broadcast import StateBroadcast
 from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
 from fedmrg.fl.validation import bound_update_norm, validate_eval_reply, validate_update
-from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype
+from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype, wire_quantization
 from fedmrg.privacy.server import ServerPrivacy
 
 __all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coordinator",
@@ -480,13 +480,13 @@ class Coordinator:
 
         spec = self.strategy.update_spec()
         reference = self.strategy.global_state()
-        dtype = wire_dtype(fed.wire_dtype)
+        dtype, quantization = wire_dtype(fed.wire_dtype), wire_quantization(fed.wire_dtype)
         for center, reply in sorted(collected.replies.items()):
             size = message_bytes(reply)
             attempt.bytes_up += size.bytes
             attempt.dense_up += size.dense_equivalent_bytes
             reason = validate_update(reply, center=center, round_id=round_id, spec=spec,
-                                     dtype=dtype)
+                                     dtype=dtype, quantization=quantization)
             if reason is not None:
                 attempt.reject(center, "invalid", reason)
                 continue

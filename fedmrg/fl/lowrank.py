@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmrg.choices import AggregationMethod, choice_values
+from fedmrg.fl.quantize import round_trip
 
 COMPUTE_DTYPE = torch.float64  # QR/SVD precision; the cost is a few small matrices per module
 
@@ -432,13 +433,17 @@ class ErrorFeedback:
     factors of `corrected` (or corrected dense, see `factorizes`); keep
     residual[name] = corrected - transmitted. What is not sent this round is sent later, so
     the sum of transmitted updates tracks the sum of true updates within the last residual.
-    Residuals are float32 (float64 for float64 deltas) whatever the wire dtype.
+    With a quantized wire (`quantization` "int8" / "nf4", `fedmrg.fl.quantize`), what is
+    transmitted is the quantized factors (or tensor), so the quantization error joins the
+    residual too (re-quantizing the round-tripped values on the wire is lossless). Residuals
+    are float32 (float64 for float64 deltas) whatever the wire dtype.
     """
 
     def __init__(self) -> None:
         self.residuals: dict[str, torch.Tensor] = {}
 
-    def compress(self, name: str, delta: torch.Tensor, rank: int) -> LowRankUpdate | torch.Tensor:
+    def compress(self, name: str, delta: torch.Tensor, rank: int,
+                 quantization: str | None = None) -> LowRankUpdate | torch.Tensor:
         dtype = torch.promote_types(delta.dtype, torch.float32)
         corrected = delta.to(dtype)
         residual = self.residuals.get(name)
@@ -448,17 +453,23 @@ class ErrorFeedback:
                                    f"stored residual's {tuple(residual.shape)}")
             corrected = corrected + residual.to(corrected.device, dtype)
         update = compress(corrected, rank)
-        if isinstance(update, LowRankUpdate):
+        if quantization is not None:
+            update = (LowRankUpdate(round_trip(update.U, quantization),
+                                    round_trip(update.V, quantization), tuple(update.shape))
+                      if isinstance(update, LowRankUpdate) else round_trip(update, quantization))
+            self.residuals[name] = corrected - decompress(update).to(dtype)
+        elif isinstance(update, LowRankUpdate):
             self.residuals[name] = corrected - update.dense().to(dtype)
         else:  # sent exactly: nothing left over
             self.residuals.pop(name, None)
         return update
 
     def compress_all(self, deltas: Mapping[str, torch.Tensor], rank: int,
-                     whole: Sequence[str] = ()) -> dict[str, LowRankUpdate | torch.Tensor]:
+                     whole: Sequence[str] = (), quantization: str | None = None,
+                     ) -> dict[str, LowRankUpdate | torch.Tensor]:
         """`compress` every tensor of a dict of updates, keyed by name; names under a `whole`
-        prefix go at rank 0 (lossless, see `update_rank`)."""
-        return {name: self.compress(name, delta, update_rank(name, rank, whole))
+        prefix go at rank 0 (no truncation, see `update_rank`; still quantized if asked)."""
+        return {name: self.compress(name, delta, update_rank(name, rank, whole), quantization)
                 for name, delta in deltas.items()}
 
     def residual_norm(self) -> float:

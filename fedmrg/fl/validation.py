@@ -63,6 +63,7 @@ from fedmrg.choices import NormAction, choice_values
 from fedmrg.config import EvalConfig
 from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientUpdate, EvalReply, UpdateSpec
+from fedmrg.fl.quantize import QuantizedTensor, quantized_problem
 from fedmrg.fl.strategies import FederationError
 from fedmrg.privacy.disclosure import (
     GENERATED_FIELDS,
@@ -85,17 +86,29 @@ _F64 = torch.float64
 # --------------------------------------------------------------------------- form
 
 
-def _finite(t: Tensor) -> bool:
+def _finite(t: Tensor | QuantizedTensor) -> bool:
+    if isinstance(t, QuantizedTensor):  # (its scales are checked by `quantized_problem`)
+        return True
     return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def _shape(t: Any) -> Any:
-    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+    return (tuple(t.shape) if isinstance(t, (Tensor, QuantizedTensor))
+            else type(t).__name__)
 
 
-def _dtype_problem(what: str, tensors: tuple[Tensor, ...], dtype: torch.dtype | None,
-                   ) -> str | None:
+def _dtype_problem(what: str, tensors: tuple[Tensor | QuantizedTensor, ...],
+                   dtype: torch.dtype | None, quantization: str | None = None) -> str | None:
     for t in tensors:
+        if quantization is not None or isinstance(t, QuantizedTensor):
+            if not isinstance(t, QuantizedTensor):
+                return f"{what} is a {t.dtype} tensor, expected {quantization}-quantized"
+            if quantization is None:
+                return f"{what} is {t.scheme}-quantized, expected the wire dtype {dtype}"
+            problem = quantized_problem(t, quantization)
+            if problem:
+                return f"{what}: {problem}"
+            continue
         if not t.is_floating_point():
             return f"{what} has dtype {t.dtype}, not a floating dtype"
         if dtype is not None and t.dtype != dtype:
@@ -114,10 +127,13 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_update(update: Any, *, center: str, round_id: int, spec: UpdateSpec,
-                    dtype: torch.dtype | None = None) -> str | None:
+                    dtype: torch.dtype | None = None, quantization: str | None = None,
+                    ) -> str | None:
     """Why `update` must not be aggregated, or None (module docstring, 1). `spec`: the
     strategy's payload schema for the round; `dtype`: the wire dtype every floating model
-    tensor must have (None: any floating dtype)."""
+    tensor must have (None: any floating dtype); `quantization` ("int8", "nf4",
+    `fedmrg.fl.wire.wire_quantization`): every model tensor must instead be a well-formed
+    `QuantizedTensor` of that scheme (codes, finite scales, shape)."""
     lora_spec, dense_spec = spec.lora, spec.dense
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate but a {type(update).__name__}"
@@ -140,11 +156,11 @@ def validate_update(update: Any, *, center: str, round_id: int, spec: UpdateSpec
     for name, t in update.lora.items():
         want = lora_spec[name]
         rank_dim = lora_rank_dim(name)
-        if (not isinstance(t, Tensor) or t.dim() != len(want)
+        if (not isinstance(t, (Tensor, QuantizedTensor)) or t.dim() != len(want)
                 or any(a != b for i, (a, b) in enumerate(zip(t.shape, want, strict=True))
                        if i != rank_dim)):
             return f"LoRA factor {name!r} has shape {_shape(t)}, expected {want} (any rank)"
-        problem = _dtype_problem(f"LoRA factor {name!r}", (t,), dtype)
+        problem = _dtype_problem(f"LoRA factor {name!r}", (t,), dtype, quantization)
         if problem:
             return problem
         if not _finite(t):
@@ -152,17 +168,18 @@ def validate_update(update: Any, *, center: str, round_id: int, spec: UpdateSpec
     for name, u in update.dense.items():
         want = dense_spec[name]
         if isinstance(u, LowRankUpdate):
-            ok = (isinstance(u.U, Tensor) and isinstance(u.V, Tensor)
+            ok = (isinstance(u.U, (Tensor, QuantizedTensor))
+                  and isinstance(u.V, (Tensor, QuantizedTensor))
                   and tuple(u.shape) == want and u.U.dim() == 2 and u.V.dim() == 2
                   and u.U.shape[1] == u.V.shape[0] and u.U.shape[0] == want[0]
                   and u.V.shape[1] == math.prod(want[1:]))
             tensors = (u.U, u.V) if ok else ()
         else:
-            ok = isinstance(u, Tensor) and tuple(u.shape) == want
+            ok = isinstance(u, (Tensor, QuantizedTensor)) and tuple(u.shape) == want
             tensors = (u,) if ok else ()
         if not ok:
             return f"dense update {name!r} does not fit the tensor's shape {want}"
-        problem = _dtype_problem(f"dense update {name!r}", tensors, dtype)
+        problem = _dtype_problem(f"dense update {name!r}", tensors, dtype, quantization)
         if problem:
             return problem
         if not all(_finite(t) for t in tensors):

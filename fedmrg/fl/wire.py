@@ -15,6 +15,13 @@
 Framing (pickle headers, tensor shapes and strides) is not counted: it is the same whatever the
 compression and small next to the data. `to_wire(payload, "bf16")` casts floating tensors for
 sending; `from_wire(payload)` casts them back (to float32 by default) on arrival.
+
+Quantized wire dtypes ("int8", "nf4", `fedmrg.fl.quantize`): `to_wire` quantizes the model
+update of a `ClientUpdate` (its LoRA factors, dense updates and `LowRankUpdate` factors) into
+`QuantizedTensor`s and sends every other floating tensor (plans, broadcast state, statistics)
+in float32: the downlink's global state and the prototypes/label counts are not error-fed, so
+they stay exact. A `QuantizedTensor` counts its codes + scales (under its scheme's name in
+`by_dtype`), its dense equivalent as float32; `from_wire` dequantizes it.
 """
 
 from __future__ import annotations
@@ -30,8 +37,12 @@ import torch
 
 from fedmrg.choices import WireDtype, choice_values
 from fedmrg.fl.lowrank import LowRankUpdate, is_lora_factor, lora_delta_shape, lora_pairs
+from fedmrg.fl.quantize import QuantizedTensor, dequantize, quantize
 
-WIRE_DTYPES = {WireDtype.FP32: torch.float32, WireDtype.BF16: torch.bfloat16}
+# the dtype of floating tensors that are not quantized
+WIRE_DTYPES = {WireDtype.FP32: torch.float32, WireDtype.BF16: torch.bfloat16,
+               WireDtype.INT8: torch.float32, WireDtype.NF4: torch.float32}
+QUANTIZED_WIRE = {WireDtype.INT8: "int8", WireDtype.NF4: "nf4"}
 SCALAR_BYTES = 8  # a Python int/float as int64/float64
 
 
@@ -71,6 +82,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _bytes_and_name(t: torch.Tensor | QuantizedTensor) -> tuple[int, str]:
+    if isinstance(t, QuantizedTensor):
+        return t.nbytes, t.scheme
+    return t.numel() * t.element_size(), _dtype_name(t.dtype)
+
+
+def _element_size(t: torch.Tensor | QuantizedTensor) -> int:
+    return torch.float32.itemsize if isinstance(t, QuantizedTensor) else t.element_size()
+
+
 class _Counter:
     def __init__(self) -> None:
         self.size = WireSize()
@@ -83,19 +104,21 @@ class _Counter:
         s.by_dtype[dtype] = s.by_dtype.get(dtype, 0) + nbytes
         s.tensors += tensors
 
-    def factors(self, tensors: list[torch.Tensor], dense_numel: int) -> None:
+    def factors(self, tensors: list[torch.Tensor | QuantizedTensor], dense_numel: int) -> None:
         """Low-rank factors: their own bytes, and the dense tensor they stand for as the
-        dense equivalent (in the widest factor's element size)."""
+        dense equivalent (in the widest factor's element size, float32 if quantized)."""
         nbytes = 0
         for t in tensors:
-            n = t.numel() * t.element_size()
-            self.data(_dtype_name(t.dtype), n, tensors=1)
+            n, name = _bytes_and_name(t)
+            self.data(name, n, tensors=1)
             nbytes += n
-        elem = max(t.element_size() for t in tensors)
+        elem = max(_element_size(t) for t in tensors)
         self.size.dense_equivalent_bytes += dense_numel * elem - nbytes
 
     def walk(self, obj: Any, path: str) -> None:
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, QuantizedTensor):
+            self.data(obj.scheme, obj.nbytes, obj.numel * torch.float32.itemsize, tensors=1)
+        elif isinstance(obj, torch.Tensor):
             self.data(_dtype_name(obj.dtype), obj.numel() * obj.element_size(), tensors=1)
         elif isinstance(obj, LowRankUpdate):
             self.factors([obj.U, obj.V], math.prod(obj.shape))
@@ -130,7 +153,8 @@ class _Counter:
 
     def mapping(self, obj: Mapping, path: str) -> None:
         lora_names = [k for k, v in obj.items()
-                      if isinstance(k, str) and isinstance(v, torch.Tensor) and is_lora_factor(k)]
+                      if isinstance(k, str) and isinstance(v, (torch.Tensor, QuantizedTensor))
+                      and is_lora_factor(k)]
         try:
             pairs = lora_pairs(lora_names) if lora_names else {}
         except ValueError:  # an unpaired factor: count it as itself rather than guess
@@ -138,7 +162,9 @@ class _Counter:
         paired = set()
         for pair in pairs.values():
             A, B = obj[pair.a_key], obj[pair.b_key]
-            if A.dim() >= 2 and B.dim() >= 2 and A.shape[0] == B.shape[1]:
+            if (isinstance(A, (torch.Tensor, QuantizedTensor))
+                    and isinstance(B, (torch.Tensor, QuantizedTensor))
+                    and A.dim() >= 2 and B.dim() >= 2 and A.shape[0] == B.shape[1]):
                 self.factors([A, B], math.prod(lora_delta_shape(A, B)))
                 paired.update((pair.a_key, pair.b_key))
         for key, value in obj.items():
@@ -158,13 +184,22 @@ def message_bytes(payload: Any) -> WireSize:
 
 
 def wire_dtype(name: str) -> torch.dtype:
-    """"fp32" | "bf16" -> the torch dtype; anything else is an error naming the choices."""
+    """The torch dtype floating tensors that are not quantized travel in: bf16 for "bf16",
+    float32 for the others; an unknown name is an error naming the choices."""
     if name not in WIRE_DTYPES:
         raise WireError(f"unknown wire dtype {name!r}; choose one of {choice_values(WireDtype)}")
     return WIRE_DTYPES[name]
 
 
+def wire_quantization(name: str) -> str | None:
+    """The quantization scheme of a wire dtype's model updates ("int8", "nf4"), or None."""
+    wire_dtype(name)
+    return QUANTIZED_WIRE.get(name)
+
+
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, QuantizedTensor):
+        return dequantize(obj, dtype)
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() else obj
     if isinstance(obj, LowRankUpdate):
@@ -181,13 +216,33 @@ def _cast(obj: Any, dtype: torch.dtype) -> Any:
     return obj  # numbers, strings, arrays: unchanged
 
 
+def _quantized(obj: Any, scheme: str) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return quantize(obj, scheme)
+    if isinstance(obj, LowRankUpdate):
+        return LowRankUpdate(_quantized(obj.U, scheme), _quantized(obj.V, scheme),
+                             tuple(obj.shape))
+    return obj
+
+
 def to_wire(payload: Any, dtype: str = "fp32") -> Any:
     """A copy of the message with every floating tensor (LowRankUpdate factors included) cast to
-    the wire dtype; integer tensors, numpy arrays and scalars are left as they are."""
-    return _cast(payload, wire_dtype(dtype))
+    the wire dtype; integer tensors, numpy arrays and scalars are left as they are. With a
+    quantized wire dtype, a `ClientUpdate`'s LoRA factors and dense updates are quantized
+    (module docstring)."""
+    from fedmrg.fl.messages import ClientUpdate  # (import cycle: messages -> broadcast -> wire)
+
+    wired = _cast(payload, wire_dtype(dtype))
+    scheme = wire_quantization(dtype)
+    if scheme is not None and isinstance(wired, ClientUpdate):
+        wired = dataclasses.replace(
+            wired, lora={n: _quantized(t, scheme) for n, t in wired.lora.items()},
+            dense={n: _quantized(u, scheme) for n, u in wired.dense.items()})
+    return wired
 
 
 def from_wire(payload: Any, dtype: str = "fp32") -> Any:
     """The receiving side of `to_wire`: floating tensors back to `dtype` (float32 by default)
-    for aggregation/loading. Precision lost on the wire stays lost."""
+    for aggregation/loading, quantized ones dequantized. Precision lost on the wire stays
+    lost."""
     return _cast(payload, wire_dtype(dtype))

@@ -40,6 +40,7 @@ from torch import Tensor
 from fedmrg.config import ConfigError, ExperimentConfig, replace_keys
 from fedmrg.fl.lowrank import is_lora_factor
 from fedmrg.fl.messages import ClientUpdate, RoundPlan, UpdateSpec
+from fedmrg.fl.wire import wire_quantization
 from fedmrg.model.losses import log_prior_from_counts
 from fedmrg.model.params import load_shared_state
 
@@ -150,7 +151,8 @@ class ClientStrategy:
                                             deltas, self._noise)
         fed = self.cfg.federation
         dense = client.error_feedback.compress_all(deltas, fed.dense_update_rank,
-                                                   fed.whole_tensors)
+                                                   fed.whole_tensors,
+                                                   wire_quantization(fed.wire_dtype))
         return lora, dense
 
     def statistics(self, client: FederatedClient, plan: RoundPlan,
