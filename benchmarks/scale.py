@@ -84,8 +84,8 @@ from fedmrg.data.shards import read_manifest
 from fedmrg.experiment import resolve_paths
 from fedmrg.fl.actors import RayClientPool, start_client_actors, stop_actors
 from fedmrg.fl.coordinator import Coordinator, InProcessPool
+from fedmrg.fl.failure import ClientFailure
 from fedmrg.fl.lowrank import ErrorFeedback, LowRankUpdate
-from fedmrg.fl.messages import ClientFailure
 from fedmrg.fl.strategies import make_strategy
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import get_shared_state

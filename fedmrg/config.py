@@ -251,6 +251,9 @@ class FederationConfig(Section):
     fraction: float = _f(1.0, "fraction of clients sampled per round", min=0, max=1)
     min_clients: int = _f(1, "replies needed to close a round", min=1)
     round_deadline_s: float = _f(0.0, "round deadline in seconds (0: wait for all)", min=0)
+    eval_deadline_s: float = _f(0.0, "deadline in seconds for an evaluation's replies (0: wait "
+                                     "for all; resources.progress_timeout_s still applies)",
+                                min=0)
     aggregation: AggregationMethod = _f(AggregationMethod.EXACT, "LoRA aggregation")
     dense_update_rank: int = _f(8, "truncated-SVD rank of dense shared updates (0: dense)",
                                 min=0)
@@ -276,7 +279,8 @@ class FederationConfig(Section):
     update_norm_action: NormAction = _f(NormAction.REJECT, "an update above max_update_norm is "
                                         "rejected or scaled down to it")
     round_retries: int = _f(2, "times a round with fewer than min_clients usable updates is "
-                               "retried before the run stops with a checkpoint", min=0)
+                               "retried before the run stops with a checkpoint, and a "
+                               "crashed evaluation call is asked again", min=0)
 
 
 @dataclass(frozen=True)

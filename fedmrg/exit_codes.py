@@ -100,7 +100,7 @@ def classify(error: BaseException, where: str | Path | None = None
     from fedmrg.experiment import ExperimentError
     from fedmrg.fl.checkpoint import CheckpointError
     from fedmrg.fl.ddp import DistributedRoundError
-    from fedmrg.fl.messages import ClientFailure
+    from fedmrg.fl.failure import ClientFailure
     from fedmrg.fl.strategies import FederationError
     from fedmrg.output_paths import DiskSpaceError
     from fedmrg.privacy import PrivacyError

@@ -47,7 +47,7 @@ from fedmrg.data.phantom import generate_phantom
 from fedmrg.data.shards import MANIFEST, DatasetError, sha256_file
 from fedmrg.exit_codes import ExitCode
 from fedmrg.fl.checkpoint import client_checkpoint_dir, round_dir_name, run_checkpoint_dir
-from fedmrg.fl.coordinator import ClientDataError
+from fedmrg.fl.failure import ClientDataError
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.slow]
 

@@ -176,7 +176,8 @@ def test_a_worker_killed_mid_round_fails_the_client_like_any_failed_client(
     from fedmrg.data.phantom import generate_phantom
     from fedmrg.fl.client import FederatedClient
     from fedmrg.fl.coordinator import InProcessPool
-    from fedmrg.fl.messages import ClientFailure, RoundPlan
+    from fedmrg.fl.failure import ClientFailure
+    from fedmrg.fl.messages import RoundPlan
 
     root = tmp_path / "phantom"
     generate_phantom(root, centers=1, studies_per_center=10, image_size=32, seed=0,

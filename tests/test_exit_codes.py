@@ -24,8 +24,8 @@ from fedmrg.data.shards import DatasetError
 from fedmrg.exit_codes import ExitCode, classify
 from fedmrg.experiment import ExperimentError, check_min_clients, client_layout
 from fedmrg.fl.checkpoint import CheckpointError, list_checkpoints, write_checkpoint
-from fedmrg.fl.coordinator import ClientDataError, RoundFailedError
-from fedmrg.fl.messages import ClientFailure
+from fedmrg.fl.coordinator import RoundFailedError
+from fedmrg.fl.failure import ClientDataError, ClientFailure
 from fedmrg.output_paths import (
     DiskSpaceError,
     check_free_space,

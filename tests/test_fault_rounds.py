@@ -33,9 +33,9 @@ from helpers import tiny_overrides
 
 from fedmrg.config import load_config, replace_keys
 from fedmrg.fl.actors import ClientHost, RayClientPool, client_actor_options, stop_actors
-from fedmrg.fl.coordinator import Coordinator, RoundFailedError
+from fedmrg.fl.coordinator import Coordinator, RoundFailedError, ValidationPointSkipped
 from fedmrg.fl.messages import ClientUpdate
-from fedmrg.fl.strategies import make_strategy
+from fedmrg.fl.strategies import FederationError, make_strategy
 from fedmrg.fl.validation import scale_update, update_norm
 from fedmrg.fl.wire import from_wire
 
@@ -52,6 +52,7 @@ class FaultyHost(ClientHost):
     LoRA factor one column too many; x1000: train, then send 1000x the change (factors
     G + 1000 (X - G), deltas x1000); block: wait for `<folder>/release`, then train normally;
     hold: write `<folder>/started-<center>`, then sleep (until the process is killed).
+    Under the key "evaluate": block every evaluate call the same way.
     """
 
     def __init__(self, *args, **kwargs):
@@ -88,6 +89,11 @@ class FaultyHost(ClientHost):
             # against the state the client trained from (round 2 on: a delta, not the state)
             update = scale_update(update, self.clients[center].synced_state, 1000.0)
         return update
+
+    def evaluate(self, center, *args, **kwargs):
+        if self.faults.get("evaluate") == "block":
+            self._wait_for(Path(self.folder, "release"))
+        return super().evaluate(center, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +340,42 @@ def test_too_few_clients_after_retries_stop_the_run_cleanly(fleet, signals):
     for name, tensor in state["strategy"]["global"].items():
         assert torch.equal(after["strategy"]["global"][name], tensor), name
     assert len(coordinator.abandoned) == 2  # c's two calls, still blocked
+
+
+def test_an_evaluation_that_hangs_fails_at_its_deadline_naming_the_client(fleet, signals):
+    """federation.eval_deadline_s bounds an evaluation: a client that hangs while evaluating
+    stops a test evaluation with one error naming it (no hang), skips a validation point,
+    and its late replies are dropped once it answers."""
+    pool = RayClientPool(fleet["actors"], record=True)
+    coordinator = coordinator_over(fleet, pool)
+    started = time.monotonic()
+    coordinator.evaluate(0, max_studies=2)  # measures an honest evaluation, now
+    deadline = max(8.0, 4 * (time.monotonic() - started))
+    coordinator.cfg = replace_keys(coordinator.cfg, {"federation.eval_deadline_s": deadline})
+    inject(fleet, {"b": {"evaluate": "block"}}, signals)
+    read = len(pool.received)
+
+    started = time.monotonic()
+    with pytest.raises(FederationError) as info:
+        coordinator.evaluate(0, max_studies=2)
+    assert time.monotonic() - started < deadline + 60  # closed at the deadline, not at b
+    message = str(info.value)
+    assert message.startswith("round 0 test evaluation: ")
+    assert (f"generalization evaluation of 'b' on client 'b' failed (deadline): no reply "
+            f"within federation.eval_deadline_s={deadline:g} s") in message
+    assert "'a'" not in message and "--resume evaluates again" in message
+    assert sorted(set(coordinator.abandoned.values())) == ["b"]
+
+    with pytest.raises(ValidationPointSkipped, match="round 0 val evaluation: .*client 'b'"):
+        coordinator.evaluate(0, split="val", max_studies=2)  # b's calls queue behind
+    abandoned = len(coordinator.abandoned)
+    assert abandoned == 4  # b's generalization and personalization, twice
+
+    (signals / "release").touch()
+    deadline_at = time.monotonic() + 120
+    while coordinator.abandoned and time.monotonic() < deadline_at:
+        coordinator.drop_late_replies()
+        time.sleep(0.2)
+    assert coordinator.abandoned == {} and coordinator.late_replies_dropped == abandoned
+    # every reply read after b hung is from a or c: b's late ones were never read
+    assert {m.center for m in pool.received[read:]} == {"a", "c"}

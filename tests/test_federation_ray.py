@@ -29,8 +29,9 @@ from fedmrg.fl.actors import (
     client_actor_options,
     coordinator_actor_options,
 )
+from fedmrg.fl.failure import ClientFailure
 from fedmrg.fl.lowrank import LowRankUpdate, aggregate_lora_states, is_lora_factor
-from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.messages import ClientUpdate, EvalReply, RoundPlan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -25,8 +25,9 @@ from helpers import tiny_client_config
 from fedmrg.config import ExperimentConfig, replace_keys
 from fedmrg.fl.client import FederatedClient
 from fedmrg.fl.coordinator import Coordinator, InProcessPool, _Call
+from fedmrg.fl.failure import ClientFailure
 from fedmrg.fl.lowrank import is_lora_factor
-from fedmrg.fl.messages import ClientFailure, ClientUpdate
+from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import make_strategy
 from fedmrg.fl.validation import scale_update, update_norm
 from fedmrg.model.params import get_shared_state

@@ -22,10 +22,13 @@
   the clients that get it rather than a delta, see `fl.broadcast`) is `ray.put` ONCE and each
   of them gets the same ObjectRef as a top-level argument (Ray resolves it in the actor,
   zero-copy from the node's object store);
-  `ray.wait` collects replies; a failed call becomes `ClientFailure(center, message)`, or
-  `ClientDataError` when the client raised a `DatasetError` (bad data is not transient: the
-  coordinator stops the run with it instead of dropping the client; so does
-  `start_client_actors` for a client whose data fails while it is built).
+  `ray.wait` collects replies. A client's own exception comes back as a `ClientFault` reply
+  (`fl.failure`: its kind, `data` for a `DatasetError`, else `crash`, decided in the actor
+  where the exception's type is known, never parsed from Ray's traceback text), raised by
+  the pool as `ClientDataError` or `ClientFailure`; a call whose actor died is a
+  `ClientFailure` of kind `lost`. What the coordinator does with each is its failure
+  policy's (bad data stops the run; so does `start_client_actors` for a client whose data
+  fails while it is built).
   A client whose actor was lost: Ray restarts it (the new actor rebuilds its model and
   stream in `ClientHost.__init__`, its private state from its own checkpoint); the pool sends
   that client's next calls through a small task that waits for the restart (Ray itself
@@ -48,7 +51,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -70,8 +72,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedmrg.choices import Device
 from fedmrg.config import ExperimentConfig, ResourcesConfig
-from fedmrg.fl.coordinator import ClientDataError
-from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan
+from fedmrg.fl.failure import ClientFailure, ClientFault, FailureKind
+from fedmrg.fl.messages import ClientUpdate, EvalReply, RoundPlan
 from fedmrg.fl.placement import (  # noqa: F401 - part of this module's API
     COORDINATOR_NUM_CPUS,
     actor_groups,
@@ -138,6 +140,25 @@ def write_folder(files: Mapping[str, bytes], directory: str | Path) -> Path:
     return directory
 
 
+def _faults_as_replies(method: Callable) -> Callable:
+    """A client's own exception comes back as a `ClientFault` reply (its kind decided here,
+    from the exception's type) instead of a Ray error for the coordinator to parse; a client
+    that could not be built answers every call with its start fault."""
+
+    @functools.wraps(method)
+    def call(self: ClientHost, center: str, *args: Any, **kwargs: Any) -> Any:
+        if center in self.start_faults:
+            return self.start_faults[center]
+        try:
+            return method(self, center, *args, **kwargs)
+        except Exception as e:  # the coordinator's failure policy judges it
+            log.warning("client %r: %s failed: %s: %s", center, method.__name__,
+                        type(e).__name__, e, exc_info=True)
+            return ClientFault.from_exception(center, e)
+
+    return call
+
+
 class ClientHost:
     """One or more `FederatedClient`s inside an actor (`resources.clients_per_actor`; one per
     actor by default). Every method names the client it is for; an actor hosting several
@@ -153,11 +174,18 @@ class ClientHost:
 
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         cfg = dataclasses.replace(cfg, device=client_device(cfg.device, gpus))
-        self.clients = {
-            client_id: FederatedClient(cfg, client_id, dataset_root=dataset_root,
-                                       centers_for_data=pooled, seed=seed,
-                                       generation=generation)
-            for client_id, pooled in clients.items()}
+        self.clients: dict[str, FederatedClient] = {}
+        # a client that could not be built: `ready` and every call answer with this fault
+        # (the actor stays up, so the driver learns the cause as data, not traceback text)
+        self.start_faults: dict[str, ClientFault] = {}
+        for client_id, pooled in clients.items():
+            try:
+                self.clients[client_id] = FederatedClient(
+                    cfg, client_id, dataset_root=dataset_root, centers_for_data=pooled,
+                    seed=seed, generation=generation)
+            except Exception as e:
+                log.warning("client %r could not start", client_id, exc_info=True)
+                self.start_faults[client_id] = ClientFault.from_exception(client_id, e)
 
     def _client(self, center: str) -> FederatedClient:
         if center not in self.clients:
@@ -170,12 +198,13 @@ class ClientHost:
         id, the clients its actor hosts, whether Ray restarted this actor after a crash
         (`restarted`), and how its train reports fit data.max_report_tokens (`truncation`)."""
         ctx = ray.get_runtime_context()
+        fault = self.start_faults.get(center)
         return {"center": center, "node_id": ctx.get_node_id(),
                 "assigned": ctx.get_assigned_resources(),
-                "device": str(self._client(center).model.device), "pid": os.getpid(),
-                "hosts": sorted(self.clients),
-                "restarted": bool(ctx.was_current_actor_reconstructed),
-                "truncation": dict(self._client(center).truncation)}
+                "device": None if fault else str(self._client(center).model.device),
+                "pid": os.getpid(), "hosts": sorted([*self.clients, *self.start_faults]),
+                "restarted": bool(ctx.was_current_actor_reconstructed), "fault": fault,
+                "truncation": {} if fault else dict(self._client(center).truncation)}
 
     def close(self) -> None:
         """End every client's train stream's suspended pass before the actor is killed."""
@@ -195,6 +224,7 @@ class ClientHost:
 
         return parameter_group_summary(self._client(center).model)
 
+    @_faults_as_replies
     def fit(self, center: str, plan: RoundPlan, global_state: Tensors | None) -> ClientUpdate:
         from fedmrg.data.stream import skip_metrics
 
@@ -205,9 +235,11 @@ class ClientHost:
         update.metrics.update(skip_metrics(client.train_stream.skipped))
         return update
 
+    @_faults_as_replies
     def secure_aggregation(self, center: str, stage: str, round_id: int, message: Any) -> Any:
         return self._client(center).secure_aggregation(stage, round_id, message)
 
+    @_faults_as_replies
     def evaluate(self, center: str, split: str, personalized: bool,
                  dataset_center: str | None, global_state: Tensors | None,
                  max_studies: int | None = None) -> EvalReply:
@@ -339,54 +371,28 @@ def start_client_actors(cfg: ExperimentConfig, clients: Mapping[str, list[str] |
     for client_id, call in calls.items():
         try:
             placement[client_id] = ray.get(call)
-        except RayError as e:
+        except RayError as e:  # the actor itself died (its constructor's errors are faults)
             stop_actors(actors.values(), close=False)
-            data = _data_error(e)
-            if data is not None:
-                raise ClientDataError({client_id: f"could not start: {data}"}) from None
-            raise ClientFailure(client_id, f"could not start: {_cause(e)}") from None
+            raise ClientFailure(client_id, f"could not start: {_cause(e)}",
+                                FailureKind.LOST) from None
+        fault = placement[client_id].pop("fault", None)
+        if fault is not None:
+            stop_actors(actors.values(), close=False)
+            raise fault.as_error("could not start: ")
     return actors, placement
 
 
 def _cause(error: BaseException) -> str:
-    """The user-facing cause of a Ray error: the client's own exception when there is one."""
+    """The user-facing cause of a Ray error (an actor that died, or an exception outside the
+    client methods that answer with faults): the raised exception when there is one."""
     if isinstance(error, RayTaskError):
         cause = error.cause
         if cause is not None and not isinstance(cause, RayError):
             return f"{type(cause).__name__}: {cause}"
         if isinstance(cause, RayError) and cause is not error:  # raised in a task that called
             return _cause(cause)                                # the actor (_call_when_ready)
-    # e.g. an exception in an actor's constructor: its traceback ends the message
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    raised = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failure)): (.*)$", last)
-    if raised:
-        return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"
-    return f"{type(error).__name__}: {last}"
-
-
-# A DatasetError that ended a client's constructor, as the last line of the error's text.
-_DATA_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?DatasetError: (.*)$")
-
-
-def _data_error(error: BaseException) -> str | None:
-    """The message of the `DatasetError` a client raised, found through Ray's wrappers (a
-    method's error keeps it as `cause`; a constructor's only as the traceback's last line),
-    or None when the failure was something else."""
-    from fedmrg.data.shards import DatasetError
-
-    if isinstance(error, RayTaskError):
-        cause = error.cause
-        if isinstance(cause, DatasetError) and not isinstance(cause, RayError):
-            return str(cause)
-        if isinstance(cause, RayError) and cause is not error:  # raised in a task that called
-            return _data_error(cause)                           # the actor (_call_when_ready)
-        return None
-    if isinstance(error, RayActorError):
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        match = _DATA_ERROR_LINE.match(lines[-1]) if lines else None
-        return match.group(1) if match else None
-    return None
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 # --------------------------------------------------------------------------- the pool
@@ -531,18 +537,19 @@ class RayClientPool:
         try:
             reply = ray.get(handle.ref)
         except RayError as e:
-            if _actor_lost(e):  # every client that actor hosts restarts with it
-                lost = self.actors[handle.center]
-                self._lost.update(c for c, a in self.actors.items() if a == lost)
-            data = _data_error(e)
-            if data is not None:
-                raise ClientDataError({handle.center: data}) from None
-            raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}") from None
+            lost = _actor_lost(e)
+            if lost:  # every client that actor hosts restarts with it
+                actor = self.actors[handle.center]
+                self._lost.update(c for c, a in self.actors.items() if a == actor)
+            raise ClientFailure(handle.center, f"{handle.kind} failed: {_cause(e)}",
+                                FailureKind.LOST if lost else FailureKind.CRASH) from None
         if handle.after_loss:
             info, reply = reply
             self._note_rejoin(handle.center, info)
         if self.record:
             self.received.append(reply)
+        if isinstance(reply, ClientFault):
+            raise reply.as_error(f"{handle.kind} failed: ")
         return reply
 
     def _note_rejoin(self, center: str, info: Mapping[str, Any]) -> None:

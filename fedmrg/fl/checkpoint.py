@@ -47,7 +47,8 @@ and logged (`tracking.*`, `data.root`, `model.lm_cache`), how Ray places work (`
 `device`: bit-identity across a resume then needs the same device type), stream speed knobs
 (`data.cache_decoded`, `data.stream_*`: a pass is the same either way), how long and when
 (`federation.rounds`: a finished run can be extended; `federation.eval_every`,
-`federation.round_deadline_s`, `federation.round_retries`: when a round gives up), and
+`federation.round_deadline_s`, `federation.eval_deadline_s`, `federation.round_retries`:
+when a call is given up on), and
 `eval.samples` (sample reports kept for display), `eval.val_every` and `eval.val_studies`
 (the validation points logged between rounds). Everything else (seed, data and stream
 settings, model, losses, training, strategy, aggregation, wire dtype, sampling `fraction`
@@ -96,7 +97,7 @@ UNFINGERPRINTED = (
     "data.root", "model.lm_cache",
     "data.cache_decoded", "data.stream_cpus_per_task", "data.stream_max_tasks",
     "federation.rounds", "federation.eval_every", "federation.round_deadline_s",
-    "federation.round_retries",
+    "federation.eval_deadline_s", "federation.round_retries",
     "eval.samples", "eval.val_every", "eval.val_studies",
 )
 

@@ -28,11 +28,14 @@ A round (`run_round`) is one or more attempts; an attempt:
    names, shapes, wire dtype, finite values, statistics' names and shapes, numeric metrics),
    cast back from the wire dtype and held to the update-norm bound (`bound_update_norm`:
    `federation.max_update_norm`, rejected or clipped by `update_norm_action`); see
-   `fedmrg.fl.validation` for the norm. A client whose call raised a `DatasetError` (bad data:
-   the same on every retry) stops the run once the attempt's replies are in, with one
-   `ClientDataError` naming every such client and its own message (center, file, study);
-5. fewer than `min_clients` accepted updates: the attempt failed; the round is tried again,
-   up to `federation.round_retries` more times, with a fresh sample drawn from the same seeded
+   `fedmrg.fl.validation` for the norm. What a failed call means is the failure policy's
+   (`fedmrg.fl.failure`): a client whose data is bad (its call returned a `data` fault) stops
+   the run once the attempt's replies are in, with one `ClientDataError` naming every such
+   client and its own message (center, file, study); any other failure (crash, lost actor,
+   deadline, invalid, norm) rejects that client from the attempt;
+5. fewer than `min_clients` accepted updates: the attempt failed; the round is tried again
+   (`FailurePolicy.retry_round`: up to `federation.round_retries` more times), with a fresh
+   sample drawn from the same seeded
    RNG stream (so the same seed and the same failures give the same clients; with fraction 1
    every attempt asks every client) and the same global state and round id. When every
    attempt failed, `RoundFailedError` (a `FederationError`) names each attempt's centers and
@@ -54,13 +57,18 @@ one with `split="val"` added).
 Validation (`val_every` > 0, `Experiment` passes `eval.val_every` / `eval.val_studies`): after
 every `val_every`-th round, the last included, the same evaluation on the val split of the
 participating centers (no held-out center), each limited to its first `val_studies` studies:
-a few cheap points per run on curves over rounds; one that fails (after its retries) is
-warned and skipped, the run goes on. An evaluation reads its own streams and
+a few cheap points per run on curves over rounds; one that loses a center (after its
+retries, the failure policy) is warned and skipped, the run goes on. An evaluation reads its
+own streams and
 generates without sampling, so it changes no training state (the next round's plan loads the
 global state again): the run's models are the same with or without it.
-`eval_every` rounds, and after the last one, `evaluate` (it waits for every evaluation; a
-failed one, e.g. on an actor being restarted, is asked again up to `federation.round_retries`
-times; a `ClientDataError` then names every client whose evaluation data was bad).
+`eval_every` rounds, and after the last one, `evaluate`: it waits for every evaluation, at
+most `federation.eval_deadline_s` (0: no deadline; the driver's progress watchdog still
+applies); a crashed one, e.g. on an actor being restarted, is asked again up to
+`federation.round_retries` times; then one error names every evaluation given up on
+(`ClientDataError` when all of them had bad data), and the run stops with its last round's
+checkpoint kept. A call abandoned at the deadline is never asked again (an actor runs one
+call at a time: a new one would queue behind it); its late reply is dropped.
 
 Evaluation (`evaluate`): generalization = the generic model (the global state) on the test
 split of every evaluated center (`eval_centers`, default the pool's centers) and of every
@@ -89,17 +97,27 @@ from torch import Tensor
 
 from fedmrg.choices import View
 from fedmrg.config import ExperimentConfig
-from fedmrg.data.shards import SKIPPED, DatasetError
+from fedmrg.data.shards import SKIPPED
 from fedmrg.eval.evaluator import mean_over_centers
 from fedmrg.fl.broadcast import StateBroadcast
-from fedmrg.fl.messages import ClientFailure, ClientUpdate, EvalReply, RoundPlan, RoundSummary
+from fedmrg.fl.failure import (
+    ClientDataError,
+    ClientFailure,
+    ClientFault,
+    FailureAction,
+    FailureKind,
+    FailurePolicy,
+    Phase,
+    rejection_kind,
+)
+from fedmrg.fl.messages import ClientUpdate, EvalReply, RoundPlan, RoundSummary
 from fedmrg.fl.strategies import FederationError, Strategy
 from fedmrg.fl.validation import bound_update_norm, validate_eval_reply, validate_update
 from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_dtype, wire_quantization
 from fedmrg.privacy.server import ServerPrivacy
 
-__all__ = ["ClientDataError", "ClientFailure", "ClientPool", "Collected", "Coordinator",
-           "Evaluation", "FederatedResult", "InProcessPool", "RoundAttempt", "RoundFailedError",
+__all__ = ["ClientPool", "Collected", "Coordinator", "Evaluation", "FederatedResult",
+           "InProcessPool", "RoundAttempt", "RoundFailedError", "ValidationPointSkipped",
            "validate_update"]
 
 # How long a finished abandoned call's reply may take to arrive once the same client has
@@ -111,36 +129,12 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- the pool
 
 
-class ClientDataError(DatasetError):
-    """Bad data at one or more clients: a `DatasetError` raised in a client (a corrupt image or
-    an empty report under `data.on_error=raise`, a shard file gone, a split with no usable
-    row). Unlike a `ClientFailure` it is not transient: the same data fails again on a retry
-    or after a restart, so instead of dropping the client from the round the run stops with
-    this one error, which keeps each client's own message (center, file, study).
-    `errors`: {center: message}."""
-
-    def __init__(self, errors: Mapping[str, str], context: str = ""):
-        self.errors = dict(sorted(errors.items()))
-        self.context = context
-        parts = [f"client {c!r}: {m}" for c, m in self.errors.items()]
-        head = f"{context}: " if context else ""
-        super().__init__(head + ("bad data at " if len(parts) == 1 else
-                                 f"bad data at {len(parts)} clients: ") + " | ".join(parts))
-
-    @property
-    def centers(self) -> list[str]:
-        return list(self.errors)
-
-    def __reduce__(self):  # picklable across Ray (the coordinator may run in an actor)
-        return (type(self), (self.errors, self.context))
-
-
 class ClientPool(Protocol):
     """How the coordinator reaches its clients: in-process (`InProcessPool`) or Ray actors.
 
     A handle is opaque and hashable (a Ray ObjectRef, or an in-process record). `wait` returns
-    (ready, pending) like `ray.wait`; `result` returns the reply or raises `ClientFailure`, or
-    `ClientDataError` when the client raised a `DatasetError`.
+    (ready, pending) like `ray.wait`; `result` returns the reply or raises `ClientFailure` (its
+    `kind`: crash or lost), or `ClientDataError` when the client's data was bad (`fl.failure`).
     `global_state` in `submit_evaluate` is the server's generic state for an evaluation
     (None: the client's own model as it stands).
     """
@@ -197,11 +191,7 @@ class InProcessPool:
         try:
             return _Call(center, reply=fn(self.clients[center]))
         except Exception as e:  # a client's failure is the round's to judge, as over Ray
-            failure: ClientFailure | ClientDataError
-            if isinstance(e, DatasetError):
-                failure = ClientDataError({center: str(e)})
-            else:
-                failure = ClientFailure(center, f"{type(e).__name__}: {e}")
+            failure = ClientFault.from_exception(center, e).as_error()
             failure.__cause__ = e  # the client's traceback, for debugging in process
             return _Call(center, error=failure)
 
@@ -294,13 +284,18 @@ class RoundFailedError(FederationError):
 REJECTION_KINDS = ("failed", "deadline", "invalid", "norm")  # metrics "rejected_<kind>"
 
 
+class ValidationPointSkipped(FederationError):
+    """A validation point lost a center (`FailurePolicy`: drop at a validation point): the
+    point is skipped, the run goes on."""
+
+
 @dataclass
 class Collected:
     """What `collect_replies` gathered from one attempt's calls."""
 
     replies: dict[str, Any] = field(default_factory=dict)  # center -> reply as received
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # center -> (kind, reason)
-    data_errors: dict[str, str] = field(default_factory=dict)  # center -> ClientDataError text
+    # center -> (kind, reason); a data error's reason is the client's own message
+    failed: dict[str, tuple[FailureKind, str]] = field(default_factory=dict)
     duplicates: int = 0  # second deliveries for a call already answered: dropped
     late_dropped: int = 0  # replies of earlier abandoned calls that arrived meanwhile: dropped
 
@@ -332,8 +327,8 @@ class RoundAttempt:
         return (list(self.participants) if self.participants is not None
                 else [u.center for u in self.accepted])
 
-    def reject(self, center: str, kind: str, reason: str) -> None:
-        self.rejected[center], self.rejected_kind[center] = reason, kind
+    def reject(self, center: str, kind: FailureKind, reason: str) -> None:
+        self.rejected[center], self.rejected_kind[center] = reason, rejection_kind(kind)
 
 
 # --------------------------------------------------------------------------- the coordinator
@@ -380,6 +375,11 @@ class Coordinator:
         # client-level DP and secure aggregation (`fedmrg.privacy`, docs/privacy.md)
         self.privacy = ServerPrivacy.for_run(strategy.cfg, strategy)
 
+    @property
+    def failure_policy(self) -> FailurePolicy:
+        """What a failed call means for a round or an evaluation (`fl.failure`)."""
+        return FailurePolicy(retries=self.cfg.federation.round_retries)
+
     # ----------------------------------------------------------------- the run
 
     def run(self) -> FederatedResult:
@@ -410,7 +410,7 @@ class Coordinator:
         if self.val_every and round_id % self.val_every == 0:
             try:
                 self.evaluate(round_id, split="val", max_studies=self.val_studies)
-            except (FederationError, ClientDataError) as e:
+            except ValidationPointSkipped as e:
                 # a monitoring point, never the reason a run stops: the round stands
                 log.warning("round %d: validation point skipped: %s", round_id, e)
         return summary
@@ -423,12 +423,12 @@ class Coordinator:
         rng_state = self.rng.bit_generator.state  # a failed round gives back its draws
         attempts: list[RoundAttempt] = []
         try:
-            for number in range(1, fed.round_retries + 2):
-                attempts.append(self._attempt(round_id, number))
+            while True:
+                attempts.append(self._attempt(round_id, len(attempts) + 1))
                 if len(attempts[-1].usable) >= fed.min_clients:
                     break
-            else:
-                self.on_round_failure(round_id, attempts)
+                if not self.failure_policy.retry_round(len(attempts)):
+                    self.on_round_failure(round_id, attempts)
         except (FederationError, ClientDataError):
             self.rng.bit_generator.state = rng_state
             raise
@@ -488,12 +488,13 @@ class Coordinator:
             reason = validate_update(reply, center=center, round_id=round_id, spec=spec,
                                      dtype=dtype, quantization=quantization)
             if reason is not None:
-                attempt.reject(center, "invalid", reason)
+                self.reject_fits(round_id, {center: (FailureKind.INVALID, reason)}, attempt)
                 continue
             check = bound_update_norm(from_wire(reply), reference, max_norm, norm_action)
             attempt.norms[center] = check.norm
             if check.update is None:
-                attempt.reject(center, "norm", check.reason or "update norm out of bounds")
+                self.reject_fits(round_id, {center: (FailureKind.NORM, check.reason or
+                                                     "update norm out of bounds")}, attempt)
                 continue
             if check.clipped:
                 attempt.clipped[center] = check.norm
@@ -505,12 +506,10 @@ class Coordinator:
         """Record an attempt's fit calls: bad data stops the run (one error naming every
         client), failures are rejected, and each client's synced version is what it was sent
         when it answered, unknown when it did not."""
-        if collected.data_errors:  # every reply of the attempt is in: one error names them all
-            raise ClientDataError(collected.data_errors, f"round {round_id}")
+        self.reject_fits(round_id, collected.failed, attempt)
         attempt.duplicates += collected.duplicates
         attempt.late_dropped += collected.late_dropped
-        for center, (kind, reason) in collected.failed.items():
-            attempt.reject(center, kind, reason)
+        for center in collected.failed:
             self.client_versions.pop(center, None)  # it may not hold what it was sent
         for center in collected.replies:
             version = _plan_version(plans[center])
@@ -518,6 +517,20 @@ class Coordinator:
                 self.client_versions.pop(center, None)
             else:
                 self.client_versions[center] = version
+
+    def reject_fits(self, round_id: int, failed: Mapping[str, tuple[FailureKind, str]],
+                    attempt: RoundAttempt, context: str = "") -> None:
+        """The failure policy on an attempt's failed fit calls (all of them at once, so one
+        error names every client whose data is bad): each is rejected from the attempt, or
+        the run stops."""
+        stop = {}
+        for center, (kind, reason) in failed.items():
+            if self.failure_policy.decide(Phase.FIT, kind) is FailureAction.RAISE:
+                stop[center] = reason
+            else:
+                attempt.reject(center, kind, context + reason)
+        if stop:  # only bad data stops a round (`fl.failure`)
+            raise ClientDataError(stop, f"round {round_id}")
 
     def _downlink(self, center: str, plan: RoundPlan) -> RoundPlan:
         """The plan with what `center` needs of the global state: the round's delta when it
@@ -570,13 +583,12 @@ class Coordinator:
                 try:
                     out.replies[center] = self.pool.result(handle)
                 except ClientFailure as e:
-                    out.failed[center] = ("failed", f"failed: {e.message}")
+                    out.failed[center] = (e.kind, f"failed: {e.message}")
                 except ClientDataError as e:
-                    out.failed[center] = ("data", str(e))
-                    out.data_errors.update(e.errors)
+                    out.failed[center] = (FailureKind.DATA, e.errors.get(center, str(e)))
         earlier = dict(self.abandoned)
         for handle in pending:
-            out.failed[handles[handle]] = ("deadline",
+            out.failed[handles[handle]] = (FailureKind.DEADLINE,
                                            f"no reply within the {deadline_s:g} s deadline")
             self.abandoned[handle] = handles[handle]
         if earlier:
@@ -649,50 +661,70 @@ class Coordinator:
             return self.pool.submit_evaluate(client, split, personalized, dataset_center=dataset,
                                              global_state=state, **limit)
 
-        # An evaluation changes no state, so a failed one (e.g. its actor killed and being
-        # restarted by Ray) is simply asked again, up to federation.round_retries times.
-        retries_left = {job: self.cfg.federation.round_retries for job in jobs}
+        # An evaluation changes no state, so a crashed one (e.g. its actor killed and being
+        # restarted by Ray) may simply be asked again: the failure policy says how often.
+        phase = Phase.EVALUATE if split == self.eval_split else Phase.VALIDATE
+        deadline_s = self.cfg.federation.eval_deadline_s
+        deadline = time.monotonic() + deadline_s if deadline_s > 0 else None
         self.on_event({"type": "evaluating", "split": split, "round": round_id,
                        "total": len(jobs)})
+        tries = dict.fromkeys(jobs, 1)
         handles = {submit(job): job for job in jobs}
         replies: dict[tuple, EvalReply] = {}
         rejected: dict[tuple, str] = {}  # job -> why its reply failed validate_eval_reply
-        data_errors: dict[str, str] = {}
+        # given up on: job -> (kind, reason, what the policy does about it)
+        failed: dict[tuple, tuple[FailureKind, str, FailureAction]] = {}
         pending = list(handles)
         while pending:
-            ready, pending = self.pool.wait(pending, len(pending), None)
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            ready, pending = self.pool.wait(pending, 1, timeout)
             for handle in ready:
                 job = handles.pop(handle)
                 view, dataset, client, _ = job
                 try:
                     reply = self.pool.result(handle)
+                except ClientDataError as e:
+                    kind, reason = FailureKind.DATA, e.errors.get(client, str(e))
+                except ClientFailure as e:
+                    kind, reason = e.kind, e.message
+                else:
                     invalid = validate_eval_reply(reply, center=dataset, view=view,
                                                   run=self.cfg.eval)
                     if invalid is None:
                         replies[job] = reply
-                    else:  # not used, not logged: the reason names the field, not its content
-                        rejected[job] = invalid
-                        log.warning("round %d: %s evaluation of %r from client %r rejected: %s",
-                                    round_id, view, dataset, client, invalid)
-                    self.on_event({"type": "evaluated", "split": split,
-                                   "done": len(replies) + len(rejected),
-                                   "total": len(jobs), "view": view, "center": dataset})
-                except ClientDataError as e:  # after every reply: one error names them all
-                    data_errors.update(e.errors)
-                except ClientFailure as e:
-                    if retries_left[job] <= 0:
-                        raise FederationError(f"round {round_id}: {view} evaluation of "
-                                              f"{dataset!r} on client {client!r} failed: "
-                                              f"{e.message}") from None
-                    retries_left[job] -= 1
+                        self.on_event({"type": "evaluated", "split": split,
+                                       "done": len(replies) + len(rejected),
+                                       "total": len(jobs), "view": view, "center": dataset})
+                        continue
+                    kind, reason = FailureKind.INVALID, invalid
+                action = self.failure_policy.decide(phase, kind, tries[job])
+                if action is FailureAction.RETRY:
                     log.warning("round %d: %s evaluation of %r on client %r failed (%s); "
-                                "asking again (%d retries left)", round_id, view, dataset,
-                                client, e.message, retries_left[job])
+                                "asking again (try %d)", round_id, view, dataset, client,
+                                reason, tries[job] + 1)
+                    tries[job] += 1
                     retry = submit(job)
                     handles[retry] = job
                     pending.append(retry)
-        if data_errors:
-            raise ClientDataError(data_errors, f"round {round_id} evaluation")
+                elif kind is FailureKind.INVALID:  # left out, recorded in the Evaluation
+                    # not used, not logged: the reason names the field, not its content
+                    rejected[job] = reason
+                    log.warning("round %d: %s evaluation of %r from client %r rejected: %s",
+                                round_id, view, dataset, client, reason)
+                    self.on_event({"type": "evaluated", "split": split,
+                                   "done": len(replies) + len(rejected),
+                                   "total": len(jobs), "view": view, "center": dataset})
+                else:
+                    failed[job] = (kind, reason, action)
+        for handle in pending:  # the deadline passed: their replies will be dropped
+            failed[handles[handle]] = (FailureKind.DEADLINE, f"no reply within federation."
+                                       f"eval_deadline_s={deadline_s:g} s",
+                                       self.failure_policy.decide(phase, FailureKind.DEADLINE))
+            self.abandoned[handle] = handles[handle][2]
+        if failed:
+            self.on_evaluation_failure(round_id, split, failed)
         wall = time.perf_counter() - started
         out = []
         for view in View:
@@ -714,6 +746,26 @@ class Coordinator:
                 self.on_evaluation(view, per_center, mean, step=round_id, split=split)
             out.append(evaluation)
         return out[0], out[1]
+
+    def on_evaluation_failure(self, round_id: int, split: str,
+                              failed: Mapping[tuple, tuple[FailureKind, str, FailureAction]]
+                              ) -> None:
+        """Evaluation calls given up on (after their retries), once every other reply is in:
+        one error names them all. Dropped (a validation point): `ValidationPointSkipped`;
+        only bad data: `ClientDataError` (the CLI's data error); else `FederationError`."""
+        what = f"round {round_id} {split} evaluation"
+        if any(action is FailureAction.DROP for _, _, action in failed.values()):
+            parts = [f"{view} of {dataset!r} on client {client!r}: {reason}"
+                     for (view, dataset, client, _), (_, reason, _) in failed.items()]
+            raise ValidationPointSkipped(f"{what}: " + " | ".join(parts))
+        if all(kind is FailureKind.DATA for kind, _, _ in failed.values()):
+            raise ClientDataError({job[2]: reason for job, (_, reason, _) in failed.items()},
+                                  what)
+        parts = [f"{view} evaluation of {dataset!r} on client {client!r} failed "
+                 f"({kind}): {reason}"
+                 for (view, dataset, client, _), (kind, reason, _) in failed.items()]
+        raise FederationError(f"{what}: " + " | ".join(parts) + "; the last round's "
+                              "checkpoint is kept: --resume evaluates again")
 
     # ----------------------------------------------------------------- checkpoints
 

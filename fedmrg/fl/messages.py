@@ -145,15 +145,3 @@ class RoundSummary:
                 "metrics": dict(self.metrics), "clipped": dict(self.clipped),
                 "rejoined": list(self.rejoined), "attempts": self.attempts,
                 "failed_attempts": [dict(a) for a in self.failed_attempts]}
-
-
-class ClientFailure(RuntimeError):
-    """A client call failed (exception in the client, actor died); names the center."""
-
-    def __init__(self, center: str, message: str):
-        super().__init__(f"client {center!r}: {message}")
-        self.center = center
-        self.message = message
-
-    def __reduce__(self):  # picklable across Ray
-        return (type(self), (self.center, self.message))

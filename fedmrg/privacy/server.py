@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fedmrg.choices import PrivacyMode
 from fedmrg.config import ConfigError, ExperimentConfig
+from fedmrg.fl.failure import FailureKind
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.privacy import PrivacyError
 from fedmrg.privacy.client import KEYS, SHARES, UNMASK, SecAggPlan, unflatten
@@ -223,8 +224,8 @@ class ServerPrivacy:
             attempt.bytes_down += sum(message_bytes(m).bytes for m in messages.values())
             collected = coordinator.collect_replies(handles, fed.min_clients,
                                                     fed.round_deadline_s)
-            for center, (kind, reason) in collected.failed.items():
-                attempt.reject(center, kind, f"secure aggregation {stage}: {reason}")
+            coordinator.reject_fits(round_id, collected.failed, attempt,
+                                    context=f"secure aggregation {stage}: ")
             for reply in collected.replies.values():
                 count(reply)
             return collected.replies
@@ -252,7 +253,8 @@ class ServerPrivacy:
                 count(reply)
                 reason = masked_update_problem(reply, center, round_id, length)
                 if reason:
-                    attempt.reject(center, "invalid", reason)
+                    coordinator.reject_fits(round_id, {center: (FailureKind.INVALID, reason)},
+                                            attempt)
                     continue
                 masked[center] = reply.masked.numpy().view(np.uint64)
                 weights[center] = int(reply.num_samples)
@@ -264,7 +266,7 @@ class ServerPrivacy:
         except PrivacyError as e:
             for center in centers:
                 if center not in attempt.rejected:
-                    attempt.reject(center, "failed", f"secure aggregation: {e}")
+                    attempt.reject(center, FailureKind.CRASH, f"secure aggregation: {e}")
             return attempt
         reference = self.strategy.global_state()
         changes = unflatten(total, layout)
