@@ -207,7 +207,9 @@ def check_checkpoint_space(cfg: ExperimentConfig, clients: int) -> None:
 
 @dataclass
 class Result:
-    """What `Experiment.fit()` returns."""
+    """What a run gives back (`run_federation`, `Experiment.fit()`). Its `summary()` is the one
+    schema of a run's results: `<run>/summary.json`, `fedmrg run --summary-json` and the
+    MLflow run's summary artifact are all `summary()`, and `from_summary` reads it back."""
 
     run_name: str
     strategy: str
@@ -220,36 +222,33 @@ class Result:
     storage_dir: str
     mlflow: dict[str, str]  # tracking_uri, experiment_id, run_id
     placement: dict[str, dict] = field(default_factory=dict)  # client -> node, resources
+    resumed_from: int | None = None  # the checkpoint round this run continued from
+    privacy: dict[str, Any] = field(default_factory=dict)  # docs/privacy.md; {}: off
+    # the validation points (eval.val_every): {"evaluations": how many, "wall_s": their cost}
+    validation: dict[str, Any] = field(default_factory=dict)
+    # in memory only, never in the summary:
     global_state_puts: int = 0  # global states put in the object store (once per round)
     global_state: dict | None = None  # final global shared state (tensors)
     messages: list = field(default_factory=list)  # every client reply, when recorded
-    resumed_from: int | None = None  # the checkpoint round this run continued from
     already_finished: bool = False  # nothing was done: read back from the run's summary.json
-    privacy: dict[str, Any] = field(default_factory=dict)  # docs/privacy.md; {}: off
+
+    IN_MEMORY = ("global_state_puts", "global_state", "messages", "already_finished")
 
     def summary(self) -> dict[str, Any]:
-        """Plain JSON: everything but the tensors and recorded messages."""
+        """Plain JSON: every field but the in-memory ones (tensors, recorded messages)."""
         from fedmrg.tracking import jsonable
 
-        return jsonable({
-            "run_name": self.run_name, "strategy": self.strategy, "centers": self.centers,
-            "wall_s": self.wall_s, "generalization": self.generalization,
-            "personalization": self.personalization, "communication": self.communication,
-            "rounds": self.rounds, "storage_dir": self.storage_dir, "mlflow": self.mlflow,
-            "placement": self.placement, "resumed_from": self.resumed_from,
-            "privacy": self.privacy,
-        })
+        return jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                         if f.name not in self.IN_MEMORY})
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> Result:
         """A finished run's Result read back from its summary.json (no tensors, no messages:
-        the final generic adapter is in `<run>/generic_adapter`)."""
-        keys = ("run_name", "strategy", "centers", "rounds", "generalization",
-                "personalization", "communication", "storage_dir", "mlflow")
-        return cls(**{k: summary[k] for k in keys}, wall_s=summary.get("wall_s", 0.0),
-                   placement=summary.get("placement", {}),
-                   resumed_from=summary.get("resumed_from"), already_finished=True,
-                   privacy=summary.get("privacy", {}))
+        the final generic adapter is in `<run>/generic_adapter`). A key an older summary
+        lacks takes its default."""
+        known = {f.name for f in dataclasses.fields(cls)} - set(cls.IN_MEMORY)
+        return cls(**{"wall_s": 0.0, **{k: v for k, v in summary.items() if k in known}},
+                   already_finished=True)
 
     def table(self, keys: Sequence[str] = TABLE_KEYS) -> str:
         """The final table: per center and mean for both views, then communication."""
@@ -378,20 +377,25 @@ def write_round_checkpoint(run_dir: str | Path, coordinator: Any, cfg: Experimen
 def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers: list[str],
                    dataset_root: str, run_name: str, heldout_centers: Sequence[str] = (),
                    resume: bool = False, resume_from: str | None = None, record: bool = False,
-                   emit: Callable[[dict], None] = lambda event: None) -> dict[str, Any]:
+                   placement: Mapping[str, dict] | None = None, started_at: float | None = None,
+                   emit: Callable[[dict], None] = lambda event: None) -> Result:
     """The coordinator's side of a run over started client actors: strategy, `Coordinator`,
     MLflow, checkpoints, end-of-run artifacts. `centers` are the participating centers
     (evaluated, their mean reported), `heldout_centers` are evaluated for generalization only.
     `resume` reattaches the MLflow run of that name; `resume_from` is the coordinator
     checkpoint folder to continue from (verified again here). After every round: its metrics
-    go to MLflow, then its checkpoint is written (`write_round_checkpoint`). Runs in the
-    coordinator actor or in the driver; returns a picklable outcome (see `Experiment.fit`)."""
-    from fedmrg.fl.actors import ProgressWatchdog, RayClientPool, write_folder
+    go to MLflow, then its checkpoint is written (`write_round_checkpoint`). At the end, the
+    models and adapters (`save_run_artifacts`), then the summary (`Result.summary()`) to MLflow
+    and `<run>/summary.json`. `placement` (client -> where it runs) goes into the result as
+    given; `wall_s` counts from `started_at` (`time.time()`, default: now). Runs in the
+    coordinator actor or in the driver; the `Result` is picklable."""
+    from fedmrg.fl.actors import ProgressWatchdog, RayClientPool
     from fedmrg.fl.checkpoint import load_checkpoint, run_fingerprint
     from fedmrg.fl.coordinator import Coordinator
     from fedmrg.fl.strategies import make_strategy
     from fedmrg.tracking import RunTracker, run_description
 
+    begun = time.time()
     pool = RayClientPool(actors, record=record,
                          watchdog=ProgressWatchdog.for_run(cfg.resources))
     strategy = make_strategy(cfg)
@@ -457,61 +461,64 @@ def run_federation(cfg: ExperimentConfig, actors: Mapping[str, Any], *, centers:
               "rounds": cfg.federation.rounds, "clients": pool.centers(),
               "resumed_from": resumed_from})
         federated = coordinator.run()
-        global_state = federated.global_state
+        save_run_artifacts(cfg, pool, tracker, run_dir, federated, pools_data=strategy.pools_data)
         validations = [e for e in federated.evaluations
                        if e.split != coordinator.eval_split and e.view == View.GENERALIZATION]
-        # every client's final model (global state + its private state), for `evaluate_run`
-        state_ref = pool.state_ref(global_state)
-        for center in pool.centers():
-            pool.call_all("save_model", str(run_dir / MODELS / center), state_ref,
-                          centers=[center])
-        # the generic adapter in PEFT format, from the final global state
-        if global_state is not None:
-            files = pool.call_all("export_generic_adapter", global_state, centers=[first])[first]
-            adapter_dir = write_folder(files, run_dir / "generic_adapter")
-            tracker.log_adapter(adapter_dir)
-        # specialized adapters stay where each client runs; logged when this node sees them
-        if not strategy.pools_data:
-            saved = {c: pool.call_all("save_specialized_adapter",
-                                      str(run_dir / "centers" / c / "specialized_adapter"),
-                                      centers=[c])[c] for c in pool.centers()}
-            for center, path in saved.items():
-                if path and Path(path, "adapter_config.json").is_file():
-                    tracker.log_adapter(path, center=center)
-        if cfg.tracking.log_models:  # MLflow pyfunc models, from the saved ones (docs/models.md)
-            tracker.log_models(run_dir, registered_name=cfg.tracking.register_model)
-        samples = _sample_rows(federated)
-        if samples:
-            tracker.log_samples(samples)
         rounds = [s.to_dict() for s in federated.history]
-        outcome = {
-            "run_name": run_name, "strategy": strategy.name, "rounds": rounds,
-            "centers": list(centers),
-            "generalization": _evaluation_table(federated.generalization),
-            "personalization": _evaluation_table(federated.personalization),
-            "communication": communication_totals(rounds, full_model_bytes),
-            "storage_dir": str(run_dir),
-            "mlflow": {"tracking_uri": cfg.tracking.tracking_uri,
-                       "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
-            "global_state": global_state,
-            "messages": list(pool.received),
-            "global_state_puts": pool.puts,
-            "resumed_from": resumed_from,
+        result = Result(
+            run_name=run_name, strategy=strategy.name, centers=list(centers), rounds=rounds,
+            generalization=_evaluation_table(federated.generalization),
+            personalization=_evaluation_table(federated.personalization),
+            communication=communication_totals(rounds, full_model_bytes),
+            wall_s=time.time() - (started_at if started_at is not None else begun),
+            storage_dir=str(run_dir),
+            mlflow={"tracking_uri": cfg.tracking.tracking_uri,
+                    "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
+            placement=dict(placement or {}), resumed_from=resumed_from,
             # epsilon spent, the guarantee's settings, why it stopped early (docs/privacy.md)
-            "privacy": federated.privacy,
-            # the validation points (eval.val_every): how many, and what they cost
-            "validation": {"evaluations": len(validations),
-                           "wall_s": sum(e.wall_s for e in validations)},
-        }
+            privacy=federated.privacy,
+            validation={"evaluations": len(validations),
+                        "wall_s": sum(e.wall_s for e in validations)},
+            global_state_puts=pool.puts, global_state=federated.global_state,
+            messages=list(pool.received))
+        summary = result.summary()
         tracker.log_plots()
-        tracker.describe(run_description(cfg, centers, heldout_centers, outcome))
-        summary = {k: v for k, v in outcome.items()
-                   if k not in ("global_state", "messages", "global_state_puts")}
+        tracker.describe(run_description(cfg, centers, heldout_centers, summary))
         tracker.log_summary(summary)
-        from fedmrg.tracking import jsonable
+        (run_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2))
+    return result
 
-        (run_dir / RUN_SUMMARY).write_text(json.dumps(jsonable(summary), indent=2))
-    return outcome
+
+def save_run_artifacts(cfg: ExperimentConfig, pool: Any, tracker: Any, run_dir: Path,
+                       federated: Any, *, pools_data: bool) -> None:
+    """A finished run's models, written under `run_dir` and logged to MLflow: every client's
+    final model (global state + its private state, for `evaluate_run`), the generic adapter
+    in PEFT format from the final global state, each center's specialized adapter (written
+    where its client runs; logged when this node sees it; none when the strategy pools
+    data), the pyfunc models (`tracking.log_models`) and the final samples table."""
+    from fedmrg.fl.actors import write_folder
+
+    global_state = federated.global_state
+    state_ref = pool.state_ref(global_state)
+    for center in pool.centers():
+        pool.call_all("save_model", str(run_dir / MODELS / center), state_ref,
+                      centers=[center])
+    if global_state is not None:
+        first = pool.centers()[0]
+        files = pool.call_all("export_generic_adapter", global_state, centers=[first])[first]
+        tracker.log_adapter(write_folder(files, run_dir / "generic_adapter"))
+    if not pools_data:
+        saved = {c: pool.call_all("save_specialized_adapter",
+                                  str(run_dir / "centers" / c / "specialized_adapter"),
+                                  centers=[c])[c] for c in pool.centers()}
+        for center, path in saved.items():
+            if path and Path(path, "adapter_config.json").is_file():
+                tracker.log_adapter(path, center=center)
+    if cfg.tracking.log_models:  # MLflow pyfunc models, from the saved ones (docs/models.md)
+        tracker.log_models(run_dir, registered_name=cfg.tracking.register_model)
+    samples = _sample_rows(federated)
+    if samples:
+        tracker.log_samples(samples)
 
 
 def _sample_rows(federated: Any) -> list[dict[str, Any]]:
@@ -673,7 +680,7 @@ class Experiment:
         from fedmrg.privacy.server import check_privacy
         from fedmrg.ray_cluster import check_cluster_fits, connect
 
-        start = time.perf_counter()
+        begun = time.time()  # the result's wall_s counts from here (in the coordinator too)
         cfg, implied = resolve_run_config(self.cfg, self.run_name)
         run_name = cfg.tracking.run_name
         self._run_name = run_name
@@ -738,12 +745,12 @@ class Experiment:
                 run_federation, cfg, actors, centers=centers, dataset_root=str(root),
                 run_name=run_name, heldout_centers=heldout, resume=self.resume or started,
                 resume_from=str(checkpoint.path) if checkpoint else None,
-                record=self.record_messages)
+                record=self.record_messages, placement=placement, started_at=begun)
             if self.in_process:
-                outcome = run_fn(emit=progress.on_event)
+                result = run_fn(emit=progress.on_event)
             else:
-                outcome = run_in_coordinator_actor(lambda emit: run_fn(emit=emit),
-                                                   progress.on_event)
+                result = run_in_coordinator_actor(lambda emit: run_fn(emit=emit),
+                                                  progress.on_event)
         finally:
             progress.close()
             # stopped by a signal: no graceful close (`ray job stop` SIGKILLs 3 s later)
@@ -751,15 +758,7 @@ class Experiment:
         # the clients are stopped: drop their checkpoints that no kept coordinator checkpoint
         # needs (those this node sees; `fedmrg.fl.checkpoint`, "Client retention")
         prune_client_checkpoints(run_dir)
-        return Result(
-            run_name=outcome["run_name"], strategy=outcome["strategy"], centers=centers,
-            rounds=outcome["rounds"], generalization=outcome["generalization"],
-            personalization=outcome["personalization"],
-            communication=outcome["communication"], wall_s=time.perf_counter() - start,
-            storage_dir=outcome["storage_dir"], mlflow=outcome["mlflow"],
-            placement=placement, global_state_puts=outcome["global_state_puts"],
-            global_state=outcome["global_state"], messages=outcome["messages"],
-            resumed_from=outcome["resumed_from"], privacy=outcome["privacy"])
+        return result
 
 
 def saved_run_config(storage_path: str | Path, run_name: str, overrides: Sequence[str] = ()
