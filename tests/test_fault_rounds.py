@@ -42,7 +42,10 @@ from fedmrg.fl.wire import from_wire
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.slow]
 
 CENTERS = ("a", "b", "c")
-WAIT_S = 120.0  # the longest any injected fault holds a call (a failed test never hangs)
+WAIT_S = 120.0  # the longest a hold or a wait for a signal file lasts (no test hangs)
+# a blocked call waits for its release longer than any deadline a loaded machine measures
+# (4x an honest round or evaluation); the `signals` fixture releases it after each test
+BLOCK_S = 600.0
 
 
 class FaultyHost(ClientHost):
@@ -63,7 +66,7 @@ class FaultyHost(ClientHost):
     def inject(self, faults: dict[int, str], folder: str | None = None) -> None:
         self.faults, self.folder = dict(faults), folder
 
-    def _wait_for(self, path: Path, wait_s: float = WAIT_S) -> None:
+    def _wait_for(self, path: Path, wait_s: float = BLOCK_S) -> None:
         deadline = time.monotonic() + wait_s
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -91,8 +94,8 @@ class FaultyHost(ClientHost):
         return update
 
     def evaluate(self, center, *args, **kwargs):
-        if self.faults.get("evaluate") == "block":  # longer than any evaluation deadline
-            self._wait_for(Path(self.folder, "release"), 5 * WAIT_S)
+        if self.faults.get("evaluate") == "block":
+            self._wait_for(Path(self.folder, "release"))
         return super().evaluate(center, *args, **kwargs)
 
 
