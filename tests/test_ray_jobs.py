@@ -157,7 +157,9 @@ def test_ray_job_stop_ends_the_mlflow_runs_killed(external_cluster, tmp_path):
 
     job_id = f"stop-{os.getpid()}"
     args = ["ray_jobs/train.py", "--run-name", "job-stopped"]
-    for item in [*tiny_overrides(tmp_path), "federation.rounds=3"]:
+    # many rounds: a tiny round takes about a second, and the stop must reach a running job
+    # (the run is stopped after round 1 either way, so this costs nothing)
+    for item in [*tiny_overrides(tmp_path), "federation.rounds=40"]:
         args += ["--set", item]
     submitted = subprocess.run(
         [str(BIN / "ray"), "job", "submit", f"--address={external_cluster}", "--no-wait",
@@ -166,7 +168,7 @@ def test_ray_job_stop_ends_the_mlflow_runs_killed(external_cluster, tmp_path):
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
     deadline = time.monotonic() + JOB_TIMEOUT_S
     logs = ""
-    while "round 1/3" not in logs:
+    while "round 1/40" not in logs:
         assert time.monotonic() < deadline, f"no round 1 within {JOB_TIMEOUT_S} s:\n{logs[-4000:]}"
         time.sleep(2)
         logs = _ray(external_cluster, "logs", job_id).stdout
