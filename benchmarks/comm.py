@@ -79,7 +79,7 @@ from fedmrg.fl.lowrank import (
 )
 from fedmrg.fl.messages import ClientUpdate, RoundPlan
 from fedmrg.fl.strategies import make_strategy
-from fedmrg.fl.wire import from_wire, message_bytes, to_wire
+from fedmrg.fl.wire import from_wire, message_bytes, to_wire, wire_quantization
 from fedmrg.model.mrg import MRGModel
 from fedmrg.model.params import describe_parameter_groups, get_shared_state
 
@@ -166,7 +166,8 @@ def client_update(cfg: ExperimentConfig, center: str, global_state: dict[str, to
     lora = {n: t for n, t in trained.items() if is_lora_factor(n)}
     deltas = {n: t - start[n] for n, t in trained.items() if not is_lora_factor(n)}
     dense = error_feedback.compress_all(deltas, cfg.federation.dense_update_rank,
-                                        cfg.federation.whole_tensors)
+                                        cfg.federation.whole_tensors,
+                                        wire_quantization(cfg.federation.wire_dtype))
     # the statistics the strategy's payload schema names, random in their shapes (counts as
     # integers, everything else float32)
     strategy = make_strategy(cfg)
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--aggregations", nargs="+", default=["exact", "fedavg"],
                         choices=("exact", "fedavg"))
-    parser.add_argument("--wires", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--wires", nargs="+", default=["fp32", "bf16"],
+                        choices=("fp32", "bf16", "int8", "nf4"))
     parser.add_argument("--clients", type=int, default=4,
                         help="clients of the aggregated round (the lossless download grows "
                              "with them)")

@@ -554,16 +554,74 @@ def _beats(agg: Mapping[str, Any], winner: str, loser: str, key: str) -> dict[st
     return {**check, "passed": a > b, "delta": a - b, "margin_std": margin, "detail": detail}
 
 
-def check_targets(agg: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+NO_PER_STUDY = "n/a (no per-study records)"
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def per_study_units(records: Sequence[Mapping[str, Any]], row: str, key: str
+                    ) -> dict[tuple[int, str], list[Any]]:
+    """(seed, center) -> the row's per-study items of `key` (`<scope>/<metric>`), from the
+    records' `per_study[key][center]` lists (the test studies in a fixed order: a
+    (generated labels, reference labels) pair per study for CE metrics, a score otherwise);
+    empty when the records hold none."""
+    out = {}
+    for r in records:
+        if r["row"] != row:
+            continue
+        for center, items in ((r.get("per_study") or {}).get(key) or {}).items():
+            out[(r["seed"], center)] = list(items)
+    return out
+
+
+def paired_interval(records: Sequence[Mapping[str, Any]], winner: str, loser: str, key: str,
+                    ) -> dict[str, Any] | None:
+    """The paired bootstrap 95% interval of winner - loser on `key` over the test studies
+    (`fedmrg.eval.bootstrap`), resampled within every (seed, center) both rows have, or None
+    when the records hold no per-study items for both."""
+    from fedmrg.eval.bootstrap import (
+        ce_f1_macro_of_studies,
+        mean_of_studies,
+        paired_bootstrap,
+    )
+
+    a, b = per_study_units(records, winner, key), per_study_units(records, loser, key)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return None
+    metric = ce_f1_macro_of_studies if key.endswith("ce_f1_macro") else mean_of_studies
+    diff, lo, hi = paired_bootstrap([a[u] for u in shared], [b[u] for u in shared],
+                                    BOOTSTRAP_RESAMPLES, seed=0, metric=metric)
+    return {"diff": diff, "lo": lo, "hi": hi, "units": len(shared),
+            "resolved": lo > 0 or hi < 0}
+
+
+def _with_interval(check: dict[str, Any], records: Sequence[Mapping[str, Any]] | None,
+                   winner: str, loser: str, key: str) -> dict[str, Any]:
+    if records is None:
+        return check
+    ci = paired_interval(records, winner, loser, key)
+    check["ci95"] = ci
+    check["detail"] += ("; paired 95% CI " + (NO_PER_STUDY if ci is None else
+                        f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}] over {ci['units']} "
+                        f"seed x center test sets"))
+    return check
+
+
+def check_targets(agg: Mapping[str, Mapping[str, Any]],
+                  records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The issue's targets on the aggregated rows (module docstring); a target whose rows did
     not run is `passed: None` with the reason. Ablations: contribution = full fedmrg minus
-    the ablated row per main metric (positive: the mechanism helps), bytes as a ratio."""
+    the ablated row per main metric (positive: the mechanism helps), bytes as a ratio. With
+    `records`, each comparison also gets its paired bootstrap interval over test studies
+    (`paired_interval`, `ci95`; "n/a (no per-study records)" where the records hold none)."""
     checks = []
     for loser in ("fedavg", "local"):
         for key in ("personalization/ce_f1_macro", "personalization/bleu4"):
-            checks.append(_beats(agg, "fedmrg", loser, key))
+            checks.append(_with_interval(_beats(agg, "fedmrg", loser, key), records,
+                                         "fedmrg", loser, key))
     for key in ("heldout/ce_f1_macro", "heldout/bleu4"):
-        checks.append(_beats(agg, "fedmrg", "local", key))
+        checks.append(_with_interval(_beats(agg, "fedmrg", "local", key), records,
+                                     "fedmrg", "local", key))
     key = "generalization/ce_f1_macro"
     mine, _ = _stat(agg, "fedmrg", key)
     central, _ = _stat(agg, "centralized", key)
@@ -583,16 +641,20 @@ def check_targets(agg: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         if row not in agg or "fedmrg" not in agg:
             continue
         contribution = {}
+        intervals: dict[str, Any] = {}
         for k in main:
             full, ablated = _stat(agg, "fedmrg", k)[0], _stat(agg, row, k)[0]
             contribution[k] = None if full is None or ablated is None else full - ablated
+            if records is not None:
+                intervals[k] = paired_interval(records, "fedmrg", row, k)
         full_bytes, ablated_bytes = (_stat(agg, "fedmrg", "bytes_total")[0],
                                      _stat(agg, row, "bytes_total")[0])
         ablations[row] = {
             "contribution": contribution,
             "bytes_ratio_without": (ablated_bytes / full_bytes if full_bytes else None),
             "helps_on": [k for k, v in contribution.items() if v is not None and v > 0],
-            "hurts_on": [k for k, v in contribution.items() if v is not None and v < 0]}
+            "hurts_on": [k for k, v in contribution.items() if v is not None and v < 0],
+            **({"ci95": intervals} if records is not None else {})}
     decided = [c for c in checks if c["passed"] is not None]
     return {"checks": checks, "ablations": ablations,
             "passed": sum(bool(c["passed"]) for c in decided), "decided": len(decided)}
@@ -618,6 +680,14 @@ def targets_text(targets: Mapping[str, Any]) -> str:
                            for v in a["contribution"].values()),
                          "n/a" if ratio is None else f"{ratio:.2f}"])
         lines.append(markdown_table(header, rows))
+        with_ci = {row: a["ci95"] for row, a in targets["ablations"].items() if "ci95" in a}
+        if with_ci:
+            lines += ["", "paired bootstrap 95% intervals of the contributions (over test "
+                          "studies, paired, pooled over seeds):", ""]
+            rows = [[row_label(row).removeprefix("fedmrg w/o "),
+                     *(NO_PER_STUDY if ci is None else f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}]"
+                       for ci in cis.values())] for row, cis in with_ci.items()]
+            lines.append(markdown_table(header[:-1], rows))
     return "\n".join(lines)
 
 
@@ -836,7 +906,7 @@ def write_outputs(out: Path, mode: str, header: Mapping[str, Any],
                   ) -> dict[str, Any]:
     """`<mode>.json`, `<mode>.md` and `<mode>_rounds.png` from the records so far."""
     agg = aggregate(records)
-    targets = check_targets(agg)
+    targets = check_targets(agg, records)
     tables = results_tables(agg) if agg else "(no finished run yet)"
     text = targets_text(targets)
     problems = consistency(records)

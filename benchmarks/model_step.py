@@ -28,6 +28,7 @@ Prints markdown tables and writes JSON (command, machine, load average, every nu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -58,6 +59,8 @@ from fedmrg.fl.lowrank import (  # noqa: E402
     matrix_shape,
     update_rank,
 )
+from fedmrg.fl.quantize import quantized_nbytes  # noqa: E402
+from fedmrg.fl.wire import wire_quantization  # noqa: E402
 from fedmrg.model.base_lm import load_base_lm  # noqa: E402
 from fedmrg.model.mrg import MRGModel  # noqa: E402
 from fedmrg.model.params import describe_parameter_groups, parameter_group_summary  # noqa: E402
@@ -67,7 +70,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "model_step.json"
 PAPER_LLAMA = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# bytes per value of floating tensors that are not quantized (int8/nf4 quantize only the
+# clients' model updates, `fedmrg.fl.wire`; everything else travels in float32)
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 4, "nf4": 4}
+
+
+def update_tensor_bytes(numel: int, wire: str) -> int:
+    """Bytes of one model-update tensor of `numel` values on the wire (codes + scales when
+    quantized, `fedmrg.fl.quantize.quantized_nbytes`)."""
+    scheme = wire_quantization(wire)
+    return quantized_nbytes(numel, scheme) if scheme else numel * WIRE_BYTES[wire]
 
 
 def rss_peak_mib() -> float:
@@ -170,8 +182,8 @@ def paper_model(cfg: ExperimentConfig) -> MRGModel:
     from fedmrg.model.base_lm import BUILTIN_TINY_LLAMA
 
     _, tok = load_base_lm(load_config("default").model)  # any tokenizer: only its ids are read
-    model_cfg = cfg.model
-    model_cfg.pretrained = False  # same shapes; no weights can (or need to) be fetched
+    # same shapes; no weights can (or need to) be fetched
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False)
     with torch.device("meta"):
         lm = LlamaForCausalLM(LlamaConfig(**PAPER_LLAMA, pad_token_id=tok.pad_token_id,
                                           bos_token_id=tok.bos_token_id,
@@ -185,8 +197,8 @@ def paper_model(cfg: ExperimentConfig) -> MRGModel:
 def communication(model: MRGModel, cfg: ExperimentConfig) -> dict:
     """Shared bytes per client per round: dense, and as factors on the wire (module doc)."""
     rank = cfg.federation.dense_update_rank
-    wire = WIRE_BYTES.get(cfg.federation.wire_dtype, 4)
-    dense_bytes = sent_elements = 0
+    wire = cfg.federation.wire_dtype
+    dense_bytes = sent_bytes = 0
     for row in describe_parameter_groups(model):
         if row.group != "shared":
             continue
@@ -194,15 +206,16 @@ def communication(model: MRGModel, cfg: ExperimentConfig) -> dict:
         numel = int(np.prod(row.shape)) if row.shape else 1
         sent_rank = update_rank(row.name, rank, cfg.federation.whole_tensors)
         if is_lora_factor(row.name) or not factorizes(row.shape, sent_rank):
-            sent_elements += numel
-        else:
+            sent_bytes += update_tensor_bytes(numel, wire)
+        else:  # the two factors, each its own tensor
             m, n = matrix_shape(row.shape)
-            sent_elements += sent_rank * (m + n)
+            sent_bytes += (update_tensor_bytes(m * sent_rank, wire)
+                           + update_tensor_bytes(sent_rank * n, wire))
     summary = parameter_group_summary(model)
     total = sum(s["bytes"] for s in summary.values())
     return {"dense_update_rank": rank, "wire_dtype": cfg.federation.wire_dtype,
             "shared_bytes_dense": dense_bytes, "shared_fraction_dense": dense_bytes / total,
-            "sent_bytes": sent_elements * wire, "sent_fraction": sent_elements * wire / total,
+            "sent_bytes": sent_bytes, "sent_fraction": sent_bytes / total,
             "model_bytes": total}
 
 

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import tiny_overrides
 
@@ -449,3 +450,36 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
                                                   "bleu4"))
     with pytest.raises(SystemExit):  # a folder that is not a finished run is named, not read
         prompt_following.main([str(tmp_path / "out"), "--out", str(out)])
+
+
+def test_targets_get_paired_intervals_where_records_have_per_study_items():
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in (0, 1):
+        ref = (rng.random((40, 14)) < 0.3).astype(int)
+        bleu = rng.uniform(0, 0.4, 40)
+        for row, shift, flip in (("fedmrg", 0.05, 0.1), ("fedavg", 0.0, 0.3),
+                                 ("fedmrg-no_mutual", 0.05, 0.1)):
+            r = record(row, seed)
+            hyp = np.where(rng.random(ref.shape) < flip, 1 - ref, ref)
+            r["per_study"] = {
+                "personalization/bleu4": {"a": list(bleu + shift), "b": list(bleu + shift)},
+                "personalization/ce_f1_macro": {"a": [[h.tolist(), t.tolist()]
+                                                      for h, t in zip(hyp, ref)]}}
+            records.append(r)
+    records.append(record("local", 0))  # an older record: no per-study items
+    targets = fl_mrg.check_targets(fl_mrg.aggregate(records), records)
+    by = {c["target"]: c for c in targets["checks"]}
+    bleu = by["fedmrg > fedavg on personalization/bleu4"]["ci95"]
+    assert bleu["units"] == 4 and bleu["diff"] == pytest.approx(0.05)
+    assert bleu["lo"] == pytest.approx(0.05) and bleu["hi"] == pytest.approx(0.05)
+    ce = by["fedmrg > fedavg on personalization/ce_f1_macro"]["ci95"]
+    assert ce["units"] == 2 and 0 < ce["lo"] < ce["diff"] < ce["hi"] and ce["resolved"]
+    assert "paired 95% CI [" in by["fedmrg > fedavg on personalization/bleu4"]["detail"]
+    local = by["fedmrg > local on personalization/bleu4"]
+    assert local["ci95"] is None and local["detail"].endswith(fl_mrg.NO_PER_STUDY)
+    mutual = targets["ablations"]["fedmrg-no_mutual"]["ci95"]
+    assert mutual["personalization/bleu4"]["diff"] == pytest.approx(0.0)
+    assert mutual["generalization/bleu4"] is None
+    text = fl_mrg.targets_text(targets)
+    assert "paired bootstrap 95% intervals" in text and fl_mrg.NO_PER_STUDY in text
