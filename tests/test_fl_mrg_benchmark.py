@@ -465,7 +465,7 @@ def test_targets_get_paired_intervals_where_records_have_per_study_items():
             r["per_study"] = {
                 "personalization/bleu4": {"a": list(bleu + shift), "b": list(bleu + shift)},
                 "personalization/ce_f1_macro": {"a": [[h.tolist(), t.tolist()]
-                                                      for h, t in zip(hyp, ref)]}}
+                                                      for h, t in zip(hyp, ref, strict=True)]}}
             records.append(r)
     records.append(record("local", 0))  # an older record: no per-study items
     targets = fl_mrg.check_targets(fl_mrg.aggregate(records), records)
