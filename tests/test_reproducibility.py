@@ -39,6 +39,7 @@ from helpers import (
 )
 
 from fedmrg.config import ExperimentConfig
+from fedmrg.data.shards import VERIFIED_CACHE
 from fedmrg.fl.messages import ClientUpdate
 from fedmrg.fl.strategies import make_strategy, sample_clients
 from fedmrg.fl.wire import from_wire
@@ -86,8 +87,9 @@ def updates_by_round_center(result) -> dict[tuple[int, str], ClientUpdate]:
 
 
 def dataset_bytes(root: Path) -> dict[str, bytes]:
+    """Every data file's bytes; a client's verification cache (it holds mtimes) is not data."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != VERIFIED_CACHE}
 
 
 # --------------------------------------------------------------------------- the runs

@@ -230,15 +230,16 @@ def test_generate_command_prints_findings_and_report(tiny_run, study, tmp_path):
         [study[:1]])[0].report in text.output
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    for args, message in [
-        (["--run", "nope", str(frontal)], "unknown run 'nope'"),
-        (["--run", "tiny", "--center", "z", str(frontal)], "no model of center 'z'"),
-        (["--run", "tiny", str(bad)], "not a recognizable image"),
-        (["--run", "tiny", str(tmp_path / "missing.png")], "missing.png: cannot read"),
-        ([str(frontal)], "--run RUN or --model URI"),
+    # exit 2: a bad option, run or path; 3: the data itself (an image that does not decode)
+    for args, message, code in [
+        (["--run", "nope", str(frontal)], "unknown run 'nope'", 2),
+        (["--run", "tiny", "--center", "z", str(frontal)], "no model of center 'z'", 2),
+        (["--run", "tiny", str(bad)], "not a recognizable image", 3),
+        (["--run", "tiny", str(tmp_path / "missing.png")], "missing.png: cannot read", 2),
+        ([str(frontal)], "--run RUN or --model URI", 2),
     ]:
         result = runner.invoke(main, ["generate", "--set", storage, *args])
-        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert result.exit_code == code and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1
 
 
