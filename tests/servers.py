@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +49,58 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout
             pytest.fail(f"{url} did not answer within {timeout_s} s:\n"
                         f"{log_path.read_text()[-3000:]}")
         time.sleep(interval_s)
+
+
+RAY_BIN = Path(sys.executable).parent / "ray"  # the venv's
+
+
+@contextlib.contextmanager
+def ray_head(base: Path, env: dict[str, str], *, num_cpus: int, dashboard: bool = False,
+             start_timeout_s: float = 120) -> Iterator[dict[str, str]]:
+    """A `ray start --head --block` cluster on 127.0.0.1 with its own ports and temp dir under
+    `base` (keep it short: Ray's socket paths), started with `env` (token/TLS settings go
+    there). Yields {"gcs": host:port, "dashboard": URL or ""}. Teardown stops exactly that
+    cluster (its process group), never another one on the host.
+
+    Its 100 worker ports lie in 20000-32767: above Ray's default 10002-19999 (the shared test
+    cluster's) and below Linux's ephemeral range (32768-60999), where `free_ports` and the
+    kernel pick the other ports (a worker range there collided with them)."""
+    ports = free_ports(9)
+    worker_low = 20000 + (os.getpid() % 127) * 100
+    command = [
+        str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={ports[0]}", f"--ray-client-server-port={ports[1]}",
+        f"--node-manager-port={ports[2]}", f"--object-manager-port={ports[3]}",
+        f"--dashboard-agent-listen-port={ports[4]}", f"--dashboard-agent-grpc-port={ports[5]}",
+        f"--runtime-env-agent-port={ports[6]}", f"--metrics-export-port={ports[7]}",
+        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 99}",
+        f"--num-cpus={num_cpus}", f"--object-store-memory={300 * 1024 * 1024}",
+        f"--temp-dir={base}/ray", "--disable-usage-stats",
+        *([f"--dashboard-port={ports[8]}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true"] if dashboard else ["--include-dashboard=false"]),
+    ]
+    log_path = Path(base) / "ray-start.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in teardown
+    # a loaded machine (the suite beside other work) may take a while to start a raylet
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=base,
+                            env={"RAY_raylet_start_wait_time_s": "120", **env},
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{ports[8]}" if dashboard else ""
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        if dashboard:
+            wait_until_serving(proc, f"{url}/api/version", log_path,
+                               max(deadline - time.monotonic(), 10), interval_s=1)
+        yield {"gcs": f"127.0.0.1:{ports[0]}", "dashboard": url}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
+        proc.wait(timeout=10)
+        log.close()

@@ -8,26 +8,22 @@ tests/test_ray_jobs.py). cluster.yaml and docs/operations.md carry the same sett
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from helpers import tiny_overrides
-from servers import free_ports
+from servers import ray_head
 
 from fedmrg.cluster_secrets import NODE_CERT, NODE_KEY, TOKEN, cluster_env, make_tls_files
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 120
 
 PROBE = ("import ray, sys\n"
          "ray.init(address=sys.argv[1], log_to_driver=False)\n"
@@ -56,40 +52,10 @@ def secure_cluster():
                            "--out", str(secrets), "--host", "127.0.0.1"],
                           env=_env(None), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    (gcs, client, node_manager, object_manager, agent_http, agent_grpc, runtime_env,
-     metrics) = free_ports(8)
-    worker_low = 21000 + (os.getpid() % 300) * 10
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_low}",
-        f"--max-worker-port={worker_low + 99}", "--num-cpus=4",
-        f"--object-store-memory={300 * 1024 * 1024}", f"--temp-dir={base}/ray",
-        "--disable-usage-stats",
-    ]
-    log_path = base / "ray-start.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                            env=_env(secrets, RAY_raylet_start_wait_time_s="120"), cwd=base,
-                            start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "Ray runtime started" not in log_path.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"127.0.0.1:{gcs}", secrets, base
+        with ray_head(base, _env(secrets), num_cpus=4) as head:
+            yield head["gcs"], secrets, base
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        log.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

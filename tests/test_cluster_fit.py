@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import free_ports
+from servers import free_ports, ray_head
 
 from fedmrg.config import ConfigError, load_config
 from fedmrg.experiment import client_layout
@@ -210,7 +210,6 @@ def test_the_watchdog_reports_a_stall_and_counts_each_reply_as_progress(ray_clus
 
 # --------------------------------------------------------------------------- a 2-CPU cluster
 
-START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
 
 
@@ -230,42 +229,10 @@ def two_cpu_cluster():
     dashboard); yields (GCS address, the RAY_TMPDIR under which its `ray_current_cluster`
     lies). Teardown stops exactly that cluster (see tests/test_ray_jobs.py)."""
     base = tempfile.mkdtemp(prefix="rfit-", dir="/tmp")  # short: socket paths
-    (gcs, client, node_manager, object_manager, agent_http, agent_grpc, runtime_env,
-     metrics) = free_ports(8)
-    worker_low = 24000 + (os.getpid() % 300) * 100
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_low}",
-        f"--max-worker-port={worker_low + 99}", "--num-cpus=2",
-        f"--object-store-memory={300 * 1024 * 1024}", f"--temp-dir={base}/ray",
-        "--disable-usage-stats",
-    ]
-    log_path = Path(base) / "ray-start.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed in teardown
-    # a loaded machine (the suite beside other work) may take a while to start a raylet
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                            env=_env(RAY_raylet_start_wait_time_s="120"), cwd=base,
-                            start_new_session=True)
-    address = f"127.0.0.1:{gcs}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "Ray runtime started" not in log_path.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield address, base
+        with ray_head(Path(base), _env(), num_cpus=2) as head:
+            yield head["gcs"], base
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        log.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -13,11 +13,9 @@ its id. (`ray stop` is not used: it stops every Ray on the machine, the session'
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,13 +23,12 @@ from pathlib import Path
 
 import pytest
 from helpers import tiny_overrides
-from servers import free_ports, wait_until_serving
+from servers import ray_head
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, python
-START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240
 
 
@@ -48,37 +45,10 @@ def _env() -> dict[str, str]:
 def external_cluster():
     """A `ray start --head` cluster on 127.0.0.1; yields its dashboard address."""
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: socket paths
-    (gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc,
-     runtime_env, metrics) = free_ports(9)
-    worker_low = 20000 + (os.getpid() % 400) * 100  # away from the default 10002-19999
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_low}",
-        f"--max-worker-port={worker_low + 99}", "--num-cpus=4",
-        f"--object-store-memory={300 * 1024 * 1024}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                            cwd=temp_dir, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_until_serving(proc, f"{address}/api/version", Path(temp_dir) / "ray-start.log",
-                           START_TIMEOUT_S, interval_s=1)
-        yield address
+        with ray_head(Path(temp_dir), _env(), num_cpus=4, dashboard=True) as head:
+            yield head["dashboard"]
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
-        proc.wait(timeout=10)
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
