@@ -180,22 +180,23 @@ def test_the_watchdog_reports_a_stall_and_counts_each_reply_as_progress(ray_clus
 
     ray.get([sleep.remote(0.2) for _ in range(3)])  # three warm workers: no start-up lag
     stalls = []
-    watchdog = ProgressWatchdog(2.5, lambda what, idle: stalls.append((what, idle)))
-    # replies 1.5 s apart: each resets the clock, no stall although the wait lasts ~4.5 s
-    refs = [sleep.remote(s) for s in (1.5, 3.0, 4.5)]
+    watchdog = ProgressWatchdog(3.0, lambda what, idle: stalls.append((what, idle)))
+    # replies 1 s apart: each resets the clock, no stall although the wait lasts ~3.5 s (the
+    # 2 s margin absorbs a loaded machine's scheduling delays)
+    refs = [sleep.remote(s) for s in (1.5, 2.5, 3.5)]
     ready, pending = watchdog.wait(refs, 3, None, "sleeps")
-    assert sorted(ray.get(ready)) == [1.5, 3.0, 4.5] and not pending and not stalls
+    assert sorted(ray.get(ready)) == [1.5, 2.5, 3.5] and not pending and not stalls
 
-    # nothing for 2.5 s: reported (this callable waits on), again 2.5 s later, then the reply
-    ready, pending = watchdog.wait([sleep.remote(6.0)], 1, None, "a slow sleep")
+    # nothing for 3 s: reported (this callable waits on), again 3 s later, then the reply
+    ready, pending = watchdog.wait([sleep.remote(7.0)], 1, None, "a slow sleep")
     assert len(ready) == 1 and len(stalls) >= 2
-    assert {w for w, _ in stalls} == {"a slow sleep"} and all(i >= 2.5 for _, i in stalls)
+    assert {w for w, _ in stalls} == {"a slow sleep"} and all(i >= 3.0 for _, i in stalls)
 
     # a caller's own timeout still ends the wait
     stalls.clear()
     started = time.monotonic()
-    ready, pending = watchdog.wait([sleep.remote(10.0)], 1, 4.0, "bounded")
-    assert ready == [] and len(pending) == 1 and time.monotonic() - started < 6
+    ready, pending = watchdog.wait([sleep.remote(10.0)], 1, 4.5, "bounded")
+    assert ready == [] and len(pending) == 1 and time.monotonic() - started < 7
     assert len(stalls) == 1
 
     class Stalled(Exception):

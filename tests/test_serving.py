@@ -12,10 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from helpers import TINY_MODEL
+from servers import free_ports, wait_until_serving
 
 from fedmrg.cli import main
 from fedmrg.config import load_config
@@ -342,35 +341,24 @@ def test_a_registered_model_predicts_in_a_fresh_process(logged, tiny_run, study,
     assert json.loads(out.output)[0]["report"] == expected[1].report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_request(logged, tiny_run, study):
+def test_mlflow_models_serve_answers_a_request(logged, tiny_run, study, tmp_path):
     from fedmrg.serving.sources import run_predictor
 
-    port = _free_port()
+    (port,) = free_ports(1)
     bin_dir = str(Path(sys.executable).parent)  # the server runs uvicorn from the PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"],
            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
          f"models:/{REGISTERED}/1", "--env-manager", "local", "-h", "127.0.0.1", "-p",
-         str(port), "-w", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         str(port), "-w", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
-                time.sleep(0.5)
+        # a log file, not a pipe: a server that never answers is stopped below, not waited on
+        wait_until_serving(server, f"http://127.0.0.1:{port}/ping", log_path, timeout_s=180)
         body = {"dataframe_split": {"columns": ["image_1", "image_2"], "data": [
             [base64.b64encode(study[0]).decode(), base64.b64encode(study[1]).decode()]]}}
         request = urllib.request.Request(
@@ -382,6 +370,7 @@ def test_mlflow_models_serve_answers_a_request(logged, tiny_run, study):
         if server.poll() is None:
             os.killpg(server.pid, 15)  # mlflow and the uvicorn it started
         server.wait(timeout=20)
+        log.close()
     [row] = answer["predictions"]
     [expected] = run_predictor(tiny_run["run_dir"]).predict([study])
     assert row["report"] == expected.report and row["views"] == 2
