@@ -28,6 +28,23 @@ import pytest  # noqa: E402
 RAY_TEST_CPUS = 4
 
 
+# The longest test files first (measured on 2 cores): `make test` runs the files on two xdist
+# workers, one file per worker at a time, and a long file started last would run on alone.
+LONGEST_FIRST = (
+    "test_cluster_fit.py", "test_ray_jobs.py", "test_reproducibility.py", "test_resume.py",
+    "test_stop_run.py", "test_fault_rounds.py", "test_bad_input_e2e.py",
+    "test_federation_ray.py", "test_cluster_auth.py", "test_validation_points.py",
+    "test_privacy_ray.py", "test_fl_mrg_benchmark.py", "test_trust_boundary.py",
+    "test_ddp.py", "test_runs.py", "test_serving.py", "test_benchmarks_smoke.py",
+    "test_coordinator_inprocess.py", "test_stream.py", "test_real_reports.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """ONE local Ray for the whole test session (ray.init takes 4-6 s); yields its resources.

@@ -97,9 +97,11 @@ def ray_head(base: Path, env: dict[str, str], *, num_cpus: int, dashboard: bool 
                                max(deadline - time.monotonic(), 10), interval_s=1)
         yield {"gcs": f"127.0.0.1:{ports[0]}", "dashboard": url}
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: shuts its cluster's processes down
+        # --block shuts its cluster down on SIGTERM, but takes longer than the 30 s we once
+        # waited (every teardown hit it); the process group's SIGKILL ends it all anyway
+        proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
         proc.wait(timeout=10)
