@@ -113,6 +113,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def result_path(arg: Path | None, name: str) -> Path:
+    """Where a benchmark writes its JSON: `--out` if given, else `$OUT/<name>` (the device
+    machine's folder that comes back), else benchmarks/results/<name>."""
+    if arg is not None:
+        return arg
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / name
+    return RESULTS / name
+
+
 def write_json(path: Path, record: dict[str, Any]) -> Path:
     """Write `record` as indented JSON, atomically (a reader never sees half a file)."""
     path = Path(path)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from _common import result_path
 
 from fedmrg.config import ExperimentConfig, load_config
 from fedmrg.data.phantom import generate_phantom
@@ -51,7 +52,6 @@ from fedmrg.fl.coordinator import Coordinator
 from fedmrg.fl.strategies import make_strategy
 from fedmrg.model.base_lm import builtin_build_info
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULT_NAME = "gpu_round.json"
 
 
@@ -75,14 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default: $OUT/{RESULT_NAME}, else benchmarks/results/)")
     return p.parse_args(argv)
-
-
-def output_path(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / RESULT_NAME
-    return ROOT / "benchmarks" / "results" / RESULT_NAME
 
 
 def build_config(args: argparse.Namespace, tmp: Path, gpus_per_client: float
@@ -304,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = output_path(args.out)
+    out = result_path(args.out, RESULT_NAME)
     result = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -31,14 +31,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import result_path
+
 RESULT_NAME = "gpu_scale.json"
 CLIENTS, GPU_PER_CLIENT = 4, 0.25
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -74,14 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default: $OUT/{RESULT_NAME}, else benchmarks/results/)")
     return p.parse_args(argv)
-
-
-def output_path(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / RESULT_NAME
-    return ROOT / "benchmarks" / "results" / RESULT_NAME
 
 
 def bitsandbytes_status() -> str | None:
@@ -264,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_round's helpers
-    out = output_path(args.out)
+    out = result_path(args.out, RESULT_NAME)
     result = run(args, gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
