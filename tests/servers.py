@@ -54,6 +54,20 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout
 RAY_BIN = Path(sys.executable).parent / "ray"  # the venv's
 
 
+def ray_cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `ray`, `fedmrg` or driver subprocess of the cluster tests: this
+    process's without any Ray address, token or TLS setting (each test sets its own), offline
+    and quiet, the venv's bin first on PATH; `extra` on top."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_TLS", "RAY_USE_TLS"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
+               TOKENIZERS_PARALLELISM="false",
+               PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(extra)
+    return env
+
+
 @contextlib.contextmanager
 def ray_head(base: Path, env: dict[str, str], *, num_cpus: int, dashboard: bool = False,
              start_timeout_s: float = 120) -> Iterator[dict[str, str]]:

@@ -9,7 +9,6 @@ tests/test_ray_jobs.py). cluster.yaml and docs/operations.md carry the same sett
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,10 @@ from pathlib import Path
 
 import pytest
 from helpers import tiny_overrides
-from servers import ray_head
+from servers import ray_cli_env, ray_head
 
 from fedmrg.cluster_secrets import NODE_CERT, NODE_KEY, TOKEN, cluster_env, make_tls_files
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = ("import ray, sys\n"
@@ -31,16 +29,8 @@ PROBE = ("import ray, sys\n"
 
 
 def _env(secrets: Path | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_TLS", "RAY_USE_TLS"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    if secrets is not None:
-        env.update(cluster_env(secrets))
-    env.update(extra)
-    return env
+    return ray_cli_env(**{"PYTHONPATH": str(ROOT),
+                          **(cluster_env(secrets) if secrets else {}), **extra})
 
 
 @pytest.fixture(scope="module")

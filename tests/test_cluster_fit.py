@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import free_ports, ray_head
+from servers import free_ports, ray_cli_env, ray_head
 
 from fedmrg.config import ConfigError, load_config
 from fedmrg.experiment import client_layout
@@ -43,7 +43,6 @@ from fedmrg.ray_cluster import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 FOUR = {c: None for c in "abcd"}
 
 
@@ -215,20 +214,14 @@ RUN_TIMEOUT_S = 420
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.update(extra)
-    return env
+    return ray_cli_env(RAY_AUTH_MODE="disabled", **extra)
 
 
 @pytest.fixture(scope="module")
 def two_cpu_cluster():
     """`ray start --head --num-cpus=2` on 127.0.0.1 (own ports and temp dir, token auth off, no
     dashboard); yields (GCS address, the RAY_TMPDIR under which its `ray_current_cluster`
-    lies). Teardown stops exactly that cluster (see tests/test_ray_jobs.py)."""
+    lies). Teardown stops exactly that cluster (`servers.ray_head`)."""
     base = tempfile.mkdtemp(prefix="rfit-", dir="/tmp")  # short: socket paths
     try:
         with ray_head(Path(base), _env(), num_cpus=2) as head:

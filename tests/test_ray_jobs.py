@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers import tiny_overrides
-from servers import ray_head
+from servers import ray_cli_env, ray_head
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,7 @@ JOB_TIMEOUT_S = 240
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    return env
+    return ray_cli_env(RAY_AUTH_MODE="disabled")
 
 
 @pytest.fixture(scope="module")
