@@ -422,7 +422,22 @@ def run_record(spec: RunSpec, summary: Mapping[str, Any], evaluations: Sequence[
         "centers": list(summary["centers"]), "mlflow": summary.get("mlflow", {}),
         "storage_dir": summary.get("storage_dir"),
         "privacy": summary.get("privacy", {}),  # epsilon spent (privacy rows)
+        "per_study": per_study_items(summary),
     }
+
+
+def per_study_items(summary: Mapping[str, Any]) -> dict[str, dict[str, list]]:
+    """scope (SCOPES) -> center -> the final evaluation's per-study items of each model that
+    evaluated that center (`Result` tables' "per_study", recorded with `eval.per_study`);
+    empty when the run recorded none."""
+    centers = set(summary["centers"])
+    out: dict[str, dict[str, list]] = {}
+    for scope, (view, _) in SCOPES.items():
+        for center, models in (summary[view].get("per_study") or {}).items():
+            if (scope == "heldout") != (center not in centers):
+                continue
+            out.setdefault(scope, {})[center] = list(models)
+    return out
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -558,18 +573,27 @@ NO_PER_STUDY = "n/a (no per-study records)"
 BOOTSTRAP_RESAMPLES = 2000
 
 
+# metric -> (which per-study items it reads, the corpus metric of a list of them)
+PER_STUDY_METRICS = {"ce_f1_macro": "ce_labels", "ce_f1_micro": "ce_labels", "bleu4": "bleu"}
+
+
 def per_study_units(records: Sequence[Mapping[str, Any]], row: str, key: str
                     ) -> dict[tuple[int, str], list[Any]]:
-    """(seed, center) -> the row's per-study items of `key` (`<scope>/<metric>`), from the
-    records' `per_study[key][center]` lists (the test studies in a fixed order: a
-    (generated labels, reference labels) pair per study for CE metrics, a score otherwise);
-    empty when the records hold none."""
+    """(seed, center) -> the row's per-study items for `key` (`<scope>/<metric>`, metric in
+    PER_STUDY_METRICS) from the records' `per_study` (`per_study_items`): per test study (in
+    study-id order) the tuple of the items of every model that evaluated the center; empty
+    when the records hold none."""
+    scope, _, metric = key.partition("/")
+    if metric not in PER_STUDY_METRICS:
+        return {}
+    which = PER_STUDY_METRICS[metric]
     out = {}
     for r in records:
         if r["row"] != row:
             continue
-        for center, items in ((r.get("per_study") or {}).get(key) or {}).items():
-            out[(r["seed"], center)] = list(items)
+        for center, models in ((r.get("per_study") or {}).get(scope) or {}).items():
+            out[(r["seed"], center)] = [tuple(study) for study in
+                                        zip(*(m[which] for m in models), strict=True)]
     return out
 
 
@@ -579,20 +603,23 @@ def paired_interval(records: Sequence[Mapping[str, Any]], winner: str, loser: st
     (`fedmrg.eval.bootstrap`), resampled within every (seed, center) both rows have, or None
     when the records hold no per-study items for both."""
     from fedmrg.eval.bootstrap import (
+        bleu4_of_studies,
         ce_f1_macro_of_studies,
-        mean_of_studies,
+        ce_f1_micro_of_studies,
+        over_models,
         paired_bootstrap,
     )
 
     a, b = per_study_units(records, winner, key), per_study_units(records, loser, key)
-    shared = sorted(set(a) & set(b))
+    shared = [u for u in sorted(set(a) & set(b)) if len(a[u]) == len(b[u])]
     if not shared:
         return None
-    metric = ce_f1_macro_of_studies if key.endswith("ce_f1_macro") else mean_of_studies
+    metric = {"ce_f1_macro": ce_f1_macro_of_studies, "ce_f1_micro": ce_f1_micro_of_studies,
+              "bleu4": bleu4_of_studies}[key.partition("/")[2]]
     diff, lo, hi = paired_bootstrap([a[u] for u in shared], [b[u] for u in shared],
-                                    BOOTSTRAP_RESAMPLES, seed=0, metric=metric)
+                                    BOOTSTRAP_RESAMPLES, seed=0, metric=over_models(metric))
     return {"diff": diff, "lo": lo, "hi": hi, "units": len(shared),
-            "resolved": lo > 0 or hi < 0}
+            "studies": sum(len(a[u]) for u in shared), "resolved": lo > 0 or hi < 0}
 
 
 def _with_interval(check: dict[str, Any], records: Sequence[Mapping[str, Any]] | None,

@@ -301,6 +301,10 @@ class EvalConfig(Section):
     share_references: bool = _f(False, "ask for each sample's reference report and study id "
                                 "with its generated report (report text then leaves the "
                                 "center; a center's disclosure.yaml may refuse)")
+    per_study: bool = _f(False, "ask each center for its test studies' scores one by one "
+                         "(the CE labels of the generated and the reference report, BLEU "
+                         "counts; no text) for paired bootstrap intervals; a center's "
+                         "disclosure.yaml with share_references: false refuses")
     val_every: int = _f(2, "a cheap validation evaluation (greedy, `val_studies` val studies "
                            "per center) every N rounds, logged to MLflow as val/... (0: none)",
                         min=0)

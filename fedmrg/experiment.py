@@ -318,13 +318,22 @@ def communication_totals(rounds: Sequence[Mapping[str, Any]], full_model_bytes: 
 
 
 def _evaluation_table(reply_or_table: Any) -> dict[str, Any]:
-    """{"per_center": {center: metrics}, "mean": metrics} from the coordinator's result."""
+    """{"per_center": {center: metrics}, "mean": metrics} from the coordinator's result, and
+    with `eval.per_study` "per_study": {center: [one reply's per-study items per model that
+    evaluated it]} (one model, except `local`'s clients each on a held-out center)."""
     if reply_or_table is None:
         return {"per_center": {}, "mean": {}}
     if isinstance(reply_or_table, Mapping):
-        return {"per_center": dict(reply_or_table.get("per_center", {})),
-                "mean": dict(reply_or_table.get("mean", {}))}
-    return {"per_center": dict(reply_or_table.per_center), "mean": dict(reply_or_table.mean)}
+        return {k: dict(reply_or_table.get(k, {})) for k in ("per_center", "mean", "per_study")
+                if k in reply_or_table or k != "per_study"}
+    table = {"per_center": dict(reply_or_table.per_center), "mean": dict(reply_or_table.mean)}
+    per_study: dict[str, list] = {}
+    for reply in reply_or_table.replies:
+        if reply.per_study:
+            per_study.setdefault(reply.center, []).append(reply.per_study)
+    if per_study:
+        table["per_study"] = per_study
+    return table
 
 
 def round_metrics(row: Mapping[str, Any], center_runs: Collection[str]

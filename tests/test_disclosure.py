@@ -169,6 +169,44 @@ def test_reference_fields_need_the_run_to_ask_and_the_center_to_allow(field):
     assert SAMPLE[field] not in refused and SAMPLE[field] not in not_asked
 
 
+def per_study(n: int = 4) -> dict[str, list]:
+    return {"ce_labels": [[[0] * 14, [1] * 14]] * n, "bleu": [[3, 4, 3, 2, 1, 0, 2, 1, 0, 0]] * n}
+
+
+PER_STUDY = EvalConfig(share_references=False, samples=5, per_study=True)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"ce_labels": [], "bleu": []}, "per_study['ce_labels']: 0 item(s), expected one per "
+                                    "evaluated study (4.0)"),
+    ({"ce_labels": per_study()["ce_labels"]}, "per_study: keys must be exactly"),
+    ({**per_study(), "reports": ["x"] * 4}, "per_study: keys must be exactly"),
+    ({**per_study(), "bleu": [[1, 2, 3]] * 4}, "per_study['bleu']: shape (4, 3)"),
+    ({**per_study(), "bleu": [["the heart"] * 10] * 4}, "per_study['bleu']: shape (4, 10) of <U"),
+    ({**per_study(), "ce_labels": [[[0] * 14, [7] * 14]] * 4},
+     "per_study['ce_labels']: a value outside [0, 3]"),
+    ({**per_study(), "bleu": [[3, 4, 3, 2, 1, 0, 2, 1, 0, -1]] * 4},
+     "per_study['bleu']: a value outside [0, inf]"),
+    ([1, 2], "per_study: a list, not a mapping"),
+])
+def test_per_study_items_are_checked_by_shape_and_range(bad, reason):
+    samples = [{"generated": "x"}]
+    assert check(reply(samples=samples, per_study=per_study()), run=PER_STUDY) is None
+    assert check(reply(samples=samples, per_study=bad), run=PER_STUDY).startswith(reason)
+
+
+def test_per_study_items_need_the_run_to_ask_and_the_center_to_allow_references():
+    samples = [{"generated": "x"}]
+    not_asked = check(reply(samples=samples, per_study=per_study()), run=EvalConfig())
+    assert not_asked == ("per_study: not allowed, the run did not ask for them "
+                         "(eval.per_study=false)")
+    refused = check(reply(samples=samples, per_study=per_study(), disclosure=REFUSE),
+                    run=PER_STUDY)
+    assert refused == "per_study: not allowed, the center's disclosure policy refuses references"
+    assert effective_disclosure(PER_STUDY, DisclosurePolicy()).per_study
+    assert not effective_disclosure(PER_STUDY, REFUSE).per_study
+
+
 def test_a_centers_sample_limit_is_enforced():
     two = DisclosurePolicy(max_samples=2)
     assert check(reply(samples=[dict(SAMPLE)] * 2, disclosure=two)) is None

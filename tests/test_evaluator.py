@@ -94,6 +94,26 @@ def test_evaluate_model_returns_every_key_and_the_generations(model):
     assert result.predicted_states.shape == (n, NUM_OBSERVATIONS)
 
 
+def test_per_study_items_recompute_the_corpus_metrics_in_study_id_order(model):
+    from fedmrg.eval.bootstrap import bleu4_of_studies, ce_f1_macro_of_studies
+
+    batches = make_batches(0)
+    result = evaluate_model(model, batches, personalized=False, num_samples=0, meteor=False,
+                            **GEN)
+    n = len(result.reports)
+    assert sorted(result.per_study) == ["bleu", "ce_labels"]
+    assert len(result.per_study["ce_labels"]) == len(result.per_study["bleu"]) == n
+    # the metrics of every study recomputed from the items equal the evaluation's own
+    assert ce_f1_macro_of_studies(result.per_study["ce_labels"]) == pytest.approx(
+        result.metrics["ce_f1_macro"], nan_ok=True)
+    assert bleu4_of_studies(result.per_study["bleu"]) == pytest.approx(result.metrics["bleu4"])
+    order = sorted(range(n), key=lambda i: result.study_ids[i])
+    from fedmrg.data.labeler import label_report
+    first = order[0]  # the first item is the smallest study id's
+    assert result.per_study["ce_labels"][0] == [list(label_report(result.reports[first])),
+                                                list(label_report(result.references[first]))]
+
+
 def test_evaluate_model_restores_training_mode_and_checks_arguments(model):
     model.train()
     evaluate_model(model, make_batches(0, 1), **GEN)

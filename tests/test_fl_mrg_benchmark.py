@@ -452,34 +452,72 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
         prompt_following.main([str(tmp_path / "out"), "--out", str(out)])
 
 
+def _bleu_counts(rng: np.random.Generator, n: int, match: float) -> list[list[int]]:
+    """n studies' BLEU counts (fedmrg.eval.nlg.bleu_statistics layout): 20 tokens each, a
+    reference of 20, `match` of every n-gram order matched."""
+    guess = [20, 19, 18, 17]
+    return [[20, 20, *guess, *(int(rng.binomial(g, match)) for g in guess)] for _ in range(n)]
+
+
 def test_targets_get_paired_intervals_where_records_have_per_study_items():
     rng = np.random.default_rng(0)
     records = []
     for seed in (0, 1):
         ref = (rng.random((40, 14)) < 0.3).astype(int)
-        bleu = rng.uniform(0, 0.4, 40)
-        for row, shift, flip in (("fedmrg", 0.05, 0.1), ("fedavg", 0.0, 0.3),
-                                 ("fedmrg-no_mutual", 0.05, 0.1)):
+        items = {}  # fedmrg-no_mutual gets fedmrg's exact items
+        for row, match, flip in (("fedmrg", 0.5, 0.1), ("fedavg", 0.3, 0.3),
+                                 ("fedmrg-no_mutual", None, None)):
             r = record(row, seed)
-            hyp = np.where(rng.random(ref.shape) < flip, 1 - ref, ref)
-            r["per_study"] = {
-                "personalization/bleu4": {"a": list(bleu + shift), "b": list(bleu + shift)},
-                "personalization/ce_f1_macro": {"a": [[h.tolist(), t.tolist()]
-                                                      for h, t in zip(hyp, ref, strict=True)]}}
+            if match is not None:
+                hyp = np.where(rng.random(ref.shape) < flip, 1 - ref, ref)
+                models = [{"ce_labels": [[h.tolist(), t.tolist()] for h, t in
+                                         zip(hyp, ref, strict=True)],
+                           "bleu": _bleu_counts(rng, 40, match)}]
+                items[row] = {"a": models, "b": models}
+            r["per_study"] = {"personalization": items[row if match is not None else "fedmrg"]}
             records.append(r)
     records.append(record("local", 0))  # an older record: no per-study items
     targets = fl_mrg.check_targets(fl_mrg.aggregate(records), records)
     by = {c["target"]: c for c in targets["checks"]}
     bleu = by["fedmrg > fedavg on personalization/bleu4"]["ci95"]
-    assert bleu["units"] == 4 and bleu["diff"] == pytest.approx(0.05)
-    assert bleu["lo"] == pytest.approx(0.05) and bleu["hi"] == pytest.approx(0.05)
+    assert bleu["units"] == 4 and bleu["studies"] == 160
+    assert 0 < bleu["lo"] < bleu["diff"] < bleu["hi"] and bleu["resolved"]
     ce = by["fedmrg > fedavg on personalization/ce_f1_macro"]["ci95"]
-    assert ce["units"] == 2 and 0 < ce["lo"] < ce["diff"] < ce["hi"] and ce["resolved"]
+    assert ce["units"] == 4 and 0 < ce["lo"] < ce["diff"] < ce["hi"] and ce["resolved"]
     assert "paired 95% CI [" in by["fedmrg > fedavg on personalization/bleu4"]["detail"]
     local = by["fedmrg > local on personalization/bleu4"]
     assert local["ci95"] is None and local["detail"].endswith(fl_mrg.NO_PER_STUDY)
     mutual = targets["ablations"]["fedmrg-no_mutual"]["ci95"]
     assert mutual["personalization/bleu4"]["diff"] == pytest.approx(0.0)
+    assert (mutual["personalization/bleu4"]["lo"], mutual["personalization/bleu4"]["hi"]) == (
+        pytest.approx(0.0), pytest.approx(0.0))
     assert mutual["generalization/bleu4"] is None
     text = fl_mrg.targets_text(targets)
     assert "paired bootstrap 95% intervals" in text and fl_mrg.NO_PER_STUDY in text
+
+
+def test_per_study_items_split_heldout_from_participating_and_average_models():
+    rng = np.random.default_rng(1)
+    ref = (rng.random((30, 14)) < 0.3).astype(int)
+
+    def model(flip, match):
+        hyp = np.where(rng.random(ref.shape) < flip, 1 - ref, ref)
+        return {"ce_labels": [[h.tolist(), t.tolist()] for h, t in zip(hyp, ref, strict=True)],
+                "bleu": _bleu_counts(rng, 30, match)}
+
+    good, bad = model(0.05, 0.6), model(0.4, 0.2)
+    s = summary()
+    s["generalization"]["per_study"] = {"a": [good], "x": [good, bad]}  # x: two local models
+    s["personalization"]["per_study"] = {"a": [good]}
+    items = fl_mrg.per_study_items(s)
+    assert sorted(items) == ["generalization", "heldout", "personalization"]
+    assert list(items["generalization"]) == ["a"] and list(items["heldout"]) == ["x"]
+    one, two = record("fedmrg"), record("local")
+    one["per_study"] = {"heldout": {"x": [good]}}
+    two["per_study"] = {"heldout": {"x": [good, bad]}}
+    ci = fl_mrg.paired_interval([one, two], "fedmrg", "local", "heldout/ce_f1_macro")
+    from fedmrg.eval.bootstrap import ce_f1_macro_of_studies
+    expected = ce_f1_macro_of_studies(good["ce_labels"]) - (
+        ce_f1_macro_of_studies(good["ce_labels"]) + ce_f1_macro_of_studies(bad["ce_labels"])) / 2
+    assert ci["diff"] == pytest.approx(expected) and ci["lo"] > 0 and ci["studies"] == 30
+    assert fl_mrg.paired_interval([one, two], "fedmrg", "local", "heldout/rouge_l") is None

@@ -70,6 +70,26 @@ def test_bleu_by_hand(scores):
     assert scores["bleu2"] == pytest.approx(bp * math.sqrt(9 / 11 * 6 / 9), abs=1e-7)
 
 
+def test_bleu_statistics_sum_to_the_corpus_bleu4_of_any_subset():
+    rng = np.random.default_rng(3)
+    words = ["the", "heart", "is", "normal", "lungs", "clear", "no", "effusion", "mild",
+             "cardiomegaly", ".", "seen"]
+    refs = [" ".join(rng.choice(words, rng.integers(3, 25))) for _ in range(40)]
+    hyps = [" ".join(rng.choice(words, rng.integers(0, 25))) for _ in range(40)]
+    counts = nlg.bleu_statistics(refs, hyps)
+    assert len(counts) == 40 and all(len(c) == nlg.BLEU_STATISTICS for c in counts)
+    for subset in (range(40), range(0, 40, 3), [5, 5, 7, 30]):  # a resample repeats studies
+        subset = list(subset)
+        expected = compute_nlg_metrics([refs[i] for i in subset], [hyps[i] for i in subset],
+                                       meteor=False)["bleu4"]
+        assert nlg.bleu4_from_statistics([counts[i] for i in subset]) == pytest.approx(
+            expected, rel=1e-12, abs=1e-15)
+    # pair 2 by hand: "no no no effusion ." against "there is no effusion ."; "no" clipped to 1
+    assert nlg.bleu_statistics(REFS, HYPS)[1] == [5, 5, 5, 4, 3, 2, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match="no reports"):
+        nlg.bleu4_from_statistics([])
+
+
 @needs_java
 def test_rouge_l_by_hand(scores):
     # LCS: 6 of 6 hyp / 7 ref tokens; "no effusion ." = 3 of 5 / 5.

@@ -2,6 +2,7 @@
 
     diff, lo, hi = paired_bootstrap(a_scores, b_scores, n_resamples=2000, seed=0)
     diff, lo, hi = paired_bootstrap(a_labels, b_labels, metric=ce_f1_macro_of_studies)
+    diff, lo, hi = paired_bootstrap(a_counts, b_counts, metric=bleu4_of_studies)
 
 `a_scores[s]` and `b_scores[s]` are the two methods' per-study items on the same test studies
 of seed `s` (same order: item i of both is study i). Each resample draws, within every seed,
@@ -10,6 +11,13 @@ each method's drawn items (a corpus-level metric such as CE macro-F1 is recomput
 drawn label vectors, not averaged per study) and takes the mean over seeds of a - b. The
 result: the observed difference (metric on every study, mean over seeds) and the 2.5 / 97.5
 percentiles (for a 95% interval) of the resampled differences.
+
+The per-study items are what an evaluation records per study (`EvalResult.per_study`): a
+(generated labels, reference labels) pair for the CE metrics, the BLEU counts
+(`fedmrg.eval.nlg.bleu_statistics`) for corpus BLEU-4, recomputed exactly on every resample.
+Where several models were scored on the same studies and the method's number is their mean
+(e.g. every local model on a held-out center), each study's item is the tuple of the models'
+items and `over_models(metric)` the metric.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedmrg.eval.clinical import compute_ce_metrics
+from fedmrg.eval.nlg import bleu4_from_statistics
 
 Metric = Callable[[Sequence[Any]], float]
 
@@ -36,6 +45,27 @@ def ce_f1_macro_of_studies(items: Sequence[tuple[Sequence[int], Sequence[int]]])
     hyp = np.asarray([h for h, _ in items])
     ref = np.asarray([r for _, r in items])
     return float(compute_ce_metrics(ref, hyp)["ce_f1_macro"])
+
+
+def ce_f1_micro_of_studies(items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
+    """CE micro-F1 of (generated labels, reference labels) pairs (`ce_f1_macro_of_studies`)."""
+    hyp = np.asarray([h for h, _ in items])
+    ref = np.asarray([r for _, r in items])
+    return float(compute_ce_metrics(ref, hyp)["ce_f1_micro"])
+
+
+def bleu4_of_studies(items: Sequence[Sequence[int]]) -> float:
+    """Corpus BLEU-4 of the studies' BLEU counts (`fedmrg.eval.nlg.bleu_statistics`)."""
+    return bleu4_from_statistics(items)
+
+
+def over_models(metric: Metric) -> Metric:
+    """`metric` for studies whose items are tuples over models (one item per model scored on
+    the study): the mean over the models of `metric` on each model's items."""
+    def mean_over_models(items: Sequence[Sequence[Any]]) -> float:
+        models = len(items[0])
+        return float(np.mean([metric([item[m] for item in items]) for m in range(models)]))
+    return mean_over_models
 
 
 def paired_bootstrap(a_scores: Sequence[Sequence[Any]], b_scores: Sequence[Sequence[Any]],

@@ -26,6 +26,9 @@ Metrics of one evaluation (`EvalResult.metrics`):
 `EvalResult.samples`: the first studies' study_id, reference, generated report, the states the
 prompt showed ("states", digits) and, as text, the findings the head predicted ("findings")
 and the true ones ("true_findings", from the labels).
+`EvalResult.per_study`: every study's items for a bootstrap over studies
+(`fedmrg.eval.bootstrap`), in study-id order: "ce_labels" (the labeler's 14 codes of the
+generated report, then of the reference) and "bleu" (its `fedmrg.eval.nlg.bleu_statistics`).
 
 Across centers (`evaluate_centers`) the "mean" row is the unweighted mean over centers of each
 metric (every center counts the same, whatever its test size; NaN entries, e.g. the F1 of an
@@ -44,12 +47,8 @@ import numpy as np
 import torch
 
 from fedmrg.config import EvalConfig
-from fedmrg.eval.clinical import (
-    compute_ce_from_reports,
-    compute_ce_metrics,
-    compute_diagnosis_metrics,
-)
-from fedmrg.eval.nlg import compute_nlg_metrics
+from fedmrg.eval.clinical import compute_ce_metrics, compute_diagnosis_metrics
+from fedmrg.eval.nlg import bleu_statistics, compute_nlg_metrics
 from fedmrg.eval.repetition import compute_repetition_metrics
 from fedmrg.model.prompts import findings_text
 
@@ -88,6 +87,8 @@ class EvalResult:
     samples: list[dict[str, str]]  # first N: study_id, reference, generated, prompt states
     predicted_states: np.ndarray  # (N, 14) diagnosis head argmax, the states the prompt showed
     wall_s: float = 0.0
+    # per test study, in study-id order (module docstring): "ce_labels", "bleu"
+    per_study: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +178,11 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     metrics: dict[str, float] = {"num_studies": float(len(reports))}
     metrics.update(compute_nlg_metrics(references, reports, meteor=meteor))
     metrics.update(compute_repetition_metrics(reports))
-    metrics.update(compute_ce_from_reports(references, reports, absent=absent))
+    from fedmrg.data.labeler import label_reports  # the rule-based labeler, both sides
+
+    reference_labels = label_reports(references)
+    generated_labels = label_reports(reports)
+    metrics.update(compute_ce_metrics(reference_labels, generated_labels, absent=absent))
     true = torch.cat(labels).numpy()
     metrics.update(compute_diagnosis_metrics(true, torch.cat(probs).numpy()))
     predicted = torch.cat(states_all).numpy()
@@ -188,8 +193,13 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
                 "generated": reports[i], "states": " ".join(map(str, predicted[i])),
                 "findings": findings_text(predicted[i]), "true_findings": findings_text(true[i])}
                for i in range(min(num_samples, len(reports)))]
+    bleu = bleu_statistics(references, reports)
+    order = sorted(range(len(reports)), key=lambda i: study_ids[i])
+    per_study = {"ce_labels": [[generated_labels[i].tolist(), reference_labels[i].tolist()]
+                               for i in order],
+                 "bleu": [bleu[i] for i in order]}
     return EvalResult(reports, references, study_ids, metrics, samples, predicted,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, per_study)
 
 
 def first_studies(batches: Iterable[dict], n: int) -> Iterator[dict]:

@@ -12,14 +12,19 @@ already-tokenized text) and report corpus-level scores:
 * CIDEr: ``Cider`` (CIDEr-D style, sigma = 6, x10), whose IDF comes from the evaluated references,
   so it depends on the whole corpus; with a single report every IDF is 0 and so is CIDEr.
 
-There is one reference per report. The METEOR JVM takes a few seconds to start, so one process per
-Python process is kept and reused (under a lock); it is closed at exit or by `close_meteor`.
+There is one reference per report. `bleu_statistics` gives each report's BLEU counts (its length,
+its reference's, the n-grams it guessed and matched); summed over any subset of reports they
+give that subset's corpus BLEU-4 exactly (`bleu4_from_statistics`): what a bootstrap over
+test studies resamples (`fedmrg.eval.bootstrap`). The METEOR JVM takes a few seconds to
+start, so one process per Python process is kept and reused (under a lock); it is closed at
+exit or by `close_meteor`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -31,10 +36,12 @@ from pathlib import Path
 from typing import IO
 
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-__all__ = ["METRIC_KEYS", "clean_report", "close_meteor", "compute_nlg_metrics"]
+__all__ = ["METRIC_KEYS", "bleu4_from_statistics", "bleu_statistics", "clean_report",
+           "close_meteor", "compute_nlg_metrics"]
 
 METRIC_KEYS: tuple[str, ...] = (
     "bleu1",
@@ -245,6 +252,58 @@ def _meteor_score(references: Sequence[str], hypotheses: Sequence[str]) -> float
             raise
 
 
+def _prepared(references: Sequence[str], hypotheses: Sequence[str], clean: bool
+              ) -> tuple[list[str], list[str]]:
+    """The texts as the scorers get them: cleaned (`clean_report`) or only single-spaced."""
+    _check_corpus(references, hypotheses)
+    prepare = clean_report if clean else (lambda t: " ".join(t.split()))
+    return [prepare(t) for t in references], [prepare(t) for t in hypotheses]
+
+
+# A report's BLEU counts: [its length, its reference's length, guessed 1..4-grams, matched
+# 1..4-grams] (pycocoevalcap's BleuScorer bookkeeping, one reference per report)
+BLEU_STATISTICS = 10
+_BLEU_N = 4
+
+
+def bleu_statistics(references: Sequence[str], hypotheses: Sequence[str], *,
+                    clean: bool = True) -> list[list[int]]:
+    """Each report's BLEU counts (`BLEU_STATISTICS` integers, module docstring), prepared as
+    `compute_nlg_metrics` prepares them."""
+    refs, hyps = _prepared(references, hypotheses, clean)
+    scorer = BleuScorer(n=_BLEU_N)
+    for ref, hyp in zip(refs, hyps, strict=True):
+        scorer += (hyp, [ref])
+    out = []
+    for comps, (ref_lengths, _) in zip(scorer.ctest, scorer.crefs, strict=True):
+        testlen = comps["testlen"]
+        # "closest" reference length, as Bleu.compute_score uses (one reference: its length)
+        reflen = min((abs(n - testlen), n) for n in ref_lengths)[1]
+        out.append([int(testlen), int(reflen), *map(int, comps["guess"]),
+                    *map(int, comps["correct"])])
+    return out
+
+
+def bleu4_from_statistics(statistics: Sequence[Sequence[int]]) -> float:
+    """Corpus BLEU-4 of the reports whose `bleu_statistics` these are: the same number
+    `compute_nlg_metrics` gives for them (pycocoevalcap's formula and smoothing constants)."""
+    if not statistics:
+        raise ValueError("bleu4_from_statistics: no reports")
+    total = [sum(column) for column in zip(*statistics, strict=True)]
+    if len(total) != BLEU_STATISTICS:
+        raise ValueError(f"bleu4_from_statistics: {len(total)} counts per report, expected "
+                         f"{BLEU_STATISTICS}")
+    testlen, reflen = total[0], total[1]
+    guess, correct = total[2:2 + _BLEU_N], total[2 + _BLEU_N:]
+    tiny, small = 1e-15, 1e-9  # BleuScorer's: a zero match count gives 0, never a division error
+    bleu = 1.0
+    for k in range(_BLEU_N):
+        bleu *= (correct[k] + tiny) / (guess[k] + small)
+    bleu **= 1.0 / _BLEU_N
+    ratio = (testlen + tiny) / (reflen + small)
+    return float(bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu)
+
+
 def compute_nlg_metrics(
     references: Sequence[str], hypotheses: Sequence[str], *, clean: bool = True,
     meteor: bool = True,
@@ -256,13 +315,7 @@ def compute_nlg_metrics(
     Empty hypotheses score 0 rather than failing. Returns floats under `METRIC_KEYS`
     (without "meteor" when `meteor=False`: no JVM is started, e.g. for a cheap validation).
     """
-    _check_corpus(references, hypotheses)
-    if clean:
-        refs = [clean_report(t) for t in references]
-        hyps = [clean_report(t) for t in hypotheses]
-    else:
-        refs = [" ".join(t.split()) for t in references]
-        hyps = [" ".join(t.split()) for t in hypotheses]
+    refs, hyps = _prepared(references, hypotheses, clean)
     gts = {i: [r] for i, r in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
 

@@ -556,10 +556,12 @@ class FederatedClient:
         # Without shared references the true findings (read from the reference) stay too.
         policy = read_policy(self.root, target)
         asked = dataclasses.replace(self.cfg.eval, samples=self.eval_samples)
-        samples = disclose_samples(result.samples, effective_disclosure(asked, policy))
+        allowed = effective_disclosure(asked, policy)
+        samples = disclose_samples(result.samples, allowed)
         view = View.PERSONALIZATION if personalized else View.GENERALIZATION
         return EvalReply(center=target, view=view, metrics=metrics, samples=samples,
-                         disclosure=policy)
+                         disclosure=policy,
+                         per_study=result.per_study if allowed.per_study else {})
 
 
 def default_checkpoint_dir(cfg: ExperimentConfig, center: str) -> Path | None:

@@ -114,6 +114,10 @@ class EvalReply:
     samples: list[dict[str, Any]] = field(default_factory=list)
     # the dataset center's own disclosure policy the samples were chosen under
     disclosure: DisclosurePolicy = field(default_factory=DisclosurePolicy)
+    # when the run asks (eval.per_study) and the policy allows: per test study, in study-id
+    # order, "ce_labels" [[14 generated codes], [14 reference codes]] and "bleu" (the 10
+    # `fedmrg.eval.nlg.bleu_statistics` counts); no text, no study id
+    per_study: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass

@@ -43,7 +43,10 @@ factors the client loaded (about 2^-8 relative, far below any useful bound).
    from the center; the tracker skips it); samples a list of at most `effective_disclosure`'s
    count, each a mapping of allowed field names to strings of at most `MAX_SAMPLE_CHARS`; the
    reference fields (study id, reference report, true findings) only when the run asked for
-   them AND the dataset center's policy allows them. The reason names the field, never its
+   them AND the dataset center's policy allows them; per-study scores only when the run asked
+   (`eval.per_study`) and the policy allows references, exactly "ce_labels" (a pair of 14
+   label codes per study) and "bleu" (`BLEU_STATISTICS` counts >= 0 per study), one item per
+   evaluated study (`metrics["num_studies"]`). The reason names the field, never its
    content (a refused reference must not reach the logs either).
 """
 
@@ -61,6 +64,8 @@ from torch import Tensor
 
 from fedmrg.choices import NormAction, choice_values
 from fedmrg.config import EvalConfig
+from fedmrg.data.schema import NUM_OBSERVATIONS, NUM_STATES
+from fedmrg.eval.nlg import BLEU_STATISTICS
 from fedmrg.fl.lowrank import LowRankUpdate
 from fedmrg.fl.messages import ClientUpdate, EvalReply, UpdateSpec
 from fedmrg.fl.quantize import QuantizedTensor, quantized_problem
@@ -369,7 +374,51 @@ def validate_eval_reply(reply: Any, *, center: str, view: str, run: EvalConfig) 
             if len(value) > MAX_SAMPLE_CHARS:
                 return (f"samples[{i}][{key!r}]: {len(value)} characters, more than "
                         f"{MAX_SAMPLE_CHARS}")
+    return per_study_problem(reply.per_study, allowed.per_study, run,
+                             metrics.get("num_studies"))
+
+
+PER_STUDY_KEYS = ("ce_labels", "bleu")
+
+
+def per_study_problem(per_study: Any, allowed: bool, run: EvalConfig, num_studies: Any
+                      ) -> str | None:
+    """Why an EvalReply's `per_study` must not be used (module docstring, 4), or None."""
+    if not isinstance(per_study, Mapping):
+        return f"per_study: a {type(per_study).__name__}, not a mapping"
+    if not per_study:
+        return None
+    if not allowed:
+        why = ("the run did not ask for them (eval.per_study=false)" if not run.per_study
+               else "the center's disclosure policy refuses references")
+        return f"per_study: not allowed, {why}"
+    if sorted(per_study, key=str) != sorted(PER_STUDY_KEYS):
+        return f"per_study: keys must be exactly {list(PER_STUDY_KEYS)}"
+    n = int(num_studies) if _is_number(num_studies) and math.isfinite(num_studies) else None
+    shapes = {"ce_labels": (2, NUM_OBSERVATIONS), "bleu": (BLEU_STATISTICS,)}
+    low = {"ce_labels": 0, "bleu": 0}
+    high = {"ce_labels": NUM_STATES - 1, "bleu": None}  # label codes 0..3 (schema)
+    for key in PER_STUDY_KEYS:
+        items = per_study[key]
+        if not isinstance(items, list) or len(items) != n:
+            return (f"per_study[{key!r}]: {_length_of_list(items)} item(s), expected one per "
+                    f"evaluated study ({num_studies})")
+        try:
+            array = np.asarray(items)
+        except (TypeError, ValueError):
+            return f"per_study[{key!r}]: not a rectangular array of integers"
+        if array.shape != (n, *shapes[key]) or array.dtype.kind not in "iu":
+            return (f"per_study[{key!r}]: shape {array.shape} of {array.dtype}, expected "
+                    f"{(n, *shapes[key])} integers")
+        if n and (array.min() < low[key] or (high[key] is not None
+                                              and array.max() > high[key])):
+            return (f"per_study[{key!r}]: a value outside [{low[key]}, "
+                    f"{'inf' if high[key] is None else high[key]}]")
     return None
+
+
+def _length_of_list(value: Any) -> Any:
+    return len(value) if isinstance(value, list) else type(value).__name__
 
 
 def _brief(value: Any, limit: int = 40) -> str:

@@ -12,7 +12,10 @@ runs (never sent by the coordinator):
         max_samples: 2            # at most 2 sample generations per evaluation (0: none)
 
 A policy only takes away (`effective_disclosure`): references go out when the run asks AND
-the policy allows, samples are the smaller of the run's and the policy's count. Without a file
+the policy allows, samples are the smaller of the run's and the policy's count. Per-study
+scores (`eval.per_study`: each test study's CE labels of the generated and the reference
+report and its BLEU counts, no text) hold what the labeler read from the reference reports,
+so `share_references: false` refuses them too. Without a file
 the run config decides (as before policies existed). The policy of the DATASET's center
 applies, also when another client evaluates it (a held-out center's folder holds its own).
 
@@ -64,6 +67,7 @@ class Disclosure:
 
     share_references: bool
     samples: int
+    per_study: bool = False  # per-study scores (labels read from the references: see below)
 
 
 def policy_path(dataset_root: str | Path, center: str) -> Path:
@@ -98,8 +102,10 @@ def effective_disclosure(run: EvalConfig, policy: DisclosurePolicy) -> Disclosur
     """The run's `eval.share_references` / `eval.samples`, only ever narrowed by `policy`."""
     samples = run.samples if policy.max_samples is None else min(run.samples,
                                                                  policy.max_samples)
+    # Per-study scores hold the labels read from each reference report, as true_findings
+    # does: a policy that refuses references refuses them too.
     return Disclosure(share_references=run.share_references and policy.share_references,
-                      samples=samples)
+                      samples=samples, per_study=run.per_study and policy.share_references)
 
 
 def disclose_samples(samples: Sequence[Mapping[str, Any]], allowed: Disclosure
