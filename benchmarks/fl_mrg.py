@@ -133,13 +133,29 @@ PRIVACY: dict[str, tuple[str, ...]] = {
     "dp2": ("privacy.mode=central", "privacy.noise_multiplier=6.80"),
     "secagg": ("privacy.secure_aggregation=true",),
 }
-ROWS = (*STRATEGIES, *(f"fedmrg-{a}" for a in ABLATIONS), *(f"ffa_lora-{p}" for p in PRIVACY))
+# Wire quantization rows (fedmrg.fl.quantize): fedmrg with its clients' model updates sent
+# blockwise int8 or 4-bit NormalFloat, error feedback carrying the quantization error.
+WIRE: dict[str, tuple[str, ...]] = {
+    "int8": ("federation.wire_dtype=int8",),
+    "nf4": ("federation.wire_dtype=nf4",),
+}
+ROWS = (*STRATEGIES, *(f"fedmrg-{a}" for a in ABLATIONS), *(f"fedmrg-{w}" for w in WIRE),
+        *(f"ffa_lora-{p}" for p in PRIVACY))
+# The evaluation preset of the evidence table (`--preset evidence`): the phantom benchmark at
+# 750 studies per center (70/10/20: 525 train, 75 val, 150 test studies per center), and
+# every test study's scores recorded for the paired bootstrap intervals (`eval.per_study`).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "evidence": ("data.phantom.studies_per_center=750", "data.root=data/phantom-750",
+                 "eval.per_study=true"),
+}
 ROW_LABELS = {
     "fedmrg-no_lowrank": "fedmrg w/o low-rank/exact aggregation",
     "fedmrg-no_contrastive": "fedmrg w/o client-aware contrastive",
     "fedmrg-no_prompts": "fedmrg w/o diagnosis prompts",
     "fedmrg-no_mutual": "fedmrg w/o mutual boosting",
     "fedmrg-no_specialized": "fedmrg w/o specialized adapter",
+    "fedmrg-int8": "fedmrg, int8 wire",
+    "fedmrg-nf4": "fedmrg, nf4 wire",
     "ffa_lora-dp8": "ffa_lora, central DP epsilon 8",
     "ffa_lora-dp2": "ffa_lora, central DP epsilon 2",
     "ffa_lora-secagg": "ffa_lora, secure aggregation",
@@ -217,7 +233,8 @@ class RunSpec:
 
 def parse_rows(text: str) -> list[str]:
     """`"fedmrg,fedavg,fedmrg-no_mutual"` -> the rows, in the table's order; `all` is every
-    row, `ablations` every fedmrg ablation, `privacy` the privacy rows. An unknown name is a
+    row, `ablations` every fedmrg ablation, `wire` the quantized-wire rows, `privacy` the
+    privacy rows. An unknown name is a
     BenchmarkError."""
     wanted: list[str] = []
     for item in (s.strip() for s in text.split(",")):
@@ -226,14 +243,16 @@ def parse_rows(text: str) -> list[str]:
         if item == "all":
             wanted += ROWS
         elif item == "ablations":
-            wanted += [r for r in ROWS if r.startswith("fedmrg-")]
+            wanted += [f"fedmrg-{a}" for a in ABLATIONS]
         elif item == "privacy":
             wanted += [f"ffa_lora-{p}" for p in PRIVACY]
+        elif item == "wire":
+            wanted += [f"fedmrg-{w}" for w in WIRE]
         elif item in ROWS:
             wanted.append(item)
         else:
             raise BenchmarkError(f"--strategies: unknown row {item!r}; choose from "
-                                 f"{list(ROWS)} (or 'all', 'ablations', 'privacy')")
+                                 f"{list(ROWS)} (or 'all', 'ablations', 'wire', 'privacy')")
     if not wanted:
         raise BenchmarkError(f"--strategies: no row in {text!r}")
     return [r for r in ROWS if r in wanted]
@@ -299,7 +318,7 @@ def run_matrix(rows: Sequence[str], seeds: Sequence[int], *, rounds: int, local_
             if row not in ROWS:
                 raise BenchmarkError(f"unknown row {row!r}; choose from {list(ROWS)}")
             strategy, _, ablation = row.partition("-")
-            switches = {**ABLATIONS, **PRIVACY}[ablation] if ablation else ()
+            switches = {**ABLATIONS, **WIRE, **PRIVACY}[ablation] if ablation else ()
             overrides = (f"seed={seed}", *budget_overrides(strategy, rounds, local_steps,
                                                            n_centers),
                          f"federation.eval_every={eval_every}",
@@ -664,7 +683,7 @@ def check_targets(agg: Mapping[str, Mapping[str, Any]],
                        "detail": f"{mine:.4f} / {central:.4f} = {ratio:.0%}"})
     main = [f"{scope}/{m}" for scope in SCOPES for m in ("ce_f1_macro", "bleu4")]
     ablations: dict[str, Any] = {}
-    for row in (r for r in ROWS if r.startswith("fedmrg-")):
+    for row in (r for r in ROWS if r.startswith("fedmrg-")):  # ablations and wire rows
         if row not in agg or "fedmrg" not in agg:
             continue
         contribution = {}
@@ -694,15 +713,16 @@ def targets_text(targets: Mapping[str, Any]) -> str:
         mark = {True: "met", False: "MISSED", None: "skipped"}[c["passed"]]
         lines.append(f"- {mark}: {c['target']}: {c['detail']}")
     if targets["ablations"]:
-        lines += ["", "**ablations**: contribution of each mechanism = full fedmrg minus "
-                      "fedmrg without it (positive: the mechanism helps)", ""]
-        header = ["without", *(k.replace("/", " ") for k in
+        lines += ["", "**ablations and wire quantization**: full fedmrg minus the row (an "
+                      "ablation: the mechanism's contribution, positive when it helps; a "
+                      "quantized wire: its quality cost, positive when it loses)", ""]
+        header = ["row", *(k.replace("/", " ") for k in
                                next(iter(targets["ablations"].values()))["contribution"]),
-                  "bytes x without"]
+                  "bytes x (row / fedmrg)"]
         rows = []
         for row, a in targets["ablations"].items():
             ratio = a["bytes_ratio_without"]
-            rows.append([row_label(row).removeprefix("fedmrg w/o "),
+            rows.append([row_label(row),
                          *("n/a" if v is None else f"{v:+.4f}"
                            for v in a["contribution"].values()),
                          "n/a" if ratio is None else f"{ratio:.2f}"])
@@ -711,7 +731,7 @@ def targets_text(targets: Mapping[str, Any]) -> str:
         if with_ci:
             lines += ["", "paired bootstrap 95% intervals of the contributions (over test "
                           "studies, paired, pooled over seeds):", ""]
-            rows = [[row_label(row).removeprefix("fedmrg w/o "),
+            rows = [[row_label(row),
                      *(NO_PER_STUDY if ci is None else f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}]"
                        for ci in cis.values())] for row, cis in with_ci.items()]
             lines.append(markdown_table(header[:-1], rows))
@@ -1010,6 +1030,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every run")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="overrides for every run before --set (PRESETS: 'evidence' is "
+                             "150 test studies per center and per-study records)")
     parser.add_argument("--retries", type=int, default=1,
                         help="times a failed run is continued from its checkpoint")
     parser.add_argument("--resume", action="store_true",
@@ -1024,6 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retries < 0:
         raise BenchmarkError(f"--retries must be >= 0, got {args.retries}")
     mode = MODES["quick" if args.quick else "full"]
+    args.extra = [*PRESETS.get(args.preset, ()), *args.extra]
     defaults = load_config("default", args.extra)
     rows = parse_rows(args.strategies) if args.strategies else list(mode.rows)
     seeds = parse_seeds(args.seeds) if args.seeds else list(mode.seeds)

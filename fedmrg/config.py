@@ -297,6 +297,8 @@ class EvalConfig(Section):
     # and BLEU-4 -0.008 / -0.006; 3 costs more (personalized CE-F1 -0.064).
     no_repeat_ngram_size: int = _f(4, "a generated report never repeats an n-gram of this many "
                                       "tokens (0: off)", min=0)
+    batch_size: int = _f(64, "test studies decoded together: one batched greedy generate "
+                             "call (Hugging Face, KV cache) per batch", min=1)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
     share_references: bool = _f(False, "ask for each sample's reference report and study id "
                                 "with its generated report (report text then leaves the "

@@ -588,7 +588,7 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
         raise ExperimentError(f"{models_dir}: no saved client model; the run did not finish")
     cfg = load_config(str(run_dir / RUN_CONFIG), overrides)
     root = str(Path(data_root).expanduser().resolve()) if data_root else cfg.data.root
-    data_cfg = dataclasses.replace(cfg.data, root=root)
+    data_cfg = dataclasses.replace(cfg.data, root=root, batch_size=cfg.eval.batch_size)
     if connect_ray:
         from fedmrg.ray_cluster import connect
 

@@ -70,8 +70,12 @@ def test_each_ablation_switches_off_exactly_its_mechanism():
         "fedmrg-no_mutual": {"model.losses.mutual": 0.0},
         "fedmrg-no_specialized": {"model.specialized_adapter": False,
                                   "model.losses.lm_personal": 0.0, "model.losses.mutual": 0.0},
+        "fedmrg-int8": {"federation.wire_dtype": "int8"},  # the wire rows change only it
+        "fedmrg-nf4": {"federation.wire_dtype": "nf4"},
     }
     assert set(expected) == {r for r in fl_mrg.ROWS if r.startswith("fedmrg-")}
+    assert fl_mrg.parse_rows("wire") == ["fedmrg-int8", "fedmrg-nf4"]
+    assert "fedmrg-int8" not in fl_mrg.parse_rows("ablations")
     for row, changes in expected.items():
         cfg = make_strategy(load_config("default", base[row].overrides)).cfg.flat()
         differ = {k: cfg[k] for k in cfg if cfg[k] != full[k]}
@@ -92,7 +96,7 @@ def test_extra_overrides_come_last_and_the_tracking_uri_only_when_given():
 
 def test_bad_rows_seeds_and_budgets_are_named():
     assert fl_mrg.parse_rows("fedmrg, local,centralized") == ["centralized", "local", "fedmrg"]
-    assert fl_mrg.parse_rows("ablations") == [r for r in fl_mrg.ROWS if r.startswith("fedmrg-")]
+    assert fl_mrg.parse_rows("ablations") == [f"fedmrg-{a}" for a in fl_mrg.ABLATIONS]
     assert fl_mrg.parse_rows("privacy") == ["ffa_lora-dp8", "ffa_lora-dp2", "ffa_lora-secagg"]
     assert fl_mrg.parse_rows("all") == list(fl_mrg.ROWS)
     with pytest.raises(BenchmarkError, match="'fedsgd'"):
@@ -337,7 +341,7 @@ def test_ablation_contribution_is_full_minus_ablated():
     assert mutual["helps_on"] == ["personalization/bleu4"] and not mutual["hurts_on"]
     assert mutual["contribution"]["heldout/bleu4"] is None  # no value on either side
     text = fl_mrg.targets_text(fl_mrg.check_targets(agg))
-    assert "| mutual boosting | " in text and "+0.0500" in text and "| 25.00 |" in text
+    assert "| fedmrg w/o mutual boosting | " in text and "+0.0500" in text and "| 25.00 |" in text
 
 
 # --------------------------------------------------------------------------- plot, resume

@@ -251,15 +251,19 @@ class FederatedClient:
             verify_center_files(self.root, center, manifest)
             self._verified.add(center)
 
-    def _stream(self, centers: Sequence[str], split: str) -> CenterStream:
+    def _stream(self, centers: Sequence[str], split: str, batch_size: int | None = None
+                ) -> CenterStream:
         """One center's stream, or (centralized) one stream over several centers' files with
         centers mixed inside shuffled batches: batches of a single center gave BatchNorm one
-        acquisition at a time and trained worse (benchmarks/centralized.py)."""
+        acquisition at a time and trained worse (benchmarks/centralized.py). `batch_size`:
+        other than `data.batch_size` (evaluation decodes `eval.batch_size` studies at once)."""
         if len(centers) == 1:
             which, seed = centers[0], derive_seed(self.seed, centers[0], "data")
         else:
             which, seed = list(centers), derive_seed(self.seed, self.center, "pool")
-        return CenterStream.from_config(self.data_cfg, which, split, self.cfg.model.in_chans,
+        data_cfg = self.data_cfg if batch_size is None else dataclasses.replace(
+            self.data_cfg, batch_size=batch_size)
+        return CenterStream.from_config(data_cfg, which, split, self.cfg.model.in_chans,
                                         tokenizer=self.model.tokenizer, seed=seed)
 
     def _batch_iterator(self) -> Iterator[dict]:
@@ -295,7 +299,7 @@ class FederatedClient:
         if key not in self._eval_streams:
             centers = self.data_centers if dataset_center == self.center else [dataset_center]
             self.verify_data(centers)  # e.g. the held-out center this client evaluates
-            self._eval_streams[key] = self._stream(centers, split)
+            self._eval_streams[key] = self._stream(centers, split, self.cfg.eval.batch_size)
         return self._eval_streams[key]
 
     # ----------------------------------------------------------------- state
