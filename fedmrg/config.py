@@ -299,6 +299,9 @@ class EvalConfig(Section):
                                       "tokens (0: off)", min=0)
     batch_size: int = _f(64, "test studies decoded together: one batched greedy generate "
                              "call (Hugging Face, KV cache) per batch", min=1)
+    calibrate_head: bool = _f(False, "personalization: each center sets its diagnosis head's "
+                                     "positive threshold per observation to the best F1 on "
+                                     "its own val split (fedmrg.eval.calibration)")
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
     share_references: bool = _f(False, "ask for each sample's reference report and study id "
                                 "with its generated report (report text then leaves the "

@@ -553,7 +553,8 @@ def evaluation_sample_rows(view: str, replies: Sequence[Any]) -> list[dict[str, 
 
 def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
                  centers: Sequence[str] | None = None, split: str = "test",
-                 overrides: Sequence[str] = (), connect_ray: bool = True) -> dict[str, Any]:
+                 overrides: Sequence[str] = (), connect_ray: bool = True,
+                 views: Sequence[str] = tuple(View)) -> dict[str, Any]:
     """A finished run's models on a dataset: generalization (the generic model, any client's
     saved model with its specialized adapter off) and personalization (each center's own
     model; a center without one, e.g. under `centralized`, gets the first client's) on
@@ -562,6 +563,9 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     `data_root` defaults to the run's dataset (another dataset in the fedmrg layout works).
     `overrides` (`eval.key=value`, e.g. `eval.no_repeat_ngram_size=3`) change how reports are
     generated and scored on top of the run's config; only `eval.*` keys may change here.
+    `eval.calibrate_head` calibrates each center's model on that center's val split before its
+    personalization; `eval.per_study` adds each view's "per_study" as a run's summary has it;
+    `views` picks the views (both by default).
     Returns {"generalization": {"per_center", "mean"}, "personalization": ..., "samples"};
     means are over the run's participating centers among those evaluated (all of them when
     none took part). Runs in this process (Ray Data streams the test splits).
@@ -569,7 +573,13 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
     from fedmrg.config import load_config
     from fedmrg.data.shards import read_manifest
     from fedmrg.data.stream import CenterStream
-    from fedmrg.eval.evaluator import evaluate_model, generation_kwargs, mean_over_centers
+    from fedmrg.eval.calibration import fit_positive_thresholds
+    from fedmrg.eval.evaluator import (
+        evaluate_model,
+        generation_kwargs,
+        head_probabilities,
+        mean_over_centers,
+    )
     from fedmrg.fl.coordinator import evaluating_client
     from fedmrg.model.io import load_model
 
@@ -613,7 +623,8 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
         return models[client]
 
     out: dict[str, Any] = {"samples": []}
-    for view in View:
+    per_study: dict[str, dict[str, list]] = {}  # with eval.per_study, as Result tables hold it
+    for view in views:
         per_center = {}
         for center in centers:
             client = evaluating_client(center, clients)  # as the run's own evaluation did
@@ -621,12 +632,23 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
             personalized = view == View.PERSONALIZATION and model.cfg.specialized_adapter
             stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,
                                               tokenizer=model.tokenizer, seed=cfg.seed)
+            thresholds = None
+            if view == View.PERSONALIZATION and cfg.eval.calibrate_head:
+                val = CenterStream.from_config(data_cfg, center, "val", model.cfg.in_chans,
+                                               tokenizer=model.tokenizer, seed=cfg.seed)
+                thresholds = fit_positive_thresholds(*head_probabilities(
+                    model, val.iter_batches(0)))
             result = evaluate_model(model, stream.iter_batches(0), personalized,
-                                    num_samples=cfg.eval.samples, **generation)
+                                    num_samples=cfg.eval.samples, thresholds=thresholds,
+                                    **generation)
             per_center[center] = result.metrics
+            if cfg.eval.per_study:
+                per_study.setdefault(view, {})[center] = [result.per_study]
             out["samples"] += [{"center": center, "view": view, **s} for s in result.samples]
         out[view] = {"per_center": per_center,
                      "mean": mean_over_centers(per_center[c] for c in averaged)}
+        if view in per_study:
+            out[view]["per_study"] = per_study[view]
     return out
 
 

@@ -114,6 +114,21 @@ def test_per_study_items_recompute_the_corpus_metrics_in_study_id_order(model):
                                                 list(label_report(result.references[first]))]
 
 
+def test_calibration_thresholds_decide_the_prompt_states(model):
+    from fedmrg.data.schema import POSITIVE
+    from fedmrg.eval.evaluator import head_probabilities
+
+    batches = make_batches(0)
+    probs, labels = head_probabilities(model, batches)
+    assert probs.shape == (len(labels), NUM_OBSERVATIONS, 4)
+    assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    plain = evaluate_model(model, batches, num_samples=0, meteor=False, **GEN)
+    assert np.array_equal(plain.predicted_states, probs.argmax(-1))
+    everything = evaluate_model(model, batches, num_samples=0, meteor=False,
+                                thresholds=np.zeros(NUM_OBSERVATIONS), **GEN)
+    assert (everything.predicted_states == POSITIVE).all()  # threshold 0: every one positive
+
+
 def test_evaluate_model_restores_training_mode_and_checks_arguments(model):
     model.train()
     evaluate_model(model, make_batches(0, 1), **GEN)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from fedmrg.config import EvalConfig
+from fedmrg.eval.calibration import calibrated_states
 from fedmrg.eval.clinical import compute_ce_metrics, compute_diagnosis_metrics
 from fedmrg.eval.nlg import bleu_statistics, compute_nlg_metrics
 from fedmrg.eval.repetition import compute_repetition_metrics
@@ -134,16 +135,38 @@ def mean_over_centers(metrics: Iterable[Mapping[str, float]]) -> dict[str, float
     return out
 
 
+def head_probabilities(model: Any, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, 14, 4), labels (N, 14)): the diagnosis head's softmax and the true label
+    codes over `batches` (what `fedmrg.eval.calibration` fits thresholds to)."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logits = model.diagnosis_head(model.encode_features(batch))
+                probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+                labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    if not probs:
+        raise EvaluationError("head_probabilities: the batches iterable yielded no batch")
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
 @torch.no_grad()
 def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = False, *,
                    num_samples: int = 5, absent: str = "exclude", oracle_prompt: bool = False,
-                   meteor: bool = True, **generation: Any) -> EvalResult:
+                   meteor: bool = True, thresholds: np.ndarray | None = None,
+                   **generation: Any) -> EvalResult:
     """Generate a report for every study of `batches` and score it (see the module docstring).
 
     `generation` overrides GENERATION_DEFAULTS (num_beams, max_new_tokens, min_new_tokens,
     repetition_penalty, no_repeat_ngram_size), passed to `model.generate`; build it from a
-    config with `generation_kwargs(cfg.eval)`. `meteor=False` leaves METEOR out (it needs a
-    JVM per process: a validation point does without).
+    config with `generation_kwargs(cfg.eval)`. `thresholds` (14,): the head's states come from
+    `fedmrg.eval.calibration.calibrated_states` instead of its argmax (a center's
+    calibration). `meteor=False` leaves METEOR out (it needs a JVM per process: a validation
+    point does without).
     """
     unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
     if unknown:
@@ -162,6 +185,9 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
             features = model.encode_features(batch)  # (B, F)
             p = torch.softmax(model.diagnosis_head(features).float(), dim=-1)  # (B, 14, 4)
             states = p.argmax(-1)  # (B, 14): what the prompt shows
+            if thresholds is not None:
+                states = torch.as_tensor(calibrated_states(p.cpu().numpy(), thresholds),
+                                         device=p.device)
             prompt = batch["labels"].to(states.device) if oracle_prompt else states
             texts = model.generate(batch["images"], batch["view_mask"],
                                    personalized=personalized, states=prompt, **gen)

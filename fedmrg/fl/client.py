@@ -532,6 +532,16 @@ class FederatedClient:
 
     # ----------------------------------------------------------------- evaluation
 
+    def head_thresholds(self) -> np.ndarray:
+        """The diagnosis head's positive thresholds fitted on this center's val split as the
+        model stands (`fedmrg.eval.calibration`)."""
+        from fedmrg.eval.calibration import fit_positive_thresholds
+        from fedmrg.eval.evaluator import head_probabilities
+
+        probs, labels = head_probabilities(
+            self.model, self.eval_stream(self.center, "val").iter_batches(0))
+        return fit_positive_thresholds(probs, labels)
+
     def evaluate(self, split: str = "test", personalized: bool = False,
                  dataset_center: str | None = None,
                  global_state: Mapping[str, Tensor] | None = None,
@@ -551,9 +561,12 @@ class FederatedClient:
             batches = first_studies(batches, max_studies)
         # a validation point (max_studies) is cheap: no METEOR, whose JVM would then stay
         # resident in every client through the rest of training
+        # a center's own model may calibrate its head on its own val split (never another's)
+        thresholds = (self.head_thresholds() if personalized and self.cfg.eval.calibrate_head
+                      and target == self.center else None)
         result = evaluate_model(self.model, batches, use_specialized,
                                 num_samples=self.eval_samples, meteor=max_studies is None,
-                                **self.generation)
+                                thresholds=thresholds, **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
         # What leaves the center: the run asks (eval.samples, eval.share_references), the
         # dataset center's own policy file may only narrow it (fedmrg.privacy.disclosure).
