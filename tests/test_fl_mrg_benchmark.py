@@ -408,7 +408,8 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
             "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "storage"),
             "--tracking-uri", f"sqlite:///{tmp_path}/bench.db",
             *[a for o in tiny if not o.startswith("tracking.") for a in ("--set", o)],
-            "--set", f"tracking.artifact_location={tmp_path}/artifacts"]
+            "--set", f"tracking.artifact_location={tmp_path}/artifacts",
+            "--set", "eval.per_study=true"]
     assert fl_mrg.main(args) == 0
     doc = json.loads((tmp_path / "out" / "quick.json").read_text())
     (run,) = doc["runs"]
@@ -420,6 +421,12 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
     assert run["product_version"] == doc["product_version"] != "unknown"
     assert not doc["consistency"]
     assert run["generation"]["max_new_tokens"] == 24  # the tiny config's, as the run used it
+    # every test study's items, per scope and center, from the clients' replies
+    assert sorted(run["per_study"]) == ["generalization", "personalization"]
+    for scope, centers in run["per_study"].items():
+        for center, (items,) in centers.items():
+            n = run["per_center"][scope][center]["num_studies"]
+            assert len(items["ce_labels"]) == len(items["bleu"]) == n > 0
     assert (tmp_path / "out" / "runs" / "quick" / "fedmrg-base-seed0.json").is_file()
     assert (tmp_path / "out" / "quick_rounds.png").stat().st_size > 0
     assert "| fedmrg | 1 |" in (tmp_path / "out" / "quick.md").read_text()
@@ -454,6 +461,19 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
                                                   "bleu4"))
     with pytest.raises(SystemExit):  # a folder that is not a finished run is named, not read
         prompt_following.main([str(tmp_path / "out"), "--out", str(out)])
+
+    # benchmarks/calibration.py: as trained, the personalized models score what the run did
+    import calibration
+
+    out = tmp_path / "calibration.json"
+    assert calibration.main([str(run_dir), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (measured,) = doc["runs"]
+    assert measured["as trained"]["mean"]["ce_f1_macro"] == pytest.approx(
+        run["final"]["personalization/ce_f1_macro"])
+    ci = doc["calibrated_minus_as_trained"]["bleu4"]
+    assert ci["units"] == 2 and ci["lo"] <= ci["diff"] <= ci["hi"]
+    assert "paired 95% CI" in out.with_suffix(".md").read_text()
 
 
 def _bleu_counts(rng: np.random.Generator, n: int, match: float) -> list[list[int]]:
