@@ -19,6 +19,12 @@ here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tabl
 - README.md and docs/privacy.md `privacy`: the privacy rows (`PRIVACY_TABLE`, DP and secure
   aggregation on ffa_lora) against the non-private `ffa_lora` row of `CURRENT_TABLE`: epsilon,
   quality and its cost (the difference in generic CE-F1 macro), bytes, wall time.
+- README.md `evidence` and docs/results.md `evidence`: the evidence table (`EVIDENCE_TABLE`,
+  `fl_mrg.py --preset evidence`: 150 test studies per center, per-study records): the
+  headline rows, and every comparison (targets, quantized wires) with its paired bootstrap
+  95% interval over test studies; docs/results.md gets the full `--report` text;
+- README.md and docs/results.md `calibration`: `benchmarks/calibration.py`'s table
+  (`CALIBRATION`).
 
 `tests/test_readme.py` regenerates every block in memory and fails when a file differs. After a
 new `--report` into `CURRENT_TABLE` (or after pointing it at another table), run this script.
@@ -45,6 +51,10 @@ RESULTS_DOC = Path("docs/results.md")
 PRIVACY_TABLE = Path("benchmarks/results/fl_mrg/privacy/full.json")
 PRIVACY_DOC = Path("docs/privacy.md")
 PRIVACY_REFERENCE = "ffa_lora"
+# The evidence table (fl_mrg.py --preset evidence) and the head calibration measured on its
+# fedmrg runs (benchmarks/calibration.py).
+EVIDENCE_TABLE = Path("benchmarks/results/fl_mrg/evidence/full.json")
+CALIBRATION = Path("benchmarks/results/calibration.json")
 
 # The compact table's columns: (final metric key, header).
 COMPACT_COLUMNS = (
@@ -197,6 +207,60 @@ def full_block(agg: Mapping[str, Any], targets: Mapping[str, Any],
     return "\n".join(parts)
 
 
+def interval_lines(targets: Mapping[str, Any]) -> list[str]:
+    """One line per decided comparison with a paired interval: the targets, then each wire
+    row's quality cost (fedmrg minus it) on the main metrics."""
+    lines = []
+    for c in targets["checks"]:
+        ci = c.get("ci95")
+        beats = re.fullmatch(r"(\S+) > (\S+) on (\S+)", c["target"])
+        if ci is None or not beats:
+            continue
+        winner, loser, key = beats.groups()
+        verdict = ("resolved: " + (f"{winner} ahead" if ci["lo"] > 0 else f"{loser} ahead")
+                   if ci["resolved"] else "not resolved")
+        lines.append(f"- {winner} - {loser}, {_key_words(key)}: {ci['diff']:+.3f} "
+                     f"[{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({verdict}; {ci['studies']} test "
+                     f"studies in {ci['units']} seed x center sets)")
+    for row, a in targets["ablations"].items():
+        if row.removeprefix("fedmrg-") not in fl_mrg.WIRE:
+            continue
+        for key, ci in (a.get("ci95") or {}).items():
+            if ci is None or not key.endswith(("ce_f1_macro", "bleu4")):
+                continue
+            verdict = "resolved" if ci["resolved"] else "not resolved"
+            lines.append(f"- fedmrg - {fl_mrg.row_label(row)}, {_key_words(key)}: "
+                         f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({verdict}); "
+                         f"bytes x{a['bytes_ratio_without']:.2f}")
+    return lines
+
+
+def evidence_blocks(root: Path, table: Path) -> tuple[str, str]:
+    """(README block, docs/results.md block) of the evidence table."""
+    document = load_table(root, table)
+    records = document["runs"]
+    agg = fl_mrg.aggregate(records)
+    targets = fl_mrg.check_targets(agg, records)
+    sizes = sorted({len(models[0]["bleu"]) for r in records for models in
+                    (r.get("per_study") or {}).get("personalization", {}).values()})
+    head = (f"{len(records)} runs, command `{document['command']}`, "
+            f"{document['machine']['nproc']} cores ({document['machine']['cpu']}); "
+            f"{' or '.join(map(str, sizes)) or 'no'} test studies per center.")
+    readme = "\n".join([head, "", compact_table(agg), "", "Paired bootstrap 95% intervals "
+                        "(over test studies, paired across rows, pooled over seeds):", "",
+                        *interval_lines(targets)])
+    return readme, "\n".join([head, "", full_block(agg, targets, records)])
+
+
+def calibration_block(root: Path, path: Path) -> str:
+    """benchmarks/calibration.py's markdown (written beside its JSON)."""
+    md = (root / path).with_suffix(".md")
+    try:
+        return md.read_text().strip()
+    except OSError as e:
+        raise ResultsDocError(f"{md}: cannot read the calibration table ({e})") from None
+
+
 def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
            privacy: Path = PRIVACY_TABLE) -> dict[Path, dict[str, str]]:
     """file -> block name -> generated markdown, from the records in `table` and `privacy`."""
@@ -207,8 +271,15 @@ def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
     status = status_block(agg, targets, table) + (f" {note}" if note else "")
     full = full_block(agg, targets, records) + (f"\n\n{note}" if note else "")
     private = privacy_table(agg, load_table(root, privacy)["runs"])
-    return {README: {"status": status, "table": compact_table(agg), "privacy": private},
-            RESULTS_DOC: {"fl_mrg": full}, PRIVACY_DOC: {"privacy": private}}
+    out = {README: {"status": status, "table": compact_table(agg), "privacy": private},
+           RESULTS_DOC: {"fl_mrg": full}, PRIVACY_DOC: {"privacy": private}}
+    if (root / EVIDENCE_TABLE).is_file():  # absent in a tree that has not run it yet
+        out[README]["evidence"], out[RESULTS_DOC]["evidence"] = evidence_blocks(
+            root, EVIDENCE_TABLE)
+    if (root / CALIBRATION).is_file():
+        out[README]["calibration"] = out[RESULTS_DOC]["calibration"] = calibration_block(
+            root, CALIBRATION)
+    return out
 
 
 def _pattern(name: str) -> re.Pattern[str]:
