@@ -1,4 +1,4 @@
-"""The personalized path with the diagnosis head calibrated per center, against without.
+"""The personalized path with the diagnosis head calibrated or tuned per center, against without.
 
 Usage: ``python benchmarks/calibration.py RUN_DIR [RUN_DIR ...] [--out
 benchmarks/results/calibration.json]``
@@ -7,10 +7,12 @@ Each RUN_DIR is a finished run's folder (`<tracking.storage_path>/<run name>`), 
 fedmrg seeds of `benchmarks/fl_mrg.py --preset evidence`. Every run's personalized models are
 evaluated twice on the test split of every participating center, with
 `fedmrg.experiment.evaluate_run` (what ``fedmrg evaluate RUN_DIR --set eval.KEY=VALUE``
-does): as trained (the head's argmax decides the prompt), and with `eval.calibrate_head=true`
-(each center's model moves its head's positive threshold per observation to the best F1 on
-that center's own val split, `fedmrg.eval.calibration`). The models, the test studies and the
-decoding are the same, so the difference is paired: for CE-F1 macro/micro and BLEU-4, the
+does), once per variant (`VARIANTS`): as trained (the head's argmax decides the prompt); with
+`eval.calibrate_head=true` (each center's model moves its head's positive threshold per
+observation to the best F1 on that center's own val split, `fedmrg.eval.calibration`); with
+`eval.head_tuning_steps` (each center tunes its own copy of the head on its train split,
+`fedmrg.model.head_tuning`). The models, the test studies and the decoding are the same, so
+each variant's difference from "as trained" is paired: for CE-F1 macro/micro and BLEU-4, the
 paired bootstrap 95% interval over test studies (`fedmrg.eval.bootstrap`, resampled within
 every run x center, pooled), and the mean of each variant over runs and centers. Writes the
 JSON and a markdown table beside it (`.md`).
@@ -31,14 +33,17 @@ from _common import command_line, machine_info, markdown_table, result_path, wri
 
 from fedmrg.choices import View
 
-VARIANTS = {"as trained": ("eval.per_study=true",),
-            "calibrated": ("eval.per_study=true", "eval.calibrate_head=true")}
+BASELINE = "as trained"
+VARIANTS = {BASELINE: ("eval.per_study=true",),
+            "calibrated": ("eval.per_study=true", "eval.calibrate_head=true"),
+            "head tuned": ("eval.per_study=true", "eval.head_tuning_steps=200")}
 METRICS = {"ce_f1_macro": "ce_labels", "ce_f1_micro": "ce_labels", "bleu4": "bleu"}
 RESAMPLES = 2000
 
 
-def paired_intervals(per_study: dict[str, dict[tuple[str, str], list]]) -> dict[str, Any]:
-    """metric -> the calibrated - as-trained difference and its paired bootstrap interval,
+def paired_intervals(per_study: dict[str, dict[tuple[str, str], list]], variant: str
+                     ) -> dict[str, Any]:
+    """metric -> the `variant` - as-trained difference and its paired bootstrap interval,
     from variant -> (run, center) -> per-study items (`EvalResult.per_study`)."""
     from fedmrg.eval.bootstrap import (
         bleu4_of_studies,
@@ -49,7 +54,7 @@ def paired_intervals(per_study: dict[str, dict[tuple[str, str], list]]) -> dict[
 
     functions = {"ce_f1_macro": ce_f1_macro_of_studies, "ce_f1_micro": ce_f1_micro_of_studies,
                  "bleu4": bleu4_of_studies}
-    after, before = per_study["calibrated"], per_study["as trained"]
+    after, before = per_study[variant], per_study[BASELINE]
     units = sorted(after)
     out = {}
     for metric, which in METRICS.items():
@@ -90,18 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{run_dir.name} {variant}: " + ", ".join(
                 f"{m} {row[variant]['mean'][m]:.3f}" for m in METRICS), flush=True)
         runs.append(row)
-    intervals = paired_intervals(per_study)
+    intervals = {v: paired_intervals(per_study, v) for v in VARIANTS if v != BASELINE}
     record = {"benchmark": "calibration", "command": command_line("calibration.py", argv),
               "machine": machine_info(), "runs": runs,
               "mean": {v: {m: statistics.fmean(x) for m, x in ms.items()}
                        for v, ms in means.items()},
-              "calibrated_minus_as_trained": intervals}
+              "minus_as_trained": intervals}
     write_json(out, record)
-    header = ["metric", *VARIANTS, "calibrated - as trained", "paired 95% CI", "resolved"]
-    rows = [[m, *(f"{record['mean'][v][m]:.3f}" for v in VARIANTS),
+    header = ["variant", "metric", BASELINE, "variant's", "variant - as trained",
+              "paired 95% CI", "resolved"]
+    rows = [[v, m, f"{record['mean'][BASELINE][m]:.3f}", f"{record['mean'][v][m]:.3f}",
              f"{ci['diff']:+.4f}", f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}]",
-             "yes" if ci["resolved"] else "no"] for m, ci in intervals.items()]
-    n = intervals["bleu4"]
+             "yes" if ci["resolved"] else "no"]
+            for v, cis in intervals.items() for m, ci in cis.items()]
+    n = intervals["calibrated"]["bleu4"]
     text = (f"Personalized models of {len(runs)} run(s), mean over runs x centers "
             f"({n['units']} test sets, {n['studies']} test studies); command: "
             f"`{record['command']}`\n\n" + markdown_table(header, rows) + "\n")

@@ -551,6 +551,20 @@ def evaluation_sample_rows(view: str, replies: Sequence[Any]) -> list[dict[str, 
 # --------------------------------------------------------------------------- evaluation
 
 
+def _own_head(model: Any, cfg: Any, data_cfg: Any, center: str) -> Any:
+    """`center`'s own tuned copy of `model`'s diagnosis head, as its client makes it
+    (`FederatedClient.own_head`: its train split, unaugmented, in order)."""
+    from fedmrg.data.stream import CenterStream
+    from fedmrg.fl.client import derive_seed
+    from fedmrg.model.head_tuning import tune_own_head
+
+    train = CenterStream.from_config(data_cfg, center, "train", model.cfg.in_chans,
+                                     tokenizer=model.tokenizer, seed=cfg.seed, augment=False,
+                                     shuffle=False)
+    return tune_own_head(model, train.iter_batches(0), cfg.model.losses,
+                         cfg.eval.head_tuning_steps, seed=derive_seed(cfg.seed, center, "head"))
+
+
 def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
                  centers: Sequence[str] | None = None, split: str = "test",
                  overrides: Sequence[str] = (), connect_ray: bool = True,
@@ -632,15 +646,17 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
             personalized = view == View.PERSONALIZATION and model.cfg.specialized_adapter
             stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,
                                               tokenizer=model.tokenizer, seed=cfg.seed)
-            thresholds = None
+            head = thresholds = None
+            if view == View.PERSONALIZATION and cfg.eval.head_tuning_steps:
+                head = _own_head(model, cfg, data_cfg, center)
             if view == View.PERSONALIZATION and cfg.eval.calibrate_head:
                 val = CenterStream.from_config(data_cfg, center, "val", model.cfg.in_chans,
                                                tokenizer=model.tokenizer, seed=cfg.seed)
                 thresholds = fit_positive_thresholds(*head_probabilities(
-                    model, val.iter_batches(0)))
+                    model, val.iter_batches(0), head))
             result = evaluate_model(model, stream.iter_batches(0), personalized,
                                     num_samples=cfg.eval.samples, thresholds=thresholds,
-                                    **generation)
+                                    head=head, **generation)
             per_center[center] = result.metrics
             if cfg.eval.per_study:
                 per_study.setdefault(view, {})[center] = [result.per_study]

@@ -66,3 +66,32 @@ def test_bad_shapes_are_named(probs, labels, message):
         fit_positive_thresholds(probs, labels)
     with pytest.raises(ValueError, match="thresholds: shape"):
         calibrated_states(np.zeros((2, 14, 4)), np.zeros(3))
+
+
+def test_a_head_tuned_locally_learns_the_centers_labels_and_leaves_the_original():
+    import torch
+
+    from fedmrg.model.head_tuning import tune_head_locally
+    from fedmrg.model.heads import DiagnosisHead
+    from fedmrg.model.losses import label_log_prior
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 16, generator=g)
+    # this center's labels: observation j positive when feature j > 0, else negative
+    labels = torch.where(features[:, :NUM_OBSERVATIONS] > 0, POSITIVE, NEGATIVE)
+    head = DiagnosisHead(16)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+
+    def accuracy(h):
+        with torch.no_grad():
+            return (h(features).argmax(-1) == labels).float().mean().item()
+
+    tuned = tune_head_locally(head, features, labels, steps=300, seed=0, lr=0.05,
+                              log_prior=label_log_prior(labels), tau=1.0)
+    assert accuracy(head) < 0.6 < 0.95 < accuracy(tuned)
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())  # a copy
+    again = tune_head_locally(head, features, labels, steps=300, seed=0, lr=0.05,
+                              log_prior=label_log_prior(labels), tau=1.0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in tuned.state_dict().items())
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        tune_head_locally(head, features, labels, steps=0, seed=0)

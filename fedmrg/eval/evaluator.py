@@ -135,38 +135,50 @@ def mean_over_centers(metrics: Iterable[Mapping[str, float]]) -> dict[str, float
     return out
 
 
-def head_probabilities(model: Any, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (N, 14, 4), labels (N, 14)): the diagnosis head's softmax and the true label
-    codes over `batches` (what `fedmrg.eval.calibration` fits thresholds to)."""
+def encoded_studies(model: Any, batches: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, F), labels (N, 14)): the encoder's features (eval mode) and the true label
+    codes of every study of `batches` (what a center tunes its own head on)."""
     was_training = model.training
     model.eval()
-    probs, labels = [], []
+    features, labels = [], []
     try:
         with torch.no_grad():
             for batch in batches:
-                logits = model.diagnosis_head(model.encode_features(batch))
-                probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+                features.append(model.encode_features(batch).float().cpu())
                 labels.append(batch["labels"].cpu())
     finally:
         model.train(was_training)
-    if not probs:
-        raise EvaluationError("head_probabilities: the batches iterable yielded no batch")
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    if not features:
+        raise EvaluationError("encoded_studies: the batches iterable yielded no batch")
+    return torch.cat(features), torch.cat(labels)
+
+
+def head_probabilities(model: Any, batches: Iterable[dict], head: Any = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, 14, 4), labels (N, 14)): the diagnosis head's softmax (`head`, default the
+    model's) and the true label codes over `batches` (what `fedmrg.eval.calibration` fits
+    thresholds to)."""
+    features, labels = encoded_studies(model, batches)
+    head = model.diagnosis_head if head is None else head
+    with torch.no_grad():
+        logits = head(features.to(next(head.parameters()).device))
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy(), labels.numpy()
 
 
 @torch.no_grad()
 def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = False, *,
                    num_samples: int = 5, absent: str = "exclude", oracle_prompt: bool = False,
                    meteor: bool = True, thresholds: np.ndarray | None = None,
-                   **generation: Any) -> EvalResult:
+                   head: Any = None, **generation: Any) -> EvalResult:
     """Generate a report for every study of `batches` and score it (see the module docstring).
 
     `generation` overrides GENERATION_DEFAULTS (num_beams, max_new_tokens, min_new_tokens,
     repetition_penalty, no_repeat_ngram_size), passed to `model.generate`; build it from a
     config with `generation_kwargs(cfg.eval)`. `thresholds` (14,): the head's states come from
     `fedmrg.eval.calibration.calibrated_states` instead of its argmax (a center's
-    calibration). `meteor=False` leaves METEOR out (it needs a JVM per process: a validation
-    point does without).
+    calibration); `head`: another diagnosis head writes the prompts (a center's own tuned
+    copy, `fedmrg.model.head_tuning`). `meteor=False` leaves METEOR out (it needs a JVM per
+    process: a validation point does without).
     """
     unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
     if unknown:
@@ -183,7 +195,8 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     try:
         for batch in batches:
             features = model.encode_features(batch)  # (B, F)
-            p = torch.softmax(model.diagnosis_head(features).float(), dim=-1)  # (B, 14, 4)
+            logits = (model.diagnosis_head if head is None else head)(features)
+            p = torch.softmax(logits.float(), dim=-1)  # (B, 14, 4)
             states = p.argmax(-1)  # (B, 14): what the prompt shows
             if thresholds is not None:
                 states = torch.as_tensor(calibrated_states(p.cpu().numpy(), thresholds),

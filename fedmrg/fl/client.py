@@ -251,12 +251,13 @@ class FederatedClient:
             verify_center_files(self.root, center, manifest)
             self._verified.add(center)
 
-    def _stream(self, centers: Sequence[str], split: str, batch_size: int | None = None
-                ) -> CenterStream:
+    def _stream(self, centers: Sequence[str], split: str, batch_size: int | None = None,
+                **options: Any) -> CenterStream:
         """One center's stream, or (centralized) one stream over several centers' files with
         centers mixed inside shuffled batches: batches of a single center gave BatchNorm one
         acquisition at a time and trained worse (benchmarks/centralized.py). `batch_size`:
-        other than `data.batch_size` (evaluation decodes `eval.batch_size` studies at once)."""
+        other than `data.batch_size` (evaluation decodes `eval.batch_size` studies at once);
+        `options`: `CenterStream` options (e.g. the train split without augmentation)."""
         if len(centers) == 1:
             which, seed = centers[0], derive_seed(self.seed, centers[0], "data")
         else:
@@ -264,7 +265,7 @@ class FederatedClient:
         data_cfg = self.data_cfg if batch_size is None else dataclasses.replace(
             self.data_cfg, batch_size=batch_size)
         return CenterStream.from_config(data_cfg, which, split, self.cfg.model.in_chans,
-                                        tokenizer=self.model.tokenizer, seed=seed)
+                                        tokenizer=self.model.tokenizer, seed=seed, **options)
 
     def _batch_iterator(self) -> Iterator[dict]:
         """Endless batches from (epoch, batch_in_epoch) on; the position is kept for
@@ -532,15 +533,26 @@ class FederatedClient:
 
     # ----------------------------------------------------------------- evaluation
 
-    def head_thresholds(self) -> np.ndarray:
-        """The diagnosis head's positive thresholds fitted on this center's val split as the
-        model stands (`fedmrg.eval.calibration`)."""
+    def head_thresholds(self, head: torch.nn.Module | None = None) -> np.ndarray:
+        """The positive thresholds of the diagnosis head (`head`, default the model's as it
+        stands) fitted on this center's val split (`fedmrg.eval.calibration`)."""
         from fedmrg.eval.calibration import fit_positive_thresholds
         from fedmrg.eval.evaluator import head_probabilities
 
         probs, labels = head_probabilities(
-            self.model, self.eval_stream(self.center, "val").iter_batches(0))
+            self.model, self.eval_stream(self.center, "val").iter_batches(0), head)
         return fit_positive_thresholds(probs, labels)
+
+    def own_head(self) -> torch.nn.Module:
+        """A copy of the diagnosis head tuned on this center's train split, `eval.
+        head_tuning_steps` steps on the frozen encoder's features (`fedmrg.model.head_tuning`)."""
+        from fedmrg.model.head_tuning import tune_own_head
+
+        train = self._stream(self.data_centers, "train", self.cfg.eval.batch_size,
+                             augment=False, shuffle=False)
+        return tune_own_head(self.model, train.iter_batches(0), self.cfg.model.losses,
+                             self.cfg.eval.head_tuning_steps,
+                             seed=derive_seed(self.seed, self.center, "head"))
 
     def evaluate(self, split: str = "test", personalized: bool = False,
                  dataset_center: str | None = None,
@@ -561,12 +573,14 @@ class FederatedClient:
             batches = first_studies(batches, max_studies)
         # a validation point (max_studies) is cheap: no METEOR, whose JVM would then stay
         # resident in every client through the rest of training
-        # a center's own model may calibrate its head on its own val split (never another's)
-        thresholds = (self.head_thresholds() if personalized and self.cfg.eval.calibrate_head
-                      and target == self.center else None)
+        # a center's own model may tune and calibrate its own head on its own data (never
+        # another center's)
+        own = personalized and target == self.center
+        head = self.own_head() if own and self.cfg.eval.head_tuning_steps else None
+        thresholds = self.head_thresholds(head) if own and self.cfg.eval.calibrate_head else None
         result = evaluate_model(self.model, batches, use_specialized,
                                 num_samples=self.eval_samples, meteor=max_studies is None,
-                                thresholds=thresholds, **self.generation)
+                                thresholds=thresholds, head=head, **self.generation)
         metrics = {**result.metrics, "eval_s": result.wall_s}
         # What leaves the center: the run asks (eval.samples, eval.share_references), the
         # dataset center's own policy file may only narrow it (fedmrg.privacy.disclosure).
