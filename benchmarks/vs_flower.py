@@ -10,7 +10,7 @@ fastapi, packaging, protobuf, rich, starlette, typer, uvicorn and virtualenv tha
 constraints.txt, so `make flower-venv` installs torch/torchvision from constraints.txt and
 then `-e '.[flower]'` with every other pin of constraints.txt (those 9 dropped). Both arms run
 in that venv, in one process, one after the other for each K (fedmrg first), so they share
-the Ray version and the machine's state.
+the Ray version (fedmrg on Ray 2.55.1 here, not its own 2.60.0) and the machine's state.
 
 The workload, for each K of `--clients`: K centers of the phantom benchmark, the default
 config (tiny CPU model, strategy fedmrg: generic LoRA factors, rank-`dense_update_rank`
@@ -71,8 +71,9 @@ Measured, per arm and K:
   over its rounds above the first sample of the arm (this driver before Ray starts);
 - rebuilding state between rounds, per client and round: Flower `construct_s` (everything
   `FederatedClient.__init__` does: model build, `stream_open_s`, train reports scanned,
-  `restore_s` of its checkpoint) + `close_s` (its stream's pass ended); fedmrg 0 (the
-  actors stay resident), its one build reported as start-up (`actors_start_s`). Beside it,
+  `restore_s` of its checkpoint; a pool actor's first construction also imports the model
+  stack) + `close_s` (its stream's pass ended); fedmrg 0 (the actors stay resident), its one
+  build reported as start-up (`actors_start_s`). Beside it,
   in both arms: `save_s` (the checkpoint written in `fit`) and `first_batch_s` (the first
   batch of the round: a resident stream resumes, a rebuilt one starts, decodes its center's
   images again and skips the batches of the epoch the center already trained on);
