@@ -9,7 +9,8 @@ The venv: `flwr[simulation]` pins ray==2.55.1 (fedmrg is pinned to 2.60.0) and n
 fastapi, packaging, protobuf, rich, starlette, typer, uvicorn and virtualenv than
 constraints.txt, so `make flower-venv` installs torch/torchvision from constraints.txt and
 then `-e '.[flower]'` with every other pin of constraints.txt (those 9 dropped). Both arms run
-in that venv, in one process, one after the other for each K (fedmrg first), so they share
+in that venv, in one process, one after the other for each K (`arm_order`: fedmrg first for
+the first K, then alternating, so a drift of the machine's load hits both), so they share
 the Ray version (fedmrg on Ray 2.55.1 here, not its own 2.60.0) and the machine's state.
 
 The workload, for each K of `--clients`: K centers of the phantom benchmark, the default
@@ -751,6 +752,12 @@ def dataset_config(cfg: Any, clients: int) -> Any:
                               "data.phantom.centers": clients})
 
 
+def arm_order(arms: Sequence[str], index: int) -> list[str]:
+    """The arms of the `index`-th K in the order they run: as given for the first K, then
+    reversed every other K."""
+    return list(arms) if index % 2 == 0 else list(reversed(arms))
+
+
 def arm_config(cfg: Any, centers: list[str], run_name: str, storage: Path) -> Any:
     """The config of one arm: its centers, its own run (and so client checkpoint folders)."""
     return dataclasses.replace(
@@ -824,14 +831,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_arm = {"fedmrg": run_fedmrg, "flower": run_flower}
     storage = Path(tempfile.mkdtemp(prefix="vs_flower-"))
     try:
-        for k in args.clients:
+        for index, k in enumerate(args.clients):
             centers = available[:k]
             cpus = args.cluster_cpus or cluster_cpus(k, cfg.resources.num_cpus_per_client)
             print(f"K={k} clients ({', '.join(centers)}), {args.rounds} rounds of "
                   f"{cfg.train.local_steps} local steps, {cpus} logical CPUs", flush=True)
+            order = arm_order(args.arms, index)
             result: dict[str, Any] = {"clients": k, "centers": centers, "rounds": args.rounds,
-                                      "cluster_cpus": cpus, "arms": {}, "summary": {}}
-            for name in args.arms:
+                                      "cluster_cpus": cpus, "order": order, "arms": {},
+                                      "summary": {}}
+            for name in order:
                 arm_cfg = arm_config(cfg, centers, f"{name}-k{k}", storage)
                 with TreeMemorySampler(args.sample_s) as sampler:
                     arm = run_arm[name](arm_cfg, root, centers, args.rounds, cpus, sampler)

@@ -116,3 +116,9 @@ def test_the_cluster_holds_exactly_one_flower_actor_per_client(clients):
     cpus = vs_flower.cluster_cpus(clients, 0.5)
     assert cpus == clients // 2
     assert vs_flower.flower_pool_size(cpus, 0.5) == clients
+
+
+def test_the_arms_take_turns_going_first():
+    arms = ("fedmrg", "flower")
+    assert [vs_flower.arm_order(arms, i) for i in range(3)] == [
+        ["fedmrg", "flower"], ["flower", "fedmrg"], ["fedmrg", "flower"]]
