@@ -370,10 +370,10 @@ def build_rebuilt_client(cfg: Any, center: str, root: str) -> tuple[Any, dict[st
     timings: dict[str, float] = {}
 
     class RebuiltClient(FederatedClient):
-        def _stream(self, centers: Sequence[str], split: str) -> Any:
+        def _stream(self, *args: Any, **kwargs: Any) -> Any:  # (centers, split, ...)
             started = time.perf_counter()
             try:
-                return super()._stream(centers, split)
+                return super()._stream(*args, **kwargs)
             finally:
                 timings["stream_open_s"] = time.perf_counter() - started
 
