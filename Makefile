@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench flower-venv clean
 
 install: $(STAMP)
 
@@ -36,5 +36,22 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_stream.py
 
+# benchmarks/vs_flower.py's own venv: fedmrg + flwr[simulation] (the `flower` extra), never the
+# main one. flwr pins ray==2.55.1 and needs older fastapi, packaging, protobuf, rich, starlette,
+# typer, uvicorn and virtualenv than constraints.txt: those pins are dropped here, every other
+# pin is kept (torch/torchvision first, as in $(STAMP)).
+FLOWER_VENV ?= .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.fedmrg-flower-installed
+FLOWER_UNPINNED := fastapi|packaging|protobuf|ray|rich|starlette|typer|uvicorn|virtualenv
+
+flower-venv: $(FLOWER_STAMP)
+
+$(FLOWER_STAMP): pyproject.toml constraints.txt
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	grep -viE '^($(FLOWER_UNPINNED))==' constraints.txt > $(FLOWER_VENV)/constraints-flower.txt
+	$(FLOWER_VENV)/bin/pip install -q torch torchvision -c constraints.txt
+	$(FLOWER_VENV)/bin/pip install -q -c $(FLOWER_VENV)/constraints-flower.txt -e '.[flower]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) data runs mlruns mlartifacts mlflow.db
+	rm -rf $(VENV) $(FLOWER_VENV) data runs mlruns mlartifacts mlflow.db

@@ -264,6 +264,20 @@ class Collate(NumpyBatchCollateFn):
         return out
 
 
+def _cpu_torch_batches(dataset: ray.data.Dataset, **kwargs: Any) -> Iterable[dict[str, Any]]:
+    """`dataset.iter_torch_batches(**kwargs)` with the batches on the CPU. Ray 2.60 moves a
+    collate_fn's tensors to `device` (its default "auto" is a Ray Train worker's GPU), hence
+    device="cpu"; Ray 2.55 (pinned by flwr[simulation], benchmarks/vs_flower.py) refuses any
+    device beside a collate_fn, and leaves these batches (tensors and lists) where the
+    collate_fn made them: on the CPU."""
+    try:
+        return dataset.iter_torch_batches(device="cpu", **kwargs)
+    except ValueError as e:
+        if "collate_fn cannot be used with" not in str(e):
+            raise
+        return dataset.iter_torch_batches(**kwargs)
+
+
 # --------------------------------------------------------------------------- the stream
 
 
@@ -389,10 +403,10 @@ class CenterStream:
             dataset = self._epoch_dataset(epoch)
         if not self.cache_decoded:
             self._skipped = SkipLog()
-        batches = dataset.iter_torch_batches(
+        batches = _cpu_torch_batches(
+            dataset,
             batch_size=self.batch_size,
             collate_fn=Collate(),
-            device="cpu",
             local_shuffle_buffer_size=self._shuffle_buffer_rows() if self.shuffle else None,
             local_shuffle_seed=(_derive_seed(self.seed, epoch, "local-shuffle")
                                 if self.shuffle else None),
