@@ -23,8 +23,8 @@ here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tabl
   `fl_mrg.py --preset evidence`: 150 test studies per center, per-study records): the
   headline rows, and every comparison (targets, quantized wires) with its paired bootstrap
   95% interval over test studies; docs/results.md gets the full `--report` text;
-- README.md and docs/results.md `calibration`: `benchmarks/calibration.py`'s table
-  (`CALIBRATION`).
+- docs/results.md `calibration` and `vs_flower`: the tables `benchmarks/calibration.py`
+  (`CALIBRATION`) and `benchmarks/vs_flower.py` (`VS_FLOWER`) wrote beside their JSON.
 
 `tests/test_readme.py` regenerates every block in memory and fails when a file differs. After a
 new `--report` into `CURRENT_TABLE` (or after pointing it at another table), run this script.
@@ -55,6 +55,7 @@ PRIVACY_REFERENCE = "ffa_lora"
 # fedmrg runs (benchmarks/calibration.py).
 EVIDENCE_TABLE = Path("benchmarks/results/fl_mrg/evidence/full.json")
 CALIBRATION = Path("benchmarks/results/calibration.json")
+VS_FLOWER = Path("benchmarks/results/vs_flower.json")  # benchmarks/vs_flower.py
 
 # The compact table's columns: (final metric key, header).
 COMPACT_COLUMNS = (
@@ -252,13 +253,14 @@ def evidence_blocks(root: Path, table: Path) -> tuple[str, str]:
     return readme, "\n".join([head, "", full_block(agg, targets, records)])
 
 
-def calibration_block(root: Path, path: Path) -> str:
-    """benchmarks/calibration.py's markdown (written beside its JSON)."""
+def recorded_markdown(root: Path, path: Path) -> str:
+    """The markdown a benchmark wrote beside its JSON `path`, without its `# ` title line."""
     md = (root / path).with_suffix(".md")
     try:
-        return md.read_text().strip()
+        lines = md.read_text().strip().splitlines()
     except OSError as e:
-        raise ResultsDocError(f"{md}: cannot read the calibration table ({e})") from None
+        raise ResultsDocError(f"{md}: cannot read the benchmark's table ({e})") from None
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
 
 
 def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
@@ -276,9 +278,9 @@ def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
     if (root / EVIDENCE_TABLE).is_file():  # absent in a tree that has not run it yet
         out[README]["evidence"], out[RESULTS_DOC]["evidence"] = evidence_blocks(
             root, EVIDENCE_TABLE)
-    if (root / CALIBRATION).is_file():
-        out[README]["calibration"] = out[RESULTS_DOC]["calibration"] = calibration_block(
-            root, CALIBRATION)
+    for name, path in (("calibration", CALIBRATION), ("vs_flower", VS_FLOWER)):
+        if (root / path).is_file():
+            out[RESULTS_DOC][name] = recorded_markdown(root, path)
     return out
 
 
