@@ -123,12 +123,35 @@ def result_path(arg: Path | None, name: str) -> Path:
     return RESULTS / name
 
 
+def _is_leaf_list(value: Any) -> bool:
+    """A list of scalars, or of lists of scalars (a per-study item, a curve)."""
+    return isinstance(value, list) and all(
+        not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(
+            isinstance(x, (dict, list)) for x in v)) for v in value)
+
+
+def dumps_readable(value: Any, indent: int = 0) -> str:
+    """JSON with objects indented two spaces a level and every leaf list on one line: a record's
+    per-study items (thousands of numbers) take a line each instead of a line per number."""
+    if isinstance(value, dict) and value:
+        pad = " " * (indent + 2)
+        items = [f"{pad}{json.dumps(k)}: {dumps_readable(v, indent + 2)}"
+                 for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if isinstance(value, list) and value and not _is_leaf_list(value):
+        pad = " " * (indent + 2)
+        return ("[\n" + ",\n".join(pad + dumps_readable(v, indent + 2) for v in value)
+                + "\n" + " " * indent + "]")
+    return json.dumps(value, separators=(", ", ": "))
+
+
 def write_json(path: Path, record: dict[str, Any]) -> Path:
-    """Write `record` as indented JSON, atomically (a reader never sees half a file)."""
+    """Write `record` as readable JSON (`dumps_readable`), atomically (a reader never sees half
+    a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(record), indent=2) + "\n")
+    tmp.write_text(dumps_readable(jsonable(record)) + "\n")
     tmp.replace(path)
     return path
 

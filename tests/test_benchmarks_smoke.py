@@ -97,3 +97,21 @@ def test_scale_clients_in_shared_actors_and_stub_clients(ray_cluster, tiny):
     assert all(s["own_s"] > 0 for s in record["stub_results"])
     assert record["target"]["stub_clients"]["own_cpu_s"]["exponent"] is not None
     assert all(s["own_cpu_s"] > 0 for s in record["stub_results"])
+
+
+def test_records_are_written_with_every_leaf_list_on_one_line(tmp_path):
+    from _common import write_json
+
+    record = {"runs": [{"name": "a", "per_study": {"ce_labels": [[[1, 0], [1, 1]]] * 3,
+                                                   "bleu": [[20, 20, 19, 18]] * 3},
+                        "empty": {}, "none": [], "nan": float("nan")}],
+              "path": tmp_path}
+    text = write_json(tmp_path / "r.json", record).read_text()
+    back = json.loads(text)
+    assert back["runs"][0]["per_study"] == record["runs"][0]["per_study"]
+    assert back["runs"][0]["nan"] is None and back["path"] == str(tmp_path)
+    lines = text.splitlines()
+    # one line per study item list, not one per number
+    assert '        "bleu": [[20, 20, 19, 18], [20, 20, 19, 18], [20, 20, 19, 18]]' in lines
+    assert lines.count("          [[1, 0], [1, 1]],") == 2  # a study's labels: one line
+    assert len(lines) < 25

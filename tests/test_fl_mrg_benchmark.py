@@ -471,11 +471,15 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(ray_cluster, tmp_path, cap
     (measured,) = doc["runs"]
     assert measured["as trained"]["mean"]["ce_f1_macro"] == pytest.approx(
         run["final"]["personalization/ce_f1_macro"])
-    assert sorted(doc["minus_as_trained"]) == ["calibrated", "head tuned"]
-    for cis in doc["minus_as_trained"].values():
+    assert measured["strategy"] == "fedmrg" and measured["seed"] == 0
+    assert sorted(doc["minus_as_trained"]["fedmrg"]) == ["calibrated", "head tuned"]
+    for cis in doc["minus_as_trained"]["fedmrg"].values():
         ci = cis["bleu4"]
         assert ci["units"] == 2 and ci["lo"] <= ci["diff"] <= ci["hi"]
+    assert doc["between_strategies"] == {}  # one strategy: nothing to compare it with
     assert "paired 95% CI" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # the same strategy and seed twice is not two samples
+        calibration.main([str(run_dir), str(run_dir), "--out", str(out)])
 
 
 def _bleu_counts(rng: np.random.Generator, n: int, match: float) -> list[list[int]]:
@@ -547,3 +551,26 @@ def test_per_study_items_split_heldout_from_participating_and_average_models():
         ce_f1_macro_of_studies(good["ce_labels"]) + ce_f1_macro_of_studies(bad["ce_labels"])) / 2
     assert ci["diff"] == pytest.approx(expected) and ci["lo"] > 0 and ci["studies"] == 30
     assert fl_mrg.paired_interval([one, two], "fedmrg", "local", "heldout/rouge_l") is None
+
+
+def test_calibration_pairs_strategies_on_the_seed_and_center_both_hold():
+    import calibration
+
+    rng = np.random.default_rng(1)
+    ref = (rng.random((30, 14)) < 0.3).astype(int)
+
+    def items(flip: float, match: float) -> dict:
+        hyp = np.where(rng.random(ref.shape) < flip, 1 - ref, ref)
+        return {"ce_labels": [[h.tolist(), t.tolist()] for h, t in zip(hyp, ref, strict=True)],
+                "bleu": _bleu_counts(rng, len(ref), match)}
+
+    good = {(0, "a"): items(0.05, 0.6), (1, "a"): items(0.05, 0.6), (2, "a"): items(0.05, 0.6)}
+    poor = {(0, "a"): items(0.4, 0.2), (1, "a"): items(0.4, 0.2)}  # no seed 2
+    cis = calibration.paired_intervals(good, poor)
+    for ci in cis.values():  # seed 2 has nothing to pair with: left out, not mixed in
+        assert ci["units"] == 2 and ci["studies"] == 60
+        assert ci["resolved"] and 0 < ci["lo"] <= ci["diff"] <= ci["hi"]
+    flipped = calibration.paired_intervals(poor, good)
+    assert flipped["bleu4"]["diff"] == pytest.approx(-cis["bleu4"]["diff"])
+    with pytest.raises(ValueError, match="in common"):
+        calibration.paired_intervals(good, {(5, "b"): poor[(0, "a")]})
