@@ -104,13 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = result_path(args.out, "calibration.json")
     variants = [BASELINE, *args.variants]
-    identities = {run_dir: run_identity(run_dir) for run_dir in args.run_dirs}
+    identities: dict[Path, tuple[str, int]] = {}
     seen: dict[tuple[str, int], Path] = {}
-    for run_dir, identity in identities.items():
+    for run_dir in args.run_dirs:
+        identity = run_identity(run_dir)
         if identity in seen:
             parser.error(f"{run_dir} and {seen[identity]} are both {identity[0]} at seed "
                          f"{identity[1]}: one run per strategy and seed")
-        seen[identity] = run_dir
+        seen[identity], identities[run_dir] = run_dir, identity
     strategies = list(dict.fromkeys(s for s, _ in identities.values()))
     reference = args.reference or strategies[0]
     if reference not in strategies:
