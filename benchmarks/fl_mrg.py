@@ -6,7 +6,7 @@ Usage (from the repository root):
     python benchmarks/fl_mrg.py              # the full table: every row, 3 seeds (hours)
     python benchmarks/fl_mrg.py --resume     # continue an interrupted invocation
     python benchmarks/fl_mrg.py --report RECORD.json ... --out DIR   # a table of recorded runs
-    options: --seeds 3 | --seeds 0,4,7   --strategies fedmrg,fedavg,fedmrg-no_mutual
+    options: --seeds 3 | --seeds 0,4,7 | --seeds 4,   --strategies fedmrg,fedavg,fedmrg-no_mutual
              --rounds R  --local-steps L  --eval-every N  --out DIR  --storage DIR
              --tracking-uri URI  --retries N  --set section.key=value (every run; repeatable)
 
@@ -259,7 +259,8 @@ def parse_rows(text: str) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`"3"` -> seeds 0, 1, 2; `"0,4,7"` -> those seeds. Seeds are integers >= 0."""
+    """`"3"` -> seeds 0, 1, 2; `"0,4,7"` -> those seeds; `"4,"` -> seed 4 alone. Seeds are
+    integers >= 0."""
     parts = [s.strip() for s in text.split(",") if s.strip()]
     try:
         numbers = [int(p) for p in parts]
@@ -270,7 +271,8 @@ def parse_seeds(text: str) -> list[int]:
         raise BenchmarkError(f"--seeds: {text!r}: need a count >= 1 or seeds >= 0")
     if len(parts) == 1 and "," not in text:
         if numbers[0] < 1:
-            raise BenchmarkError(f"--seeds: a count must be >= 1, got {numbers[0]}")
+            raise BenchmarkError(f"--seeds: a count must be >= 1, got {numbers[0]} (one seed "
+                                 f"alone is a list: '{numbers[0]},')")
         return list(range(numbers[0]))
     if len(set(numbers)) != len(numbers):
         raise BenchmarkError(f"--seeds: {text!r} repeats a seed")
@@ -793,17 +795,27 @@ def write_plot(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], 
 # --------------------------------------------------------------------------- running
 
 
+# Where a run's files and MLflow records go, not what it computes: `--resume` may find a
+# record made with another --storage or --tracking-uri (e.g. a record copied from elsewhere).
+WHERE_KEYS = ("tracking.storage_path=", "tracking.tracking_uri=", "tracking.artifact_location=")
+
+
+def _what_it_computes(overrides: Sequence[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(WHERE_KEYS)]
+
+
 def load_recorded(path: Path, spec: RunSpec) -> dict[str, Any]:
     """A finished run's record for `--resume`; it must have been made with `spec`'s overrides
-    (else the table would mix budgets)."""
+    (else the table would mix budgets), where its files went aside (`WHERE_KEYS`)."""
     try:
         record = json.loads(path.read_text())
-        recorded = list(record["overrides"])
+        recorded = _what_it_computes(list(record["overrides"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BenchmarkError(f"{path}: unreadable run record ({e}); delete it to rerun "
                              f"{spec.name}") from None
-    if recorded != list(spec.overrides):
-        differ = sorted(set(recorded) ^ set(spec.overrides))
+    wanted = _what_it_computes(spec.overrides)
+    if recorded != wanted:
+        differ = sorted(set(recorded) ^ set(wanted))
         raise BenchmarkError(f"{path}: recorded with other settings than this invocation "
                              f"(differing overrides: {differ}); use the same arguments, "
                              f"another --out, or delete the file")

@@ -109,6 +109,8 @@ def test_bad_rows_seeds_and_budgets_are_named():
     for bad in ("x", "0", "1,1", "-1,2", ""):
         with pytest.raises(BenchmarkError, match="--seeds"):
             fl_mrg.parse_seeds(bad)
+    with pytest.raises(BenchmarkError, match="one seed alone is a list: '0,'"):
+        fl_mrg.parse_seeds("0")
     with pytest.raises(BenchmarkError, match="'fedsgd'"):
         fl_mrg.budget_overrides("fedsgd", 1, 1, 1)
     with pytest.raises(BenchmarkError, match="local steps \\(0\\)"):
@@ -368,6 +370,14 @@ def test_resume_accepts_only_a_record_made_with_the_same_overrides(tmp_path):
     assert fl_mrg.load_recorded(path, spec)["name"] == "fedmrg-base-seed0"
     with pytest.raises(BenchmarkError, match="fedmrg-base-seed0.json.*'a=2'"):
         fl_mrg.load_recorded(path, RunSpec("fedmrg", "fedmrg", "base", 0, ("a=2",)))
+    # where the files went is not a setting: a record copied from another --storage resumes
+    path.write_text(json.dumps({**record(), "overrides": [
+        "a=1", "tracking.storage_path=/elsewhere", "tracking.tracking_uri=sqlite:///x.db"]}))
+    moved = RunSpec("fedmrg", "fedmrg", "base", 0, ("a=1", "tracking.storage_path=/here"))
+    assert fl_mrg.load_recorded(path, moved)["name"] == "fedmrg-base-seed0"
+    with pytest.raises(BenchmarkError, match="'a=2'"):
+        fl_mrg.load_recorded(path, RunSpec("fedmrg", "fedmrg", "base", 0,
+                                           ("a=2", "tracking.storage_path=/here")))
     path.write_text("{half")
     with pytest.raises(BenchmarkError, match="unreadable run record"):
         fl_mrg.load_recorded(path, spec)
