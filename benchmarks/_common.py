@@ -123,11 +123,14 @@ def result_path(arg: Path | None, name: str) -> Path:
     return RESULTS / name
 
 
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, (dict, list))
+
+
 def _is_leaf_list(value: Any) -> bool:
     """A list of scalars, or of lists of scalars (a per-study item, a curve)."""
     return isinstance(value, list) and all(
-        not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(
-            isinstance(x, (dict, list)) for x in v)) for v in value)
+        _is_scalar(v) or (isinstance(v, list) and all(map(_is_scalar, v))) for v in value)
 
 
 def dumps_readable(value: Any, indent: int = 0) -> str:
