@@ -304,7 +304,9 @@ class EvalConfig(Section):
                                      "its own val split (fedmrg.eval.calibration)")
     head_tuning_steps: int = _f(0, "personalization: each center first tunes its own copy of "
                                    "the diagnosis head on its train split for this many steps, "
-                                   "encoder frozen (fedmrg.model.head_tuning; 0: off)", min=0)
+                                   "encoder frozen (fedmrg.model.head_tuning; 0: off); its "
+                                   "saved model keeps that head for generate and serving",
+                               min=0)
     samples: int = _f(5, "sample reports kept per center and view (MLflow table)", min=0)
     share_references: bool = _f(False, "ask for each sample's reference report and study id "
                                 "with its generated report (report text then leaves the "

@@ -646,7 +646,10 @@ def evaluate_run(run_dir: str | Path, *, data_root: str | None = None,
             personalized = view == View.PERSONALIZATION and model.cfg.specialized_adapter
             stream = CenterStream.from_config(data_cfg, center, split, model.cfg.in_chans,
                                               tokenizer=model.tokenizer, seed=cfg.seed)
-            head = thresholds = None
+            thresholds = None
+            # the personalization view: the center's own head (tuned now, or as its saved
+            # model holds it); the generalization view: the shared one
+            head = model.diagnosis_head_for(view == View.PERSONALIZATION)
             if view == View.PERSONALIZATION and cfg.eval.head_tuning_steps:
                 head = _own_head(model, cfg, data_cfg, center)
             if view == View.PERSONALIZATION and cfg.eval.calibrate_head:

@@ -44,8 +44,10 @@ def run(ray_cluster, tmp_path_factory):
     from fedmrg.experiment import Experiment
 
     tmp = tmp_path_factory.mktemp("federation")
+    # eval.head_tuning_steps: each center's own tuned head is evaluated and saved
     cfg = load_config("default", [*tiny_overrides(tmp), "tracking.log_models=true",
-                                  f"tracking.register_model={REGISTERED}"])
+                                  f"tracking.register_model={REGISTERED}",
+                                  "eval.head_tuning_steps=20"])
     out = io.StringIO()
     warnings: list[str] = []  # the driver's warnings (a module fixture cannot use caplog)
     handler = logging.Handler(logging.WARNING)
@@ -393,8 +395,14 @@ def test_pool_puts_a_state_once_resolves_it_in_the_actor_and_maps_failures(ray_c
 
 def test_evaluate_run_reproduces_the_final_evaluation_from_the_saved_models(run):
     from fedmrg.experiment import ExperimentError, evaluate_run
+    from fedmrg.model.io import load_model
 
     result = run["result"]
+    # each center's saved model holds the head its personalization view was scored with
+    for center in ("a", "b"):
+        model = load_model(Path(result.storage_dir) / "models" / center)
+        own, shared = model.own_diagnosis_head.linear.weight, model.diagnosis_head.linear.weight
+        assert own.shape == shared.shape and not torch.equal(own, shared)
     saved = evaluate_run(result.storage_dir, connect_ray=False)
     for view in ("generalization", "personalization"):
         ours, theirs = saved[view]["per_center"], getattr(result, view)["per_center"]

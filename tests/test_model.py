@@ -6,6 +6,7 @@ builtin LM is built once per module into a temporary cache and each model loads 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -431,6 +432,54 @@ def test_save_load_round_trip(make_model, batch, tmp_path):
     # saving again over the folder replaces it
     save_model(loaded, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["model"]
+
+
+def own_head_of(model: MRGModel, seed: int = 5) -> torch.nn.Module:
+    """A copy of the shared head moved far off it (a center's tuned head differs)."""
+    head = copy.deepcopy(model.diagnosis_head)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 2.0)
+    return head
+
+
+def test_own_head_is_private_saved_and_writes_only_the_personalized_prompts(
+        make_model, batch, tmp_path):
+    from fedmrg.model.io import OWN_HEAD, ModelIOError
+    from fedmrg.serving.pyfunc import export_generic_model
+
+    model = make_model()
+    keys, shared_keys = model.state_dict().keys(), get_shared_state(model).keys()
+    model.set_own_diagnosis_head(own_head_of(model))
+    # outside the module tree: never in a state that travels or is checkpointed
+    assert model.state_dict().keys() == keys and get_shared_state(model).keys() == shared_keys
+    model.eval()
+    with torch.no_grad():
+        features = model.encode_features(batch)
+        shared = model.diagnosis_head(features).argmax(-1)
+        own = model.own_diagnosis_head(features).argmax(-1)
+    assert not torch.equal(shared, own)
+    kw = dict(num_beams=1, max_new_tokens=4, return_states=True)
+    assert torch.equal(model.generate(batch["images"], batch["view_mask"], **kw)[1], shared)
+    assert torch.equal(model.generate(batch["images"], batch["view_mask"], personalized=True,
+                                      **kw)[1], own)
+    path = save_model(model, tmp_path / "model")
+    assert (path / OWN_HEAD).is_file()
+    loaded = load_model(path)
+    for k, v in model.own_diagnosis_head.state_dict().items():
+        assert torch.equal(loaded.own_diagnosis_head.state_dict()[k], v)
+    assert torch.equal(loaded.generate(batch["images"], batch["view_mask"], personalized=True,
+                                       **kw)[1], own)
+    # the shared (generic) model a run logs leaves the center's own head out
+    generic = load_model(export_generic_model(path, tmp_path / "generic"))
+    assert generic.own_diagnosis_head is None and not (tmp_path / "generic" / OWN_HEAD).exists()
+    (path / OWN_HEAD).unlink()
+    with pytest.raises(ModelIOError, match=f"{OWN_HEAD}: missing"):
+        load_model(path)
+    model.set_own_diagnosis_head(None)
+    assert not (save_model(model, path) / OWN_HEAD).exists() and \
+        load_model(path).own_diagnosis_head is None
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # inside peft

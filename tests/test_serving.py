@@ -10,6 +10,7 @@ real federated run is checked in test_federation_ray.py.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import subprocess
@@ -70,6 +71,11 @@ def tiny_run(tmp_path_factory, corpus):
         lm, tok = load_base_lm(cfg.model, corpus=corpus)
         model = MRGModel.from_config(cfg.model, lm, tok, seed=seed)
         perturb(model, seed)
+        own = copy.deepcopy(model.diagnosis_head)  # a center's own tuned head (another one)
+        with torch.no_grad():
+            own.linear.weight.add_(torch.randn(own.linear.weight.shape,
+                                               generator=torch.Generator().manual_seed(seed)))
+        model.set_own_diagnosis_head(own)
         save_model(model, run_dir / "models" / center)
     return {"tmp": tmp, "cfg": cfg, "run_dir": run_dir}
 
@@ -113,7 +119,9 @@ def test_predictions_are_what_the_evaluation_computes_for_the_study(tiny_run, st
         assert np.array_equal(np.array(states), evaluated.predicted_states)
         with torch.no_grad():
             features = model.encode_features(batch)
-            probs = torch.softmax(model.diagnosis_head(features), -1).numpy()
+            # a center's own model: its own head; the generic model: the shared one
+            head = model.own_diagnosis_head if personalized else model.diagnosis_head
+            probs = torch.softmax(head(features), -1).numpy()
         for prediction, expected in zip((one, two), probs, strict=True):
             assert [f.observation for f in prediction.findings] == list(OBSERVATIONS)
             got = np.array([[f.probabilities[n] for n in LABEL_NAMES]

@@ -176,8 +176,9 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     repetition_penalty, no_repeat_ngram_size), passed to `model.generate`; build it from a
     config with `generation_kwargs(cfg.eval)`. `thresholds` (14,): the head's states come from
     `fedmrg.eval.calibration.calibrated_states` instead of its argmax (a center's
-    calibration); `head`: another diagnosis head writes the prompts (a center's own tuned
-    copy, `fedmrg.model.head_tuning`). `meteor=False` leaves METEOR out (it needs a JVM per
+    calibration); `head`: the diagnosis head that writes the prompts (default
+    `model.diagnosis_head_for(personalized)`; e.g. a center's own tuned copy,
+    `fedmrg.model.head_tuning`). `meteor=False` leaves METEOR out (it needs a JVM per
     process: a validation point does without).
     """
     unknown = sorted(set(generation) - set(GENERATION_DEFAULTS))
@@ -195,7 +196,7 @@ def evaluate_model(model: Any, batches: Iterable[dict], personalized: bool = Fal
     try:
         for batch in batches:
             features = model.encode_features(batch)  # (B, F)
-            logits = (model.diagnosis_head if head is None else head)(features)
+            logits = (model.diagnosis_head_for(personalized) if head is None else head)(features)
             p = torch.softmax(logits.float(), dim=-1)  # (B, 14, 4)
             states = p.argmax(-1)  # (B, 14): what the prompt shows
             if thresholds is not None:

@@ -285,13 +285,15 @@ class ClientHost:
         return str(target)
 
     def save_model(self, center: str, directory: str, global_state: Tensors | None) -> str:
-        """The whole model (global shared state + this center's private state) as a
-        `fedmrg.model.io` folder, for `fedmrg evaluate`."""
+        """The whole model (global shared state + this center's private state and, with
+        `eval.head_tuning_steps`, its own tuned head) as a `fedmrg.model.io` folder, for
+        `fedmrg evaluate`, `fedmrg generate` and serving."""
         from fedmrg.model.io import save_model
 
         client = self._client(center)
         if global_state is not None:
             client.load_global_state(global_state)
+        client.keep_own_head()
         return str(save_model(client.model, directory))
 
 

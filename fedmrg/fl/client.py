@@ -554,6 +554,13 @@ class FederatedClient:
                              self.cfg.eval.head_tuning_steps,
                              seed=derive_seed(self.seed, self.center, "head"))
 
+    def keep_own_head(self) -> None:
+        """With `eval.head_tuning_steps`, tune this center's own head (`own_head`) from the
+        model as it stands and keep it in the model (`MRGModel.own_diagnosis_head`), so the
+        saved model a center deploys writes its prompts as its evaluation did."""
+        if self.cfg.eval.head_tuning_steps:
+            self.model.set_own_diagnosis_head(self.own_head())
+
     def evaluate(self, split: str = "test", personalized: bool = False,
                  dataset_center: str | None = None,
                  global_state: Mapping[str, Tensor] | None = None,
@@ -576,7 +583,8 @@ class FederatedClient:
         # a center's own model may tune and calibrate its own head on its own data (never
         # another center's)
         own = personalized and target == self.center
-        head = self.own_head() if own and self.cfg.eval.head_tuning_steps else None
+        head = (self.own_head() if self.cfg.eval.head_tuning_steps
+                else self.model.diagnosis_head_for(True)) if own else None
         thresholds = self.head_thresholds(head) if own and self.cfg.eval.calibrate_head else None
         result = evaluate_model(self.model, batches, use_specialized,
                                 num_samples=self.eval_samples, meteor=max_studies is None,

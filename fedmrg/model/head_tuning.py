@@ -10,7 +10,9 @@ personalization does: the encoder stays frozen, its features of the center's tra
 computed once, and the linear head is trained on them with the training's diagnosis loss
 (logit-adjusted cross-entropy, `fedmrg.model.losses`, with the center's own label prior),
 starting from the federation's weights. The federation's head is not changed; the copy only
-writes the personalized prompts (`eval.head_tuning_steps`, `fedmrg.fl.client`).
+writes the personalized prompts (`eval.head_tuning_steps`, `fedmrg.fl.client`), and each center's
+saved model keeps its copy (`MRGModel.own_diagnosis_head`, `fedmrg.model.io`), so `fedmrg
+generate`, the MLflow model and serving write the prompts its evaluation scored.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
                                  and its shape (`BASE_LM_KEYS`: another LM there is an error)
     <dir>/adapters/<name>/       each decoder adapter in PEFT format (PeftModel.from_pretrained)
     <dir>/modules.safetensors    encoder, projector and heads (state_dict names)
+    <dir>/own_diagnosis_head.safetensors
+                                 the center's own tuned diagnosis head, when the model has one
+                                 (`MRGModel.own_diagnosis_head`: the personalized path's prompts)
     <dir>/tokenizer/             the tokenizer (save_pretrained)
     <dir>/base_lm/               the frozen base LM weights: always for the builtin LM (so the
                                  folder needs no cache), for hub/path LMs only when asked
@@ -14,6 +17,7 @@ half of it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -31,6 +35,7 @@ from fedmrg.model.mrg import MRGModel
 FORMAT_VERSION = 1
 MANIFEST = "fedmrg_model.json"
 MODULES = ("encoder", "projector", "diagnosis_head", "global_head", "local_head")
+OWN_HEAD = "own_diagnosis_head.safetensors"
 # What identifies a base LM's shape: a folder's adapters and projector only fit an LM that
 # agrees on these (a hub id or path may name another LM where the model is loaded).
 BASE_LM_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -77,6 +82,10 @@ def save_model(model: MRGModel, directory: str | Path, *,
         modules = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                    if k.split(".", 1)[0] in MODULES}
         save_file(modules, str(tmp / "modules.safetensors"))
+        own = model.own_diagnosis_head
+        if own is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in own.state_dict().items()},
+                      str(tmp / OWN_HEAD))
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if include_base_lm:
             base = model.decoder.get_base_model()
@@ -85,6 +94,7 @@ def save_model(model: MRGModel, directory: str | Path, *,
             "format": FORMAT_VERSION, "model_config": dataclasses.asdict(model.cfg),
             "seed": model.seed, "max_report_tokens": model.max_report_tokens,
             "adapters": model.adapter_names,
+            "own_diagnosis_head": OWN_HEAD if own is not None else None,
             "base_lm": "base_lm" if include_base_lm else model.cfg.lm,
             "base_lm_config": base_lm_config(model.decoder.get_base_model()),
         }
@@ -154,4 +164,19 @@ def load_model(directory: str | Path) -> MRGModel:
     if result.unexpected_keys or missing:
         raise ModelIOError(f"{modules_path}: does not fit the model: unexpected "
                            f"{result.unexpected_keys[:3]}, missing {missing[:3]}")
+    if manifest.get("own_diagnosis_head"):
+        model.set_own_diagnosis_head(
+            _load_own_head(model, directory / manifest["own_diagnosis_head"]))
     return model.eval()
+
+
+def _load_own_head(model: MRGModel, path: Path) -> torch.nn.Module:
+    """The center's own head saved at `path`, in a copy of the shared head's shape."""
+    if not path.exists():
+        raise ModelIOError(f"{path}: missing (the manifest names it)")
+    head = copy.deepcopy(model.diagnosis_head)
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise ModelIOError(f"{path}: does not fit the model's diagnosis head: {e}") from e
+    return head

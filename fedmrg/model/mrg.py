@@ -99,6 +99,7 @@ class MRGModel(nn.Module):
         self._active: tuple[str, ...] = ()
         self.last_states: torch.Tensor | None = None  # diagnosis states of the last generate()
         self.last_tokens: torch.Tensor | None = None  # token ids the last generate() produced
+        self._own_head: tuple[DiagnosisHead, ...] = ()  # see `own_diagnosis_head`
         if cfg.gradient_checkpointing:
             # Per decoder layer, non-reentrant (the frozen LM's own inputs need no grad). The
             # two decoder passes of a step use different adapters, and a layer is recomputed
@@ -148,6 +149,29 @@ class MRGModel(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return [GENERIC, SPECIALIZED] if self.cfg.specialized_adapter else [GENERIC]
+
+    @property
+    def own_diagnosis_head(self) -> DiagnosisHead | None:
+        """A center's own tuned copy of the diagnosis head (`fedmrg.model.head_tuning`), which
+        writes the personalized path's prompts; None: the shared head writes them. Held outside
+        the module tree (a tuple, not a submodule): it is in no `state_dict`, so it is never
+        sent, aggregated or checkpointed; `fedmrg.model.io` saves it beside the modules."""
+        return self._own_head[0] if self._own_head else None
+
+    def set_own_diagnosis_head(self, head: DiagnosisHead | None) -> None:
+        """Keep `head` as the center's own head (None: drop it). A method, not an attribute
+        assignment: nn.Module would register an assigned module as a submodule."""
+        self._own_head = () if head is None else (head.eval(),)
+
+    def diagnosis_head_for(self, personalized: bool) -> nn.Module:
+        """The head whose argmax a path's prompt shows: the center's own tuned head on the
+        personalized path when it has one, else the shared one."""
+        own = self.own_diagnosis_head
+        if not personalized or own is None:
+            return self.diagnosis_head
+        # outside the module tree, so `model.to(...)` did not move it: follow the shared head
+        weight = self.diagnosis_head.linear.weight
+        return own.to(device=weight.device, dtype=weight.dtype)
 
     def use_adapters(self, personalized: bool) -> None:
         """Activate generic only, or generic + specialized, keeping BOTH trainable.
@@ -366,7 +390,8 @@ class MRGModel(nn.Module):
                  return_states: bool = False) -> list[str] | tuple[list[str], torch.Tensor]:
         """Reports for a batch of studies (greedy when num_beams=1; no sampling).
 
-        The prompt shows the diagnosis head's predictions unless `states` (B, 14) is given;
+        The prompt shows the diagnosis head's predictions (`diagnosis_head_for(personalized)`)
+        unless `states` (B, 14) is given;
         the states used are kept in `last_states` and returned with `return_states`, the
         generated token ids (B, new) in `last_tokens`. `repetition_penalty` and
         `no_repeat_ngram_size` act on the generated tokens only (the prefix is embeddings).
@@ -376,7 +401,7 @@ class MRGModel(nn.Module):
         try:
             features = self.encoder(images.to(self.device), view_mask.to(self.device, torch.bool))
             if states is None:
-                states = self.diagnosis_head(features).argmax(-1)  # (B, 14)
+                states = self.diagnosis_head_for(personalized)(features).argmax(-1)  # (B, 14)
             states = states.to(self.device, torch.long)
             B = features.shape[0]
             bos = self.tokenizer.bos_token_id

@@ -39,7 +39,9 @@ class PredictorSettings:
 
     image_size: int
     max_views: int
-    personalized: bool = False  # generic + specialized adapter (a center's own model)
+    # a center's own model: generic + specialized adapter and its own tuned diagnosis head,
+    # those it has (`MRGModel.diagnosis_head_for`); False: the generic model
+    personalized: bool = False
     generation: dict[str, Any] = field(default_factory=dict)  # MRGModel.generate arguments
 
     @classmethod
@@ -114,9 +116,6 @@ class ReportPredictor:
     """An `MRGModel` with its settings; `predict` studies (module docstring)."""
 
     def __init__(self, model: Any, settings: PredictorSettings):
-        if settings.personalized and not model.cfg.specialized_adapter:
-            raise ServingError("personalized generation needs a model with a specialized "
-                               "adapter (model.specialized_adapter was false)")
         self.model = model.eval()
         self.settings = settings
 
@@ -154,8 +153,10 @@ class ReportPredictor:
         view_mask = torch.from_numpy(np.stack(masks))  # (B, V)
         # as evaluate_model: the head's softmax, its argmax is the prompt
         features = self.model.encode_features({"images": images, "view_mask": view_mask})
-        probs = torch.softmax(self.model.diagnosis_head(features).float(), dim=-1)  # (B, 14, 4)
-        reports = self.model.generate(images, view_mask, personalized=s.personalized,
+        head = self.model.diagnosis_head_for(s.personalized)
+        probs = torch.softmax(head(features).float(), dim=-1)  # (B, 14, 4)
+        adapters = s.personalized and self.model.cfg.specialized_adapter
+        reports = self.model.generate(images, view_mask, personalized=adapters,
                                       states=probs.argmax(-1), **s.generation)
         return [StudyPrediction(name, int(mask.sum()), findings_from_probabilities(p), report)
                 for name, mask, p, report in zip(names, masks, probs.cpu().numpy(), reports,

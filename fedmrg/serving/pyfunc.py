@@ -159,16 +159,19 @@ def example_study(image_size: int, views: int = 2, seed: int = 0) -> list[bytes]
 
 
 def export_generic_model(model_dir: Path, out: Path) -> Path:
-    """A copy of a saved model with only its generic adapter (the specialized adapter is the
-    client's private one and stays out of the shared model)."""
-    from fedmrg.model.io import MANIFEST, read_manifest
+    """A copy of a saved model with only its generic adapter and the shared diagnosis head
+    (the specialized adapter and a center's own tuned head are the client's private ones and
+    stay out of the shared model)."""
+    from fedmrg.model.io import MANIFEST, OWN_HEAD, read_manifest
     from fedmrg.model.mrg import GENERIC
 
     manifest = read_manifest(model_dir)
     shutil.copytree(model_dir, out, ignore=lambda where, names: [
-        n for n in names if Path(where).name == "adapters" and n != GENERIC])
+        n for n in names if (Path(where).name == "adapters" and n != GENERIC)
+        or (Path(where) == model_dir and n == OWN_HEAD)])
     manifest["adapters"] = [GENERIC]
     manifest["model_config"]["specialized_adapter"] = False
+    manifest["own_diagnosis_head"] = None
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 

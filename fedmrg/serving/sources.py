@@ -8,7 +8,8 @@ A run folder (`<tracking.storage_path>/<run name>/`) holds `models/<client>/`, e
 final model (`fedmrg.model.io`), and `config.yaml`, which gives the preprocessing and decoding
 the run was scored with. The generic model is the first client's model with its specialized
 adapter off (as `fedmrg evaluate` scores generalization); a center's personalized model is its
-own client's model with both adapters.
+own client's model with both adapters (those it has) and its own tuned diagnosis head (when the
+run tuned one, `eval.head_tuning_steps`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def run_model(run_dir: Path, center: str | None = None) -> tuple[Path, Predictor
     """(model folder, settings) of the run's generic model (`center` None) or of `center`'s
     personalized model."""
     from fedmrg.config import load_config
-    from fedmrg.model.io import read_manifest
 
     clients = run_clients(run_dir)
     cfg = load_config(str(run_dir / RUN_CONFIG))
@@ -55,9 +55,7 @@ def run_model(run_dir: Path, center: str | None = None) -> tuple[Path, Predictor
     if center not in clients:
         raise ServingError(f"run {run_dir.name!r} has no model of center {center!r}; its "
                            f"models: {clients}")
-    folder = run_dir / MODELS / center
-    personalized = bool(read_manifest(folder)["model_config"].get("specialized_adapter"))
-    return folder, PredictorSettings.from_config(cfg, personalized=personalized)
+    return run_dir / MODELS / center, PredictorSettings.from_config(cfg, personalized=True)
 
 
 def run_predictor(run_dir: Path, center: str | None = None) -> ReportPredictor:
