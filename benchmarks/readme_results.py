@@ -23,8 +23,9 @@ here with fl_mrg.py's own functions (`aggregate`, `check_targets`, `results_tabl
   `fl_mrg.py --preset evidence`: 150 test studies per center, per-study records): the
   headline rows, and every comparison (targets, quantized wires) with its paired bootstrap
   95% interval over test studies; docs/results.md gets the full `--report` text;
-- docs/results.md `calibration` and `vs_flower`: the tables `benchmarks/calibration.py`
-  (`CALIBRATION`) and `benchmarks/vs_flower.py` (`VS_FLOWER`) wrote beside their JSON.
+- docs/results.md `calibration`, `head_by_strategy` and `vs_flower`: the tables
+  `benchmarks/calibration.py` (`CALIBRATION`, `HEAD_BY_STRATEGY`) and
+  `benchmarks/vs_flower.py` (`VS_FLOWER`) wrote beside their JSON.
 
 `tests/test_readme.py` regenerates every block in memory and fails when a file differs. After a
 new `--report` into `CURRENT_TABLE` (or after pointing it at another table), run this script.
@@ -55,6 +56,8 @@ PRIVACY_REFERENCE = "ffa_lora"
 # fedmrg runs (benchmarks/calibration.py).
 EVIDENCE_TABLE = Path("benchmarks/results/fl_mrg/evidence/full.json")
 CALIBRATION = Path("benchmarks/results/calibration.json")
+# the same script on fedmrg, fedavg and local runs: every strategy with its head tuned
+HEAD_BY_STRATEGY = Path("benchmarks/results/head_by_strategy.json")
 VS_FLOWER = Path("benchmarks/results/vs_flower.json")  # benchmarks/vs_flower.py
 
 # The compact table's columns: (final metric key, header).
@@ -229,9 +232,12 @@ def interval_lines(targets: Mapping[str, Any]) -> list[str]:
         for key, ci in (a.get("ci95") or {}).items():
             if ci is None or not key.endswith(("ce_f1_macro", "bleu4")):
                 continue
-            verdict = "resolved" if ci["resolved"] else "not resolved"
-            lines.append(f"- fedmrg - {fl_mrg.row_label(row)}, {_key_words(key)}: "
-                         f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({verdict}); "
+            wire = row.removeprefix("fedmrg-")
+            verdict = ("resolved: " + ("fp32 ahead" if ci["lo"] > 0 else f"{wire} ahead")
+                       if ci["resolved"] else "not resolved")
+            lines.append(f"- fedmrg, fp32 wire - {fl_mrg.row_label(row)}, {_key_words(key)}: "
+                         f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({verdict}; "
+                         f"{ci['studies']} test studies in {ci['units']} seed x center sets); "
                          f"bytes x{a['bytes_ratio_without']:.2f}")
     return lines
 
@@ -278,7 +284,8 @@ def blocks(root: Path = ROOT, table: Path = CURRENT_TABLE,
     if (root / EVIDENCE_TABLE).is_file():  # absent in a tree that has not run it yet
         out[README]["evidence"], out[RESULTS_DOC]["evidence"] = evidence_blocks(
             root, EVIDENCE_TABLE)
-    for name, path in (("calibration", CALIBRATION), ("vs_flower", VS_FLOWER)):
+    for name, path in (("calibration", CALIBRATION), ("head_by_strategy", HEAD_BY_STRATEGY),
+                       ("vs_flower", VS_FLOWER)):
         if (root / path).is_file():
             out[RESULTS_DOC][name] = recorded_markdown(root, path)
     return out
